@@ -1,0 +1,52 @@
+//! Redis layout of the reorder state. Only the reassembler writes it (through
+//! one Lua script); the push-gateway and harmonizer only read it.
+//!
+//! Per stream `s` (the `{s}` hash tag keeps a stream's keys in one cluster slot):
+//! - `ordo:{s}:meta` — hash: `next` (lowest unreleased sequence), `released`
+//!   (next release position), `mode` (1 ordered, 2 unordered);
+//! - `ordo:{s}:pend` — hash: sequence → encoded result, completed but waiting
+//!   for a predecessor (ORDERED), or sequence → "" marker (UNORDERED);
+//! - `ordo:{s}:log` — stream: the released results, entry id `0-(position+1)`,
+//!   field `r` = encoded `EventResult` (with `position` set).
+//!
+//! Every release is also published on [`RELEASED_CHANNEL`] as an encoded
+//! `ReleasedBatch`, for live tailing.
+
+/// Pub/sub channel of released batches.
+pub const RELEASED_CHANNEL: &str = "ordo:released";
+
+pub fn meta(stream: &str) -> String {
+    format!("ordo:{{{stream}}}:meta")
+}
+
+pub fn pending(stream: &str) -> String {
+    format!("ordo:{{{stream}}}:pend")
+}
+
+pub fn log(stream: &str) -> String {
+    format!("ordo:{{{stream}}}:log")
+}
+
+/// Stream entry id of release position `position`.
+pub fn log_id(position: u64) -> String {
+    format!("0-{}", position + 1)
+}
+
+/// Release position of a stream entry id, if it is one of ours.
+pub fn position_of(id: &str) -> Option<u64> {
+    id.strip_prefix("0-")?.parse::<u64>().ok()?.checked_sub(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_ids_round_trip() {
+        for p in [0, 1, 41, u64::MAX - 1] {
+            assert_eq!(position_of(&log_id(p)), Some(p));
+        }
+        assert_eq!(position_of("0-0"), None);
+        assert_eq!(position_of("12-3"), None);
+    }
+}

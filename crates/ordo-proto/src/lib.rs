@@ -1,0 +1,67 @@
+//! Generated Ordo wire types and gRPC stubs (from `proto/ordo/v1/ordo.proto`),
+//! the descriptor set for server reflection, and the small helpers that every
+//! service uses to read and build wire messages. Conversions live here and
+//! nowhere else.
+
+#[allow(clippy::all, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("ordo.v1");
+}
+
+/// Encoded `FileDescriptorSet` of every Ordo service, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("ordo_descriptor");
+
+pub use v1::{Event, EventResult, OrderingMode, ResultStatus};
+
+impl Event {
+    /// True when the stream releases results in completion order.
+    pub fn is_unordered(&self) -> bool {
+        self.mode() == OrderingMode::Unordered
+    }
+}
+
+impl EventResult {
+    /// A result for `event` carrying its identity and trace context.
+    pub fn for_event(event: &Event, status: ResultStatus) -> Self {
+        Self {
+            stream_id: event.stream_id.clone(),
+            sequence: event.sequence,
+            status: status as i32,
+            trace_context: event.trace_context.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// A successful result with `payload`.
+    pub fn ok(event: &Event, payload: impl Into<prost::bytes::Bytes>) -> Self {
+        Self {
+            payload: payload.into(),
+            ..Self::for_event(event, ResultStatus::Ok)
+        }
+    }
+
+    /// A FAILED result with a human-readable reason.
+    pub fn failed(event: &Event, error: impl Into<String>) -> Self {
+        Self {
+            error: error.into(),
+            ..Self::for_event(event, ResultStatus::Failed)
+        }
+    }
+
+    /// A REJECTED result (bidirectional stream only) with its gRPC status.
+    pub fn rejected(stream_id: &str, sequence: u64, status: &tonic::Status) -> Self {
+        Self {
+            stream_id: stream_id.to_owned(),
+            sequence,
+            status: ResultStatus::Rejected as i32,
+            code: status.code() as i32,
+            error: status.message().to_owned(),
+            ..Default::default()
+        }
+    }
+
+    /// A PROCESSING ticket: the result will be pushed later.
+    pub fn processing(event: &Event) -> Self {
+        Self::for_event(event, ResultStatus::Processing)
+    }
+}

@@ -1,0 +1,110 @@
+//! The one gRPC server builder every Ordo service uses: `grpc.health.v1`,
+//! reflection v1 and v1alpha (grpcurl 1.8.6 speaks only v1alpha), a span per
+//! call that continues the caller's trace, message-size limits, and graceful
+//! shutdown with a drain deadline.
+
+use std::{convert::Infallible, time::Duration};
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{
+    body::Body,
+    server::NamedService,
+    service::RoutesBuilder,
+    transport::Server,
+};
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::{Shutdown, shutdown, telemetry};
+
+/// Largest gRPC message any Ordo server accepts (events are checked against
+/// their own, smaller payload limit first).
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Collects a service's gRPC services, then serves them with the shared extras.
+pub struct GrpcServer {
+    routes: RoutesBuilder,
+    names: Vec<&'static str>,
+}
+
+impl Default for GrpcServer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl GrpcServer {
+    pub fn new() -> Self {
+        Self { routes: RoutesBuilder::default(), names: Vec::new() }
+    }
+
+    /// Adds a generated tonic server; its name is reported as SERVING by health.
+    pub fn add<S>(mut self, service: S) -> Self
+    where
+        S: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.names.push(S::NAME);
+        self.routes.add_service(service);
+        self
+    }
+
+    /// Serves until `shutdown` is cancelled, then lets open calls finish for at
+    /// most `drain`. Health turns NOT_SERVING as soon as shutdown starts, so a
+    /// load balancer stops sending new work while old work drains.
+    pub async fn serve(self, listener: TcpListener, shutdown: Shutdown, drain: Duration) -> anyhow::Result<()> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        for name in &self.names {
+            health.set_service_status(*name, ServingStatus::Serving).await;
+        }
+        health.set_service_status("", ServingStatus::Serving).await;
+
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(ordo_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(ordo_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+
+        let mut routes = self.routes;
+        routes.add_service(health_service);
+        routes.add_service(reflection_v1);
+        routes.add_service(reflection_v1alpha);
+
+        let names = self.names.clone();
+        let stop = shutdown.clone();
+        // Owned here and aborted below: flips health as soon as shutdown starts.
+        let mark_down = tokio::spawn(async move {
+            stop.cancelled().await;
+            set_all(&health, &names, ServingStatus::NotServing).await;
+        });
+
+        let server = Server::builder()
+            .tcp_nodelay(true)
+            .http2_adaptive_window(Some(true))
+            .max_frame_size(Some(1 << 20))
+            .trace_fn(telemetry::server_span)
+            .add_routes(routes.routes())
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.clone().cancelled_owned());
+        let result = tokio::select! {
+            result = server => result.map_err(anyhow::Error::from),
+            _ = shutdown::drain_deadline(shutdown, drain) => Ok(()),
+        };
+        mark_down.abort();
+        result
+    }
+}
+
+async fn set_all(health: &HealthReporter, names: &[&'static str], status: ServingStatus) {
+    for name in names {
+        health.set_service_status(*name, status).await;
+    }
+    health.set_service_status("", status).await;
+}
