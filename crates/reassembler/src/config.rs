@@ -1,0 +1,55 @@
+//! Reassembler configuration (flags and env vars).
+
+use std::{net::SocketAddr, time::Duration};
+
+use ordo_runtime::app::{CommonArgs, ServiceConfig};
+
+/// Ordo reassembler: stores worker results in Redis and releases each
+/// stream's results strictly in sequence order.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "reassembler", version)]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "REASSEMBLER_LISTEN", default_value = "0.0.0.0:50054")]
+    pub listen: SocketAddr,
+    /// Redis holding the reorder state. Use AOF persistence in production:
+    /// reorder state must survive a Redis restart.
+    #[arg(long, env = "ORDO_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// Released results kept in each stream's log (approximate, trimmed in blocks).
+    #[arg(long, env = "REASSEMBLER_RETENTION", default_value_t = 100_000)]
+    pub retention: u64,
+    /// A stream's keys expire after this long without activity (0 = never).
+    #[arg(long, env = "REASSEMBLER_STREAM_TTL", default_value = "24h", value_parser = parse_ttl)]
+    pub stream_ttl: Duration,
+    /// Most results per Redis script call.
+    #[arg(long, env = "REASSEMBLER_MAX_BATCH", default_value_t = 512)]
+    pub max_batch: usize,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+fn parse_ttl(text: &str) -> Result<Duration, String> {
+    match text.strip_suffix('h') {
+        Some(hours) => hours.parse::<u64>().map(|h| Duration::from_secs(h * 3600)).map_err(|e| e.to_string()),
+        None => ordo_core::duration::parse(text),
+    }
+}
+
+impl ServiceConfig for Config {
+    fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+    fn common(&self) -> &CommonArgs {
+        &self.common
+    }
+    fn validate(&self) -> Result<(), String> {
+        if self.retention == 0 {
+            return Err("--retention must be at least 1".into());
+        }
+        if self.max_batch == 0 {
+            return Err("--max-batch must be at least 1".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,139 @@
+//! The `ordo.v1.Reassembler` gRPC service.
+
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt};
+use ordo_proto::v1::{
+    DeliverAck, DeliverBatch, GetStreamRequest, OrderingMode, StreamState,
+    reassembler_server::{Reassembler, ReassemblerServer},
+};
+use prost::Message;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{
+    batcher::{Batcher, Closed},
+    store::{Item, Store},
+};
+
+/// Batches of one Deliver call stored concurrently (acks still go out in order).
+const BATCHES_IN_FLIGHT_PER_CALL: usize = 64;
+
+/// Everything that can go wrong serving a request; the one place it becomes a
+/// gRPC status.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("redis: {0}")]
+    Redis(#[from] std::sync::Arc<redis::RedisError>),
+    #[error(transparent)]
+    Closed(#[from] Closed),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Self {
+        match error {
+            Error::Redis(cause) => {
+                tracing::warn!(error = %cause, "redis unavailable");
+                Status::unavailable("reorder state store unavailable; redeliver the batch")
+            }
+            Error::Closed(_) => Status::unavailable("reassembler shutting down; deliver elsewhere"),
+            Error::Invalid(message) => Status::invalid_argument(message),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct ReassemblerService {
+    batcher: Batcher,
+    store: Store,
+}
+
+impl ReassemblerService {
+    pub fn new(batcher: Batcher, store: Store) -> Self {
+        Self { batcher, store }
+    }
+
+    pub fn into_server(self) -> ReassemblerServer<Self> {
+        ReassemblerServer::new(self)
+            .max_decoding_message_size(ordo_runtime::server::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(ordo_runtime::server::MAX_MESSAGE_BYTES)
+    }
+}
+
+fn to_items(batch: DeliverBatch) -> Result<Vec<Item>, Error> {
+    batch
+        .results
+        .into_iter()
+        .map(|completed| {
+            let mode = completed.mode();
+            let result = completed.result.ok_or_else(|| Error::Invalid("a delivered result is empty".into()))?;
+            if result.stream_id.is_empty() {
+                return Err(Error::Invalid("a delivered result has no stream id".into()));
+            }
+            let span = ordo_runtime::telemetry::event_span(
+                "reassembler.store",
+                &result.stream_id,
+                result.sequence,
+                &result.trace_context,
+            );
+            let _entered = span.enter();
+            let mut result = result;
+            // Continue the trace: whoever serves the released result is a child of this span.
+            result.trace_context = ordo_runtime::telemetry::inject(&span, &result.trace_context);
+            Ok(Item {
+                stream_id: result.stream_id.clone(),
+                sequence: result.sequence,
+                mode: if mode == OrderingMode::Unordered { mode } else { OrderingMode::Ordered },
+                body: result.encode_to_vec(),
+            })
+        })
+        .collect()
+}
+
+type AckStream = Pin<Box<dyn Stream<Item = Result<DeliverAck, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Reassembler for ReassemblerService {
+    type DeliverStream = AckStream;
+
+    async fn deliver(&self, request: Request<Streaming<DeliverBatch>>) -> Result<Response<Self::DeliverStream>, Status> {
+        let batcher = self.batcher.clone();
+        let acks = request
+            .into_inner()
+            .map(move |batch| {
+                let batcher = batcher.clone();
+                async move {
+                    let batch = batch?;
+                    let batch_id = batch.batch_id;
+                    let items = to_items(batch)?;
+                    let flags = batcher.submit(items).await.map_err(Error::from)?.map_err(Error::from)?;
+                    let accepted = flags.iter().filter(|&&new| new).count() as u32;
+                    Ok(DeliverAck { batch_id, accepted, duplicates: flags.len() as u32 - accepted })
+                }
+            })
+            .buffered(BATCHES_IN_FLIGHT_PER_CALL)
+            // End the call at the first failure: the sender redelivers what is unacked.
+            .scan(false, |failed, ack: Result<DeliverAck, Status>| {
+                let out = if *failed { None } else { Some(ack) };
+                if matches!(out, Some(Err(_))) {
+                    *failed = true;
+                }
+                futures::future::ready(out)
+            });
+        Ok(Response::new(Box::pin(acks)))
+    }
+
+    async fn get_stream(&self, request: Request<GetStreamRequest>) -> Result<Response<StreamState>, Status> {
+        let stream_id = request.into_inner().stream_id;
+        if stream_id.is_empty() {
+            return Err(Error::Invalid("stream_id is required".into()).into());
+        }
+        let state = self
+            .store
+            .stream_state(&stream_id)
+            .await
+            .map_err(|e| Error::Redis(std::sync::Arc::new(e)))?;
+        Ok(Response::new(state))
+    }
+}
