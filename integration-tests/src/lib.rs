@@ -1,1 +1,34 @@
+//! Ordo's testkit: starts the real binaries (`harmonizer`, `stateless`,
+//! `stateful-worker`, `reassembler`, `push-gateway`) on ephemeral 127.0.0.1
+//! ports next to a private `redis-server`, and gives tests typed clients and
+//! the helpers they share.
+//!
+//! - [`cluster`]: the whole topology ([`Cluster::builder`]), waiting for
+//!   `grpc.health.v1` SERVING, logs per process in one directory.
+//! - [`process`]: one service process: kill (SIGKILL), terminate (SIGTERM),
+//!   restart on the same port.
+//! - [`redis_server`]: a private redis-server (never the shared one on 6379).
+//! - [`client`]: events, a `Harmonizer.Process` call driver, result checks.
+//! - [`eventually`]: polling with a deadline instead of sleeping.
+//! - [`otlp`]: an in-process OTLP trace collector.
+//! - [`text`]: the paper's input text.
+//!
+//! The binaries are not built by this crate: `cargo build --workspace --bins`
+//! (or `just test`) first. Set `TEST_LOG=1` to print every process's log tail
+//! at the end of a test; they are printed anyway when a test fails.
 
+pub mod client;
+pub mod cluster;
+pub mod eventually;
+pub mod otlp;
+pub mod ports;
+pub mod process;
+pub mod redis_server;
+pub mod text;
+
+pub use client::{ProcessCall, stream_text, text_events};
+pub use cluster::{Cluster, ClusterBuilder};
+pub use eventually::eventually;
+pub use process::ServiceProcess;
+pub use redis_server::RedisServer;
+pub use text::sonnets_text;

@@ -61,27 +61,28 @@ impl ReassemblerService {
     }
 }
 
-fn to_items(batch: DeliverBatch) -> Result<Vec<Item>, Error> {
+/// Turns a delivered batch into store items. A malformed result (no result,
+/// no stream id) is logged and skipped, never retried: failing the batch would
+/// make the sender redeliver the same poison forever.
+fn to_items(batch: DeliverBatch) -> Vec<Item> {
     batch
         .results
         .into_iter()
-        .map(|completed| {
+        .filter_map(|completed| {
             let mode = completed.mode();
-            let result = completed.result.ok_or_else(|| Error::Invalid("a delivered result is empty".into()))?;
-            if result.stream_id.is_empty() {
-                return Err(Error::Invalid("a delivered result has no stream id".into()));
-            }
+            let Some(mut result) = completed.result.filter(|r| !r.stream_id.is_empty()) else {
+                tracing::warn!(batch_id = batch.batch_id, "dropping a delivered result without stream id");
+                return None;
+            };
             let span = ordo_runtime::telemetry::event_span(
                 "reassembler.store",
                 &result.stream_id,
                 result.sequence,
                 &result.trace_context,
             );
-            let _entered = span.enter();
-            let mut result = result;
             // Continue the trace: whoever serves the released result is a child of this span.
             result.trace_context = ordo_runtime::telemetry::inject(&span, &result.trace_context);
-            Ok(Item {
+            Some(Item {
                 stream_id: result.stream_id.clone(),
                 sequence: result.sequence,
                 mode: if mode == OrderingMode::Unordered { mode } else { OrderingMode::Ordered },
@@ -106,10 +107,15 @@ impl Reassembler for ReassemblerService {
                 async move {
                     let batch = batch?;
                     let batch_id = batch.batch_id;
-                    let items = to_items(batch)?;
-                    let flags = batcher.submit(items).await.map_err(Error::from)?.map_err(Error::from)?;
+                    let total = batch.results.len() as u32;
+                    let items = to_items(batch);
+                    let flags = if items.is_empty() {
+                        Vec::new()
+                    } else {
+                        batcher.submit(items).await.map_err(Error::from)?.map_err(Error::from)?
+                    };
                     let accepted = flags.iter().filter(|&&new| new).count() as u32;
-                    Ok(DeliverAck { batch_id, accepted, duplicates: flags.len() as u32 - accepted })
+                    Ok(DeliverAck { batch_id, accepted, duplicates: total - accepted })
                 }
             })
             .buffered(BATCHES_IN_FLIGHT_PER_CALL)

@@ -1,0 +1,4 @@
+//! `stateless` binary: see the library crate.
+fn main() -> std::process::ExitCode {
+    ordo_runtime::app::run("stateless", stateless::run)
+}

