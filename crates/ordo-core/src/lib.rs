@@ -6,3 +6,4 @@
 pub mod duration;
 pub mod keys;
 pub mod latency;
+pub mod ranges;

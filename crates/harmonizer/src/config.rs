@@ -1,0 +1,99 @@
+//! Harmonizer configuration (flags and env vars).
+
+use std::{net::SocketAddr, time::Duration};
+
+use ordo_core::duration;
+use ordo_runtime::app::{CommonArgs, ServiceConfig};
+
+/// Ordo harmonizer: the front door. Validates events, routes them by
+/// operation (stateless → stateless service, stateful → workers), keeps a
+/// bounded window per stream and returns each stream's results in order.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "harmonizer", version)]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "HARMONIZER_LISTEN", default_value = "0.0.0.0:50051")]
+    pub listen: SocketAddr,
+    /// The stateless service.
+    #[arg(long, env = "ORDO_STATELESS", default_value = "127.0.0.1:50052")]
+    pub stateless: String,
+    /// Stateful workers (comma-separated); work goes to the least-loaded healthy one.
+    #[arg(long, env = "ORDO_WORKERS", default_value = "127.0.0.1:50053", value_delimiter = ',')]
+    pub workers: Vec<String>,
+    /// Reassembler replicas (comma-separated), for results the harmonizer
+    /// records itself (stateless results, FAILED placeholders).
+    #[arg(long, env = "ORDO_REASSEMBLERS", default_value = "127.0.0.1:50054", value_delimiter = ',')]
+    pub reassemblers: Vec<String>,
+    /// The push gateway, from which released results are followed.
+    #[arg(long, env = "ORDO_PUSH_GATEWAY", default_value = "127.0.0.1:50055")]
+    pub push_gateway: String,
+    /// Redis holding the reorder state (read only: a stream's next sequence).
+    #[arg(long, env = "ORDO_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// A stream accepts sequences below its lowest unreleased sequence + window.
+    #[arg(long, env = "HARMONIZER_WINDOW", default_value_t = 1024)]
+    pub window: u64,
+    /// How long an event beyond the window holds its call before OUT_OF_RANGE.
+    #[arg(long, env = "HARMONIZER_WINDOW_WAIT", default_value = "5s", value_parser = duration::parse)]
+    pub window_wait: Duration,
+    /// Per attempt: an event not acked by its worker in time is retried elsewhere.
+    #[arg(long, env = "HARMONIZER_EVENT_TIMEOUT", default_value = "30s", value_parser = duration::parse)]
+    pub event_timeout: Duration,
+    /// Attempts per event before a FAILED result is released in its place.
+    #[arg(long, env = "HARMONIZER_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: u32,
+    /// Submit waits this long for a stateful result, then answers PROCESSING.
+    #[arg(long, env = "HARMONIZER_UNARY_THRESHOLD", default_value = "500ms", value_parser = duration::parse)]
+    pub unary_threshold: Duration,
+    /// Largest event payload accepted.
+    #[arg(long, env = "HARMONIZER_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
+    pub max_payload_bytes: usize,
+    /// Operations answered by the stateless service.
+    #[arg(
+        long,
+        env = "HARMONIZER_STATELESS_OPS",
+        default_value = "echo,upper,lower,sha256,json-validate",
+        value_delimiter = ','
+    )]
+    pub stateless_ops: Vec<String>,
+    /// Operations run by stateful workers.
+    #[arg(long, env = "HARMONIZER_STATEFUL_OPS", default_value = "async-echo,async-upper,callback", value_delimiter = ',')]
+    pub stateful_ops: Vec<String>,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+impl ServiceConfig for Config {
+    fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+    fn common(&self) -> &CommonArgs {
+        &self.common
+    }
+    fn validate(&self) -> Result<(), String> {
+        if self.window == 0 {
+            return Err("--window must be at least 1".into());
+        }
+        if self.max_attempts == 0 {
+            return Err("--max-attempts must be at least 1".into());
+        }
+        if self.event_timeout.is_zero() {
+            return Err("--event-timeout must be positive".into());
+        }
+        if clean(&self.workers).is_empty() {
+            return Err("--workers needs at least one address".into());
+        }
+        if clean(&self.reassemblers).is_empty() {
+            return Err("--reassemblers needs at least one address".into());
+        }
+        if let Some(op) = clean(&self.stateless_ops).iter().find(|op| clean(&self.stateful_ops).contains(op)) {
+            return Err(format!("operation {op:?} is listed as both stateless and stateful"));
+        }
+        Ok(())
+    }
+}
+
+/// Trims and drops empty entries of a comma-separated list.
+pub fn clean(list: &[String]) -> Vec<String> {
+    list.iter().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect()
+}

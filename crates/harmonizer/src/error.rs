@@ -1,0 +1,46 @@
+//! The harmonizer's errors and the one place they become gRPC statuses.
+
+use tonic::Status;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("stream_id is required")]
+    MissingStreamId,
+    #[error("unknown operation {name:?}; known operations: {known}")]
+    UnknownOperation { name: String, known: String },
+    #[error("payload of {size} bytes exceeds the limit of {limit} bytes")]
+    PayloadTooLarge { size: usize, limit: usize },
+    #[error("malformed attributes: {0}")]
+    MalformedAttributes(String),
+    #[error(
+        "sequence {sequence} of stream {stream:?} is beyond the window: accepted sequences are below {limit} (lowest unreleased {next} + window {window})"
+    )]
+    BeyondWindow { stream: String, sequence: u64, next: u64, window: u64, limit: u64 },
+    #[error("sequence {sequence} of unordered stream {stream:?} was already released; read it from the push-gateway")]
+    AlreadyReleased { stream: String, sequence: u64 },
+    #[error("reorder state unavailable")]
+    Redis(#[from] redis::RedisError),
+    #[error("{0} unavailable")]
+    Unavailable(&'static str),
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Self {
+        let message = error.to_string();
+        match error {
+            Error::MissingStreamId | Error::PayloadTooLarge { .. } | Error::MalformedAttributes(_) => {
+                Status::invalid_argument(message)
+            }
+            Error::UnknownOperation { .. } => Status::not_found(message),
+            Error::BeyondWindow { .. } => Status::out_of_range(message),
+            Error::AlreadyReleased { .. } => Status::already_exists(message),
+            Error::Redis(cause) => {
+                tracing::warn!(error = %cause, "redis unavailable");
+                Status::unavailable(message)
+            }
+            Error::Unavailable(_) | Error::ShuttingDown => Status::unavailable(message),
+        }
+    }
+}

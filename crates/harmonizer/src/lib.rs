@@ -1,0 +1,103 @@
+//! Ordo's Service Harmonizer: the front door of figure 4. It validates each
+//! event, routes it by operation (stateless work to the stateless service,
+//! stateful stream work to the stateful workers), keeps a bounded window per
+//! stream, and returns each stream's results — released in order by the
+//! reassembler, followed through the push gateway — to the caller.
+//!
+//! It holds no durable state: everything needed to recover lives in Redis and
+//! in the workers' acknowledgements.
+
+pub mod config;
+pub mod error;
+pub mod follower;
+pub mod pool;
+pub mod process;
+pub mod registry;
+pub mod state;
+mod submit;
+
+use std::{pin::Pin, sync::Arc};
+
+use futures::Stream;
+pub use config::Config;
+use ordo_proto::v1::{
+    Event, EventResult, ListOperationsRequest, ListOperationsResponse,
+    harmonizer_server::{Harmonizer, HarmonizerServer},
+    push_gateway_client::PushGatewayClient,
+    stateless_client::StatelessClient,
+};
+use ordo_runtime::{Shutdown, client::TracedChannel, server::GrpcServer};
+use reassembler::client::ResultSink;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+/// State shared by every call.
+pub struct Shared {
+    pub config: Config,
+    pub registry: registry::Registry,
+    pub pool: pool::Pool,
+    pub push_gateway: PushGatewayClient<TracedChannel>,
+    pub redis: redis::aio::ConnectionManager,
+    pub shutdown: Shutdown,
+}
+
+pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
+    let redis = ordo_runtime::redis_conn::connect(&config.redis_url, &shutdown).await?;
+    let sink = ResultSink::start(&config::clean(&config.reassemblers))?;
+    let stateless = StatelessClient::new(ordo_runtime::client::traced(&config.stateless)?);
+    let pool = pool::Pool::start(
+        &config::clean(&config.workers),
+        sink,
+        stateless,
+        pool::PoolConfig { event_timeout: config.event_timeout, max_attempts: config.max_attempts },
+        shutdown.clone(),
+    )?;
+    let registry = registry::Registry::new(
+        &config::clean(&config.stateless_ops),
+        &config::clean(&config.stateful_ops),
+        config.max_payload_bytes,
+    );
+    let push_gateway = PushGatewayClient::new(ordo_runtime::client::traced(&config.push_gateway)?)
+        .max_decoding_message_size(ordo_runtime::server::MAX_MESSAGE_BYTES);
+    let drain = config.common.drain_timeout;
+    let shared = Arc::new(Shared { config, registry, pool, push_gateway, redis, shutdown: shutdown.clone() });
+    let server = HarmonizerServer::new(HarmonizerService { shared })
+        .max_decoding_message_size(ordo_runtime::server::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(ordo_runtime::server::MAX_MESSAGE_BYTES);
+    GrpcServer::new().add(server).serve(listener, shutdown, drain).await
+}
+
+#[derive(Clone)]
+pub struct HarmonizerService {
+    shared: Arc<Shared>,
+}
+
+type ResultStream = Pin<Box<dyn Stream<Item = Result<EventResult, Status>> + Send>>;
+
+/// Results buffered per call before the call stops reading its followers.
+const CALL_BUFFER: usize = 1024;
+
+#[tonic::async_trait]
+impl Harmonizer for HarmonizerService {
+    type ProcessStream = ResultStream;
+
+    async fn process(&self, request: Request<Streaming<Event>>) -> Result<Response<Self::ProcessStream>, Status> {
+        if self.shared.shutdown.is_cancelled() {
+            return Err(error::Error::ShuttingDown.into());
+        }
+        let (out, rx) = tokio::sync::mpsc::channel(CALL_BUFFER);
+        let span = tracing::Span::current();
+        tokio::spawn(process::run(self.shared.clone(), request.into_inner(), out, span));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn submit(&self, request: Request<Event>) -> Result<Response<EventResult>, Status> {
+        let result = submit::submit(&self.shared, request.into_inner()).await?;
+        Ok(Response::new(result))
+    }
+
+    async fn list_operations(&self, _: Request<ListOperationsRequest>) -> Result<Response<ListOperationsResponse>, Status> {
+        Ok(Response::new(ListOperationsResponse { operations: self.shared.registry.list() }))
+    }
+}

@@ -1,0 +1,38 @@
+//! Reads of a stream's reorder state (written only by the reassembler).
+
+use ordo_core::keys;
+use ordo_proto::v1::OrderingMode;
+use redis::aio::ConnectionManager;
+
+#[derive(Debug, Clone, Copy)]
+pub struct StreamMeta {
+    /// Lowest unreleased sequence.
+    pub next: u64,
+    /// Next release position.
+    pub released: u64,
+    /// The stream's mode, if any result was stored yet.
+    pub mode: Option<OrderingMode>,
+}
+
+pub async fn read(conn: &ConnectionManager, stream: &str) -> redis::RedisResult<StreamMeta> {
+    let mut conn = conn.clone();
+    let (next, released, mode): (Option<u64>, Option<u64>, Option<u8>) = redis::cmd("HMGET")
+        .arg(keys::meta(stream))
+        .arg(&["next", "released", "mode"])
+        .query_async(&mut conn)
+        .await?;
+    Ok(StreamMeta {
+        next: next.unwrap_or(0),
+        released: released.unwrap_or(0),
+        mode: mode.map(|m| if m == 2 { OrderingMode::Unordered } else { OrderingMode::Ordered }),
+    })
+}
+
+/// The mode a stream runs in: the stored one, else the one its event asks for.
+pub fn effective_mode(stored: Option<OrderingMode>, requested: OrderingMode) -> OrderingMode {
+    match stored {
+        Some(mode) => mode,
+        None if requested == OrderingMode::Unordered => OrderingMode::Unordered,
+        None => OrderingMode::Ordered,
+    }
+}

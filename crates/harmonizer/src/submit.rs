@@ -1,0 +1,78 @@
+//! The unary `Submit`: one event, answered inline when it can be.
+//!
+//! Stateless operations are executed and answered at once; their result is
+//! also recorded in the stream so its sequence does not become a gap.
+//! Stateful ones are dispatched, and the call waits up to
+//! `--unary-threshold` for the released result; after that it answers
+//! PROCESSING and the push gateway serves the result later. Submitting the
+//! same (stream, sequence) again returns the same result: the reassembler
+//! keeps only the first.
+
+use ordo_proto::v1::{Event, EventResult, OrderingMode, SubscribeRequest};
+use ordo_runtime::telemetry;
+
+use crate::{Shared, error::Error, registry::Route, state};
+
+pub async fn submit(shared: &Shared, mut event: Event) -> Result<EventResult, Error> {
+    if shared.shutdown.is_cancelled() {
+        return Err(Error::ShuttingDown);
+    }
+    let route = shared.registry.validate(&event)?;
+    let meta = state::read(&shared.redis, &event.stream_id).await?;
+    let mode = state::effective_mode(meta.mode, event.mode());
+    event.mode = mode as i32;
+    let window = shared.config.window;
+    if event.sequence >= meta.next.saturating_add(window) {
+        return Err(Error::BeyondWindow {
+            stream: event.stream_id.clone(),
+            sequence: event.sequence,
+            next: meta.next,
+            window,
+            limit: meta.next.saturating_add(window),
+        });
+    }
+    let span = telemetry::event_span("harmonizer.submit", &event.stream_id, event.sequence, &event.trace_context);
+    let span = if span.is_disabled() || !event.trace_context.is_empty() {
+        span
+    } else {
+        tracing::info_span!(target: telemetry::EVENT_TARGET, "event", otel.name = "harmonizer.submit")
+    };
+    event.trace_context = telemetry::inject(&span, &event.trace_context);
+
+    if route == Route::Stateless {
+        let result = shared.pool.execute_stateless(&event).await;
+        if event.sequence >= meta.next && !shared.pool.record(result.clone(), event.mode).await {
+            return Err(Error::Unavailable("reassembler"));
+        }
+        return Ok(result);
+    }
+    if event.sequence < meta.next && mode == OrderingMode::Unordered {
+        return Err(Error::AlreadyReleased { stream: event.stream_id, sequence: event.sequence });
+    }
+    // Subscribe before dispatching so the release can't slip past us.
+    let from = if mode == OrderingMode::Ordered { event.sequence } else { meta.released };
+    let mut push = shared.push_gateway.clone();
+    let mut results = push
+        .subscribe(SubscribeRequest { stream_id: event.stream_id.clone(), from_sequence: from, streams: vec![] })
+        .await
+        .map_err(|status| {
+            tracing::warn!(%status, "cannot subscribe to the push gateway");
+            Error::Unavailable("push gateway")
+        })?
+        .into_inner();
+    if event.sequence >= meta.next {
+        shared.pool.dispatch(event.clone()).await;
+    }
+    let wait = async {
+        while let Ok(Some(result)) = results.message().await {
+            if result.sequence == event.sequence {
+                return Some(result);
+            }
+        }
+        None
+    };
+    match tokio::time::timeout(shared.config.unary_threshold, wait).await {
+        Ok(Some(result)) => Ok(result),
+        _ => Ok(EventResult::processing(&event)),
+    }
+}
