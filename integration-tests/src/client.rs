@@ -199,7 +199,11 @@ impl ProcessCall {
     }
 
     /// Receives until at least `n` results arrived for every `(stream, n)`.
-    pub async fn wait_for_counts(&mut self, expected: &BTreeMap<String, usize>, deadline: Duration) -> anyhow::Result<()> {
+    pub async fn wait_for_counts(
+        &mut self,
+        expected: &BTreeMap<String, usize>,
+        deadline: Duration,
+    ) -> anyhow::Result<()> {
         self.wait_until(deadline, |received| {
             let counts = counts_by_stream(received);
             expected.iter().all(|(stream, n)| counts.get(stream.as_str()).copied().unwrap_or(0) >= *n)
@@ -334,7 +338,10 @@ pub fn check_in_order_exactly_once(results: &[EventResult], n: u64) -> Result<()
         Some((i, _)) => {
             let from = i.saturating_sub(3);
             let around = &sequences(results)[from..(i + 4).min(results.len())];
-            Err(format!("out of order: result #{i} is sequence {} (arrival #{from}.. = {around:?})", results[i].sequence))
+            Err(format!(
+                "out of order: result #{i} is sequence {} (arrival #{from}.. = {around:?})",
+                results[i].sequence
+            ))
         }
     }
 }

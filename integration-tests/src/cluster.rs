@@ -12,8 +12,7 @@ use std::{path::Path, time::Duration};
 use anyhow::Context as _;
 use futures::future::{join_all, try_join_all};
 use ordo_proto::v1::{
-    harmonizer_client::HarmonizerClient, push_gateway_client::PushGatewayClient,
-    reassembler_client::ReassemblerClient,
+    harmonizer_client::HarmonizerClient, push_gateway_client::PushGatewayClient, reassembler_client::ReassemblerClient,
 };
 use tempfile::TempDir;
 use tonic::transport::{Channel, Endpoint};
@@ -165,7 +164,11 @@ impl ClusterBuilder {
         let redis = RedisServer::start_in(dir).await.context("redis-server")?;
         let redis_url = redis.url();
 
-        let stateless = ServiceProcess::start(spec("stateless".into(), &bins.stateless, self.stateless_args.clone()), dir, deadline);
+        let stateless = ServiceProcess::start(
+            spec("stateless".into(), &bins.stateless, self.stateless_args.clone()),
+            dir,
+            deadline,
+        );
         let reassemblers = try_join_all((0..self.reassemblers).map(|i| {
             let mut args = strings(["--redis-url", &redis_url]);
             args.extend(self.reassembler_args.iter().cloned());
@@ -173,7 +176,8 @@ impl ClusterBuilder {
         }));
         let mut pg_args = strings(["--redis-url", &redis_url]);
         pg_args.extend(self.push_gateway_args.iter().cloned());
-        let push_gateway = ServiceProcess::start(spec("push-gateway".into(), &bins.push_gateway, pg_args), dir, deadline);
+        let push_gateway =
+            ServiceProcess::start(spec("push-gateway".into(), &bins.push_gateway, pg_args), dir, deadline);
         let (stateless, reassemblers, push_gateway) = tokio::join!(stateless, reassemblers, push_gateway);
         let (stateless, reassemblers, push_gateway) = (stateless?, reassemblers?, push_gateway?);
         let reassembler_list = reassemblers.iter().map(ServiceProcess::addr).collect::<Vec<_>>().join(",");
@@ -199,7 +203,8 @@ impl ClusterBuilder {
             &redis_url,
         ]);
         args.extend(self.harmonizer_args.iter().cloned());
-        let harmonizer = ServiceProcess::start(spec("harmonizer".into(), &bins.harmonizer, args), dir, deadline).await?;
+        let harmonizer =
+            ServiceProcess::start(spec("harmonizer".into(), &bins.harmonizer, args), dir, deadline).await?;
 
         Ok(Parts { redis, stateless, reassemblers, push_gateway, workers, harmonizer })
     }
@@ -239,10 +244,7 @@ pub struct Cluster {
 
 /// A lazily connecting channel: it reconnects by itself after a restart.
 fn lazy_channel(uri: String) -> Channel {
-    Endpoint::from_shared(uri)
-        .expect("a testkit URI is valid")
-        .connect_timeout(Duration::from_secs(2))
-        .connect_lazy()
+    Endpoint::from_shared(uri).expect("a testkit URI is valid").connect_timeout(Duration::from_secs(2)).connect_lazy()
 }
 
 impl Cluster {
@@ -343,13 +345,15 @@ impl Cluster {
 
     /// SIGTERM to every service at once; waits for all of them to exit
     /// (each drains and flushes its spans). Returns `(name, exit status)`.
-    pub async fn terminate_all(&mut self, timeout: Duration) -> Vec<(String, anyhow::Result<std::process::ExitStatus>)> {
-        let results = join_all(self.processes_mut().map(|p| async move {
+    pub async fn terminate_all(
+        &mut self,
+        timeout: Duration,
+    ) -> Vec<(String, anyhow::Result<std::process::ExitStatus>)> {
+        join_all(self.processes_mut().map(|p| async move {
             let status = p.terminate(timeout).await;
             (p.name().to_owned(), status)
         }))
-        .await;
-        results
+        .await
     }
 
     /// The last `lines` lines of every log, each under a header.

@@ -6,7 +6,7 @@
 //! Children do not inherit the developer's Ordo configuration: variables
 //! named `ORDO_*`, `HARMONIZER_*`, `STATELESS_*`, `WORKER_*`, `REASSEMBLER_*`,
 //! `PUSH_GATEWAY_*` and `OTEL_*` are removed before the test's own are set.
-//! `RUST_LOG` is passed through.
+//! `RUST_LOG` is passed through; `NO_COLOR=1` keeps the log files plain.
 
 use std::{
     fs::{File, OpenOptions},
@@ -94,12 +94,16 @@ impl ServiceProcess {
         let log_path = log_dir.join(format!("{}.log", spec.name));
         let mut attempt = 1;
         loop {
-            let mut process = Self { spec: spec.clone(), port: free_port(), log_path: log_path.clone(), child: None, starts: 0 };
+            let mut process =
+                Self { spec: spec.clone(), port: free_port(), log_path: log_path.clone(), child: None, starts: 0 };
             process.launch()?;
             match process.wait_serving(deadline).await {
                 Ok(()) => return Ok(process),
                 Err(error) if attempt < START_ATTEMPTS && process.lost_its_port() => {
-                    eprintln!("ordo testkit: {} could not bind port {}; retrying on another port", spec.name, process.port);
+                    eprintln!(
+                        "ordo testkit: {} could not bind port {}; retrying on another port",
+                        spec.name, process.port
+                    );
                     attempt += 1;
                     let _ = error;
                 }
@@ -170,10 +174,8 @@ impl ServiceProcess {
     pub async fn terminate(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
         let Some(child) = self.child.as_mut() else { bail!("{} is not running", self.spec.name) };
         let pid = child.id();
-        let sent = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .context("cannot run `kill -TERM`")?;
+        let sent =
+            Command::new("kill").args(["-TERM", &pid.to_string()]).status().context("cannot run `kill -TERM`")?;
         if !sent.success() {
             bail!("`kill -TERM {pid}` failed for {}: {sent}", self.spec.name);
         }
@@ -260,6 +262,8 @@ impl ServiceProcess {
                 command.env_remove(key);
             }
         }
+        // Log files are not terminals: no ANSI colours (a test may override).
+        command.env("NO_COLOR", "1");
         command.envs(self.spec.env.iter().map(|(k, v)| (k, v)));
         let child = command
             .stdin(Stdio::null())
@@ -286,10 +290,7 @@ pub async fn health_status(addr: &str) -> Option<ServingStatus> {
         .connect_timeout(Duration::from_secs(1))
         .timeout(Duration::from_secs(1));
     let channel = endpoint.connect().await.ok()?;
-    let response = HealthClient::new(channel)
-        .check(HealthCheckRequest { service: String::new() })
-        .await
-        .ok()?;
+    let response = HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await.ok()?;
     ServingStatus::try_from(response.into_inner().status).ok()
 }
 

@@ -110,9 +110,7 @@ impl RedisServer {
             .stdout(stdout)
             .stderr(stderr)
             .spawn()
-            .with_context(|| {
-                format!("cannot start {program}: is redis-server installed (scripts/install-deps.sh)?")
-            })?;
+            .with_context(|| format!("cannot start {program}: is redis-server installed (scripts/install-deps.sh)?"))?;
         self.child = Some(child);
 
         let start = Instant::now();

@@ -57,7 +57,12 @@ pub struct Config {
     )]
     pub stateless_ops: Vec<String>,
     /// Operations run by stateful workers.
-    #[arg(long, env = "HARMONIZER_STATEFUL_OPS", default_value = "async-echo,async-upper,callback", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "HARMONIZER_STATEFUL_OPS",
+        default_value = "async-echo,async-upper,callback",
+        value_delimiter = ','
+    )]
     pub stateful_ops: Vec<String>,
     #[command(flatten)]
     pub common: CommonArgs,

@@ -18,8 +18,8 @@ mod submit;
 
 use std::{pin::Pin, sync::Arc};
 
-use futures::Stream;
 pub use config::Config;
+use futures::Stream;
 use ordo_proto::v1::{
     Event, EventResult, ListOperationsRequest, ListOperationsResponse,
     harmonizer_server::{Harmonizer, HarmonizerServer},
@@ -65,7 +65,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     let server = HarmonizerServer::new(HarmonizerService { shared })
         .max_decoding_message_size(ordo_runtime::server::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(ordo_runtime::server::MAX_MESSAGE_BYTES);
-    GrpcServer::new().add(server).serve(listener, shutdown, drain).await
+    GrpcServer::new().with_service(server).serve(listener, shutdown, drain).await
 }
 
 #[derive(Clone)]
@@ -97,7 +97,10 @@ impl Harmonizer for HarmonizerService {
         Ok(Response::new(result))
     }
 
-    async fn list_operations(&self, _: Request<ListOperationsRequest>) -> Result<Response<ListOperationsResponse>, Status> {
+    async fn list_operations(
+        &self,
+        _: Request<ListOperationsRequest>,
+    ) -> Result<Response<ListOperationsResponse>, Status> {
         Ok(Response::new(ListOperationsResponse { operations: self.shared.registry.list() }))
     }
 }

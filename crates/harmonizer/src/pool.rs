@@ -142,7 +142,9 @@ async fn execute_stateless(inner: &Inner, event: &Event) -> EventResult {
         let mut client = inner.stateless.clone();
         match tokio::time::timeout(inner.config.event_timeout, client.execute(event.clone())).await {
             Ok(Ok(response)) => return response.into_inner(),
-            Ok(Err(status)) if status.code() == tonic::Code::NotFound || status.code() == tonic::Code::InvalidArgument => {
+            Ok(Err(status))
+                if status.code() == tonic::Code::NotFound || status.code() == tonic::Code::InvalidArgument =>
+            {
                 return EventResult::failed(event, status.message());
             }
             Ok(Err(status)) => last_error = format!("stateless service: {}", status.message()),
@@ -203,10 +205,8 @@ async fn retry(inner: Arc<Inner>, flight: InFlight, from: usize, reason: &str) {
     let sequence = flight.event.sequence;
     if flight.attempt >= inner.config.max_attempts {
         tracing::warn!(stream, sequence, attempts = flight.attempt, reason, "giving up; releasing FAILED in its place");
-        let result = EventResult::failed(
-            &flight.event,
-            format!("no result after {} attempts (last: {reason})", flight.attempt),
-        );
+        let result =
+            EventResult::failed(&flight.event, format!("no result after {} attempts (last: {reason})", flight.attempt));
         let _ = inner.sink.deliver(Completed { result: Some(result), mode: flight.event.mode }).await;
         return;
     }

@@ -44,7 +44,13 @@ struct Blocked {
 type Out = mpsc::Sender<Result<EventResult, Status>>;
 
 pub async fn run(shared: Arc<Shared>, mut inbound: Streaming<Event>, out: Out, call_span: Span) {
-    let mut call = Call { shared: shared.clone(), streams: HashMap::new(), follower: Follower::start(shared.push_gateway.clone()), out, call_span };
+    let mut call = Call {
+        shared: shared.clone(),
+        streams: HashMap::new(),
+        follower: Follower::start(shared.push_gateway.clone()),
+        out,
+        call_span,
+    };
     let mut reading = true;
     let mut blocked: Option<Blocked> = None;
     loop {
@@ -133,7 +139,7 @@ impl Call {
             }
         }
         let window = self.shared.config.window;
-        let Some(stream) = self.streams.get_mut(&event.stream_id) else { return None };
+        let stream = self.streams.get_mut(&event.stream_id)?;
         let sequence = event.sequence;
         if stream.accepted.contains(sequence) {
             return None; // duplicate on this call: its one result is (or was) on its way
@@ -218,7 +224,12 @@ impl Call {
         stream.next = stream.next.max(batch.next_sequence);
         for result in batch.results {
             if stream.awaiting.remove(&result.sequence) {
-                let _span = telemetry::event_span("harmonizer.respond", &result.stream_id, result.sequence, &result.trace_context);
+                let _span = telemetry::event_span(
+                    "harmonizer.respond",
+                    &result.stream_id,
+                    result.sequence,
+                    &result.trace_context,
+                );
                 if self.out.send(Ok(result)).await.is_err() {
                     return false;
                 }

@@ -60,9 +60,7 @@ impl Registry {
             return Err(Error::MissingStreamId);
         }
         if event.stream_id.len() > MAX_STREAM_ID_BYTES {
-            return Err(Error::MalformedAttributes(format!(
-                "stream_id is longer than {MAX_STREAM_ID_BYTES} bytes"
-            )));
+            return Err(Error::MalformedAttributes(format!("stream_id is longer than {MAX_STREAM_ID_BYTES} bytes")));
         }
         let route = *self.ops.get(&event.operation).ok_or_else(|| Error::UnknownOperation {
             name: event.operation.clone(),
@@ -79,7 +77,9 @@ impl Registry {
                 return Err(Error::MalformedAttributes("an attribute has an empty name".into()));
             }
             if key.len() + value.len() > MAX_ATTRIBUTE_BYTES {
-                return Err(Error::MalformedAttributes(format!("attribute {key:?} is longer than {MAX_ATTRIBUTE_BYTES} bytes")));
+                return Err(Error::MalformedAttributes(format!(
+                    "attribute {key:?} is longer than {MAX_ATTRIBUTE_BYTES} bytes"
+                )));
             }
         }
         if let Some(text) = event.attributes.get(latency::ATTRIBUTE) {
@@ -88,7 +88,9 @@ impl Registry {
         if let Some(call) = event.attributes.get(CALL_ATTRIBUTE)
             && self.ops.get(call) != Some(&Route::Stateless)
         {
-            return Err(Error::MalformedAttributes(format!("attribute call={call:?} does not name a stateless operation")));
+            return Err(Error::MalformedAttributes(format!(
+                "attribute call={call:?} does not name a stateless operation"
+            )));
         }
         Ok(route)
     }

@@ -16,11 +16,8 @@ pub struct StreamMeta {
 
 pub async fn read(conn: &ConnectionManager, stream: &str) -> redis::RedisResult<StreamMeta> {
     let mut conn = conn.clone();
-    let (next, released, mode): (Option<u64>, Option<u64>, Option<u8>) = redis::cmd("HMGET")
-        .arg(keys::meta(stream))
-        .arg(&["next", "released", "mode"])
-        .query_async(&mut conn)
-        .await?;
+    let (next, released, mode): (Option<u64>, Option<u64>, Option<u8>) =
+        redis::cmd("HMGET").arg(keys::meta(stream)).arg(&["next", "released", "mode"]).query_async(&mut conn).await?;
     Ok(StreamMeta {
         next: next.unwrap_or(0),
         released: released.unwrap_or(0),

@@ -36,7 +36,8 @@ impl Latency {
     pub fn parse(text: &str) -> Result<Self, LatencyError> {
         let err = |reason: String| LatencyError { text: text.to_owned(), reason };
         let (kind, arg) = text.split_once(':').ok_or_else(|| err("missing ':'".into()))?;
-        let bounded = |d: Duration| if d > MAX { Err(err(format!("longer than {}", duration::format(MAX)))) } else { Ok(d) };
+        let bounded =
+            |d: Duration| if d > MAX { Err(err(format!("longer than {}", duration::format(MAX)))) } else { Ok(d) };
         match kind {
             "none" => Ok(Self::None),
             "fixed" => Ok(Self::Fixed(bounded(duration::parse(arg).map_err(err)?)?)),
@@ -98,10 +99,7 @@ mod tests {
     #[test]
     fn parses_each_form() {
         assert_eq!(Latency::parse("fixed:2ms"), Ok(Latency::Fixed(Duration::from_millis(2))));
-        assert_eq!(
-            Latency::parse("uniform:0ms-5ms"),
-            Ok(Latency::Uniform(Duration::ZERO, Duration::from_millis(5)))
-        );
+        assert_eq!(Latency::parse("uniform:0ms-5ms"), Ok(Latency::Uniform(Duration::ZERO, Duration::from_millis(5))));
         assert_eq!(Latency::parse("exp:10ms"), Ok(Latency::Exponential { mean: Duration::from_millis(10) }));
     }
 

@@ -34,18 +34,12 @@ impl EventResult {
 
     /// A successful result with `payload`.
     pub fn ok(event: &Event, payload: impl Into<prost::bytes::Bytes>) -> Self {
-        Self {
-            payload: payload.into(),
-            ..Self::for_event(event, ResultStatus::Ok)
-        }
+        Self { payload: payload.into(), ..Self::for_event(event, ResultStatus::Ok) }
     }
 
     /// A FAILED result with a human-readable reason.
     pub fn failed(event: &Event, error: impl Into<String>) -> Self {
-        Self {
-            error: error.into(),
-            ..Self::for_event(event, ResultStatus::Failed)
-        }
+        Self { error: error.into(), ..Self::for_event(event, ResultStatus::Failed) }
     }
 
     /// A REJECTED result (bidirectional stream only) with its gRPC status.

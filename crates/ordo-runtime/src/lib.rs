@@ -8,8 +8,8 @@
 //! `main.rs` hands a parsed config, a bound listener and a shutdown token to
 //! the library's `run`.
 
-pub mod client;
 pub mod app;
+pub mod client;
 pub mod redis_conn;
 pub mod server;
 pub mod shutdown;

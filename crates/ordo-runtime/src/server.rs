@@ -7,12 +7,7 @@ use std::{convert::Infallible, time::Duration};
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::{
-    body::Body,
-    server::NamedService,
-    service::RoutesBuilder,
-    transport::Server,
-};
+use tonic::{body::Body, server::NamedService, service::RoutesBuilder, transport::Server};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{Shutdown, shutdown, telemetry};
@@ -39,7 +34,7 @@ impl GrpcServer {
     }
 
     /// Adds a generated tonic server; its name is reported as SERVING by health.
-    pub fn add<S>(mut self, service: S) -> Self
+    pub fn with_service<S>(mut self, service: S) -> Self
     where
         S: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
             + NamedService

@@ -19,7 +19,9 @@ use opentelemetry::{
     trace::TracerProvider as _,
 };
 use opentelemetry_sdk::{
-    Resource, propagation::TraceContextPropagator, runtime,
+    Resource,
+    propagation::TraceContextPropagator,
+    runtime,
     trace::{SdkTracerProvider, span_processor_with_async_runtime::BatchSpanProcessor},
 };
 use tracing::Span;
@@ -71,8 +73,9 @@ const DEFAULT_TRACE_FILTER: &str = "info,h2=off,hyper=off,tower=off,tonic=off";
 pub fn init(service: &'static str, format: LogFormat) -> anyhow::Result<TelemetryGuard> {
     global::set_text_map_propagator(TraceContextPropagator::new());
     let log_filter = match std::env::var("RUST_LOG") {
-        Ok(directives) => EnvFilter::try_new(format!("{directives},ordo::event=off"))
-            .context("RUST_LOG is not a valid filter")?,
+        Ok(directives) => {
+            EnvFilter::try_new(format!("{directives},ordo::event=off")).context("RUST_LOG is not a valid filter")?
+        }
         Err(_) => EnvFilter::new(DEFAULT_LOG_FILTER),
     };
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
@@ -94,10 +97,9 @@ pub fn init(service: &'static str, format: LogFormat) -> anyhow::Result<Telemetr
                 .build();
             let tracer = provider.tracer(service);
             global::set_tracer_provider(provider.clone());
-            let filter = EnvFilter::try_new(
-                std::env::var("ORDO_TRACE_FILTER").unwrap_or_else(|_| DEFAULT_TRACE_FILTER.into()),
-            )
-            .context("ORDO_TRACE_FILTER is not a valid filter")?;
+            let filter =
+                EnvFilter::try_new(std::env::var("ORDO_TRACE_FILTER").unwrap_or_else(|_| DEFAULT_TRACE_FILTER.into()))
+                    .context("ORDO_TRACE_FILTER is not a valid filter")?;
             let layer = tracing_opentelemetry::layer().with_tracer(tracer).with_filter(filter);
             (Some(layer), Some(provider))
         }
@@ -154,12 +156,8 @@ impl Extractor for HeaderExtractor<'_> {
 /// The span of one incoming gRPC call, child of the caller's `traceparent`.
 /// Used as the server's `trace_fn`.
 pub fn server_span(request: &http::Request<()>) -> Span {
-    let span = tracing::info_span!(
-        "grpc",
-        otel.name = request.uri().path(),
-        otel.kind = "server",
-        rpc.system = "grpc",
-    );
+    let span =
+        tracing::info_span!("grpc", otel.name = request.uri().path(), otel.kind = "server", rpc.system = "grpc",);
     if !span.is_disabled() {
         let parent = global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers())));
         let _ = span.set_parent(parent);
@@ -171,10 +169,9 @@ struct MetadataInjector<'a>(&'a mut tonic::metadata::MetadataMap);
 
 impl Injector for MetadataInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
-        if let (Ok(key), Ok(value)) = (
-            tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
-            tonic::metadata::MetadataValue::try_from(value),
-        ) {
+        if let (Ok(key), Ok(value)) =
+            (tonic::metadata::MetadataKey::from_bytes(key.as_bytes()), tonic::metadata::MetadataValue::try_from(value))
+        {
             self.0.insert(key, value);
         }
     }

@@ -13,11 +13,11 @@ pub mod session;
 
 use std::net::SocketAddr;
 
+pub use ordo_runtime::Shutdown;
 use ordo_runtime::{
     app::{CommonArgs, ServiceConfig},
     server::GrpcServer,
 };
-pub use ordo_runtime::Shutdown;
 use tokio::net::TcpListener;
 
 /// Ordo push gateway: streams released results to subscribers, in order,
@@ -59,10 +59,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     let hub = hub::Hub::new(config.subscriber_buffer);
     let tail = tokio::spawn(hub.clone().listen(ordo_runtime::redis_conn::client(&config.redis_url)?, shutdown.clone()));
     let service = service::PushGatewayService::new(hub, log::Log::new(conn), shutdown.clone());
-    let served = GrpcServer::new()
-        .add(service.into_server())
-        .serve(listener, shutdown, config.common.drain_timeout)
-        .await;
+    let served =
+        GrpcServer::new().with_service(service.into_server()).serve(listener, shutdown, config.common.drain_timeout).await;
     tail.abort();
     served
 }

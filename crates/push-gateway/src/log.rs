@@ -40,13 +40,14 @@ impl Log {
     /// [`LogError::Expired`] when `from` was trimmed away.
     pub async fn read_from(&self, stream: &str, from: u64) -> Result<Page, LogError> {
         let mut conn = self.conn.clone();
-        let (next, released, oldest, page): (Option<u64>, Option<u64>, StreamRangeReply, StreamRangeReply) = redis::pipe()
-            .hget(keys::meta(stream), "next")
-            .hget(keys::meta(stream), "released")
-            .xrange_count(keys::log(stream), "-", "+", 1)
-            .xrange_count(keys::log(stream), keys::log_id(from), "+", PAGE)
-            .query_async(&mut conn)
-            .await?;
+        let (next, released, oldest, page): (Option<u64>, Option<u64>, StreamRangeReply, StreamRangeReply) =
+            redis::pipe()
+                .hget(keys::meta(stream), "next")
+                .hget(keys::meta(stream), "released")
+                .xrange_count(keys::log(stream), "-", "+", 1)
+                .xrange_count(keys::log(stream), keys::log_id(from), "+", PAGE)
+                .query_async(&mut conn)
+                .await?;
         let released = released.unwrap_or(0);
         let oldest = match oldest.ids.first() {
             Some(entry) => keys::position_of(&entry.id).unwrap_or(0),

@@ -54,7 +54,9 @@ impl PushGatewayService {
         let (hub, log, shutdown) = (self.hub.clone(), self.log.clone(), self.shutdown.clone());
         tokio::spawn(async move {
             let stream = cursor.stream_id.clone();
-            if let Err(error) = session::follow(hub, log, cursor.stream_id, cursor.from_sequence, out.clone(), shutdown).await {
+            if let Err(error) =
+                session::follow(hub, log, cursor.stream_id, cursor.from_sequence, out.clone(), shutdown).await
+            {
                 let status = Status::from(error);
                 let _ = out
                     .send(FollowBatch { stream_id: stream, error: status.message().to_owned(), ..Default::default() })

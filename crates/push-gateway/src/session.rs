@@ -70,7 +70,11 @@ async fn catch_up(log: &Log, stream: &str, next: &mut u64, out: &mpsc::Sender<Fo
         let Some(last) = page.results.last() else { return Ok(true) };
         if page.results[0].position != *next {
             // Trimmed between our reads.
-            return Err(LogError::Expired { stream: stream.to_owned(), wanted: *next, oldest: page.results[0].position });
+            return Err(LogError::Expired {
+                stream: stream.to_owned(),
+                wanted: *next,
+                oldest: page.results[0].position,
+            });
         }
         *next = last.position + 1;
         if !emit(out, stream, page.next_sequence.max(*next), page.results).await {
@@ -82,14 +86,17 @@ async fn catch_up(log: &Log, stream: &str, next: &mut u64, out: &mpsc::Sender<Fo
     }
 }
 
-async fn emit(out: &mpsc::Sender<FollowBatch>, stream: &str, next_sequence: u64, mut results: Vec<EventResult>) -> bool {
+async fn emit(
+    out: &mpsc::Sender<FollowBatch>,
+    stream: &str,
+    next_sequence: u64,
+    mut results: Vec<EventResult>,
+) -> bool {
     for result in &mut results {
         let span = telemetry::event_span("push.deliver", stream, result.sequence, &result.trace_context);
         if !span.is_disabled() {
             result.trace_context = telemetry::inject(&span, &result.trace_context);
         }
     }
-    out.send(FollowBatch { stream_id: stream.to_owned(), next_sequence, results, error: String::new() })
-        .await
-        .is_ok()
+    out.send(FollowBatch { stream_id: stream.to_owned(), next_sequence, results, error: String::new() }).await.is_ok()
 }

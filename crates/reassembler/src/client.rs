@@ -156,7 +156,10 @@ async fn drive(
         };
         next_id += 1;
         let first_id = next_id;
-        let _ = out.try_send(DeliverBatch { batch_id: first_id, results: first.iter().map(|p| p.completed.clone()).collect() });
+        let _ = out.try_send(DeliverBatch {
+            batch_id: first_id,
+            results: first.iter().map(|p| p.completed.clone()).collect(),
+        });
         unacked.insert(first_id, first);
         match call.await {
             Ok(response) => {
@@ -233,9 +236,8 @@ fn set_health(inner: &Weak<Inner>, me: usize, healthy: bool) {
 /// have no room for.
 fn reroute(inner: &Weak<Inner>, me: usize, backlog: &mut VecDeque<Pending>) {
     let Some(inner) = inner.upgrade() else { return };
-    let peers: Vec<usize> = (0..inner.drivers.len())
-        .filter(|&i| i != me && inner.drivers[i].healthy.load(Ordering::Relaxed))
-        .collect();
+    let peers: Vec<usize> =
+        (0..inner.drivers.len()).filter(|&i| i != me && inner.drivers[i].healthy.load(Ordering::Relaxed)).collect();
     if peers.is_empty() {
         return;
     }

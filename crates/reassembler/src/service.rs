@@ -98,7 +98,10 @@ type AckStream = Pin<Box<dyn Stream<Item = Result<DeliverAck, Status>> + Send>>;
 impl Reassembler for ReassemblerService {
     type DeliverStream = AckStream;
 
-    async fn deliver(&self, request: Request<Streaming<DeliverBatch>>) -> Result<Response<Self::DeliverStream>, Status> {
+    async fn deliver(
+        &self,
+        request: Request<Streaming<DeliverBatch>>,
+    ) -> Result<Response<Self::DeliverStream>, Status> {
         let batcher = self.batcher.clone();
         let acks = request
             .into_inner()
@@ -135,11 +138,7 @@ impl Reassembler for ReassemblerService {
         if stream_id.is_empty() {
             return Err(Error::Invalid("stream_id is required".into()).into());
         }
-        let state = self
-            .store
-            .stream_state(&stream_id)
-            .await
-            .map_err(|e| Error::Redis(std::sync::Arc::new(e)))?;
+        let state = self.store.stream_state(&stream_id).await.map_err(|e| Error::Redis(std::sync::Arc::new(e)))?;
         Ok(Response::new(state))
     }
 }

@@ -90,8 +90,7 @@ impl Store {
             .await?;
         let field = |i: usize| meta.get(i).copied().flatten().unwrap_or(0);
         let released = field(1);
-        let oldest_retained =
-            oldest.ids.first().and_then(|entry| keys::position_of(&entry.id)).unwrap_or(released);
+        let oldest_retained = oldest.ids.first().and_then(|entry| keys::position_of(&entry.id)).unwrap_or(released);
         Ok(StreamState {
             stream_id: stream_id.to_owned(),
             mode: match field(2) {

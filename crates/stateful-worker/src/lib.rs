@@ -16,7 +16,8 @@ use futures::Stream;
 use ordo_core::latency::{self, Latency};
 use ordo_proto::v1::{
     Completed, EventResult, ListOperationsRequest, ListOperationsResponse, OperationInfo, OperationKind, WorkAck,
-    WorkItem, stateful_worker_server::{StatefulWorker, StatefulWorkerServer},
+    WorkItem,
+    stateful_worker_server::{StatefulWorker, StatefulWorkerServer},
     stateless_client::StatelessClient,
 };
 use ordo_runtime::{
@@ -79,7 +80,12 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
 }
 
 /// Like [`run`] with your own operations.
-pub async fn run_with(config: Config, registry: Registry, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
+pub async fn run_with(
+    config: Config,
+    registry: Registry,
+    listener: TcpListener,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
     let reassemblers: Vec<String> =
         config.reassemblers.iter().map(|r| r.trim().to_owned()).filter(|r| !r.is_empty()).collect();
     let sink = ResultSink::start(&reassemblers)?;
@@ -96,7 +102,7 @@ pub async fn run_with(config: Config, registry: Registry, listener: TcpListener,
         }),
     };
     GrpcServer::new()
-        .add(StatefulWorkerServer::new(worker))
+        .with_service(StatefulWorkerServer::new(worker))
         .serve(listener, shutdown, config.common.drain_timeout)
         .await?;
     tasks.close();
@@ -180,7 +186,8 @@ impl StatefulWorker for WorkerService {
                 let acks = acks.clone();
                 call_tasks.spawn(async move {
                     let Some(event) = item.event.as_ref() else { return };
-                    let span = telemetry::event_span("worker.process", &event.stream_id, event.sequence, &event.trace_context);
+                    let span =
+                        telemetry::event_span("worker.process", &event.stream_id, event.sequence, &event.trace_context);
                     let mode = event.mode;
                     let mut result = inner.execute(&item).instrument(span.clone()).await;
                     drop(permit);
@@ -204,7 +211,10 @@ impl StatefulWorker for WorkerService {
         Ok(Response::new(Box::pin(ReceiverStream::new(ack_rx))))
     }
 
-    async fn list_operations(&self, _: Request<ListOperationsRequest>) -> Result<Response<ListOperationsResponse>, Status> {
+    async fn list_operations(
+        &self,
+        _: Request<ListOperationsRequest>,
+    ) -> Result<Response<ListOperationsResponse>, Status> {
         let operations = self
             .inner
             .registry

@@ -42,7 +42,7 @@ impl ServiceConfig for Config {
 
 pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
     GrpcServer::new()
-        .add(StatelessServer::new(StatelessService))
+        .with_service(StatelessServer::new(StatelessService))
         .serve(listener, shutdown, config.common.drain_timeout)
         .await
 }
@@ -61,7 +61,12 @@ impl Stateless for StatelessService {
                 ops::names().join(", ")
             ))
         })?;
-        let span = ordo_runtime::telemetry::event_span("stateless.execute", &event.stream_id, event.sequence, &event.trace_context);
+        let span = ordo_runtime::telemetry::event_span(
+            "stateless.execute",
+            &event.stream_id,
+            event.sequence,
+            &event.trace_context,
+        );
         let _entered = span.enter();
         let result = match (op.run)(&event.payload) {
             Ok(output) => EventResult::ok(&event, output),
@@ -70,7 +75,10 @@ impl Stateless for StatelessService {
         Ok(Response::new(result))
     }
 
-    async fn list_operations(&self, _: Request<ListOperationsRequest>) -> Result<Response<ListOperationsResponse>, Status> {
+    async fn list_operations(
+        &self,
+        _: Request<ListOperationsRequest>,
+    ) -> Result<Response<ListOperationsResponse>, Status> {
         let operations = ops::CATALOG
             .iter()
             .map(|op| OperationInfo {

@@ -1,0 +1,50 @@
+# Ordo's tasks. CI (.ci/run) runs `just fmt`, `just lint` and `just test`,
+# so these recipes are exactly what CI checks.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# List the recipes.
+default:
+    @just --list
+
+# Install the tools the recipes need (just, redis-server, grpcurl, cargo-nextest).
+deps:
+    bash scripts/install-deps.sh
+
+# Build every binary (debug).
+build:
+    cargo build --workspace --bins
+
+# Check formatting.
+fmt:
+    cargo fmt --all -- --check
+
+# Clippy on everything, warnings are errors.
+lint:
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# Run all tests; the binaries are built first, as the end-to-end tests spawn them from target/debug.
+test: deps
+    cargo build --workspace --bins
+    cargo nextest run --workspace --no-fail-fast
+
+# Run the five services locally (release build) on their default ports; Ctrl-C stops them.
+up:
+    bash scripts/up.sh
+
+# Stop what `just up` started (from another terminal).
+down:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    pid_file=target/ordo-up.pid
+    if [[ ! -f "$pid_file" ]] || ! pid="$(cat "$pid_file")" || ! kill -0 "$pid" 2>/dev/null; then
+        echo "ordo is not running (no live pid in $pid_file)"
+        exit 0
+    fi
+    kill -TERM "$pid"
+    for _ in $(seq 600); do
+        kill -0 "$pid" 2>/dev/null || { echo "stopped"; exit 0; }
+        sleep 0.1
+    done
+    echo "up.sh (pid $pid) is still stopping its services" >&2
+    exit 1

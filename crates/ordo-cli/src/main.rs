@@ -1,0 +1,88 @@
+//! `ordo`: a small command-line client for a running Ordo deployment.
+//!
+//! Each subcommand lives in its own module; this file only parses the command
+//! line and turns the outcome into an exit code (0 success, 1 failure, 2 bad
+//! usage, as clap reports it).
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod channel;
+mod display;
+mod health;
+mod send;
+mod submit;
+mod subscribe;
+
+const EXAMPLES: &str = "\
+Examples:
+  ordo health --addr 127.0.0.1:50051
+  ordo send --text 'hello, ordered world' --latency exp:10ms
+  ordo send --text 'hello, ordered world' --latency exp:10ms --unordered
+  ordo submit --stream s1 --seq 0 --op upper --payload hi
+  ordo subscribe --stream s1 --from 0
+
+Every flag can also be set through the environment variable shown in the
+subcommand's --help (e.g. ORDO_HARMONIZER=host:50051).";
+
+/// Client for Ordo: send events to the harmonizer, read released results from
+/// the push-gateway, and check any service's gRPC health.
+#[derive(Debug, Parser)]
+#[command(name = "ordo", version, after_help = EXAMPLES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check a service's grpc.health.v1 status; exit 0 only if SERVING.
+    Health(health::Args),
+    /// Send a text one character per event over Process and print what comes back.
+    ///
+    /// Prints the payloads concatenated in arrival order, then one summary line
+    /// (`events=… results=… failed=… elapsed=… differ=… error_rate=…% …`):
+    /// `differ` counts arrival positions whose character is not the one sent
+    /// there, `out_of_order` those that did not receive their own sequence.
+    /// Exits 1 on a transport error, a REJECTED event or a timeout.
+    Send(send::Args),
+    /// Send one event with the unary Submit call and print its result.
+    Submit(submit::Args),
+    /// Print the released results of a stream from the push-gateway, one per line.
+    ///
+    /// Each line is `sequence STATUS payload` (payload as UTF-8, control
+    /// characters escaped), plus `error="…"` when the result has one. Runs
+    /// until interrupted, `--count` results, or the end of the subscription.
+    Subscribe(subscribe::Args),
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Command::Health(args) => health::run(args).await,
+        Command::Send(args) => send::run(args).await,
+        Command::Submit(args) => submit::run(args).await,
+        Command::Subscribe(args) => subscribe::run(args).await,
+    };
+    match outcome {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("ordo: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    #[test]
+    fn command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}
