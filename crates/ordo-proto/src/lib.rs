@@ -21,13 +21,15 @@ impl Event {
 }
 
 impl EventResult {
-    /// A result for `event` carrying its identity and trace context.
+    /// A result for `event` carrying its identity and trace context,
+    /// stamped with the current time as its completion time.
     pub fn for_event(event: &Event, status: ResultStatus) -> Self {
         Self {
             stream_id: event.stream_id.clone(),
             sequence: event.sequence,
             status: status as i32,
             trace_context: event.trace_context.clone(),
+            completed_unix_nanos: unix_nanos(),
             ..Default::default()
         }
     }
@@ -58,4 +60,12 @@ impl EventResult {
     pub fn processing(event: &Event) -> Self {
         Self::for_event(event, ResultStatus::Processing)
     }
+}
+
+/// Nanoseconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }

@@ -59,8 +59,10 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     let hub = hub::Hub::new(config.subscriber_buffer);
     let tail = tokio::spawn(hub.clone().listen(ordo_runtime::redis_conn::client(&config.redis_url)?, shutdown.clone()));
     let service = service::PushGatewayService::new(hub, log::Log::new(conn), shutdown.clone());
-    let served =
-        GrpcServer::new().with_service(service.into_server()).serve(listener, shutdown, config.common.drain_timeout).await;
+    let served = GrpcServer::new()
+        .with_service(service.into_server())
+        .serve(listener, shutdown, config.common.drain_timeout)
+        .await;
     tail.abort();
     served
 }

@@ -26,7 +26,10 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     );
     let (batcher, batch_loop) = batcher::Batcher::start(store.clone(), config.max_batch);
     let service = service::ReassemblerService::new(batcher, store);
-    GrpcServer::new().with_service(service.into_server()).serve(listener, shutdown, config.common.drain_timeout).await?;
+    GrpcServer::new()
+        .with_service(service.into_server())
+        .serve(listener, shutdown, config.common.drain_timeout)
+        .await?;
     // Every handle is gone once the server is; the loop finishes open calls.
     batch_loop.await?;
     Ok(())
