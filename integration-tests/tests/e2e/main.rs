@@ -8,6 +8,7 @@
 
 mod bad_input;
 mod failover;
+mod give_up;
 mod grpcurl;
 mod ordering;
 mod shutdown;
