@@ -65,3 +65,38 @@ async fn one_event_is_one_trace_across_all_services() {
         );
     }
 }
+
+/// The same path checked with the `fake-opentelemetry-collector` crate. It
+/// does not keep each span's resource, so services are told apart by the
+/// names of their per-event spans, which each service owns.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_event_is_one_trace_in_fake_opentelemetry_collector() {
+    const PER_SERVICE_SPANS: [&str; 5] =
+        ["harmonizer.dispatch", "worker.process", "stateless.execute", "reassembler.store", "push.deliver"];
+    let mut collector =
+        fake_opentelemetry_collector::FakeCollectorServer::start().await.expect("the fake collector starts");
+    let cluster = Cluster::builder()
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint())
+        .env("OTEL_BSP_SCHEDULE_DELAY", "200")
+        .start()
+        .await;
+    let mut call = ProcessCall::open(&cluster.harmonizer());
+    call.send(with_attr(event("fake-traced", 0, "callback", "ping"), "latency", "fixed:1ms")).await.expect("send");
+    call.wait_for_total(1, DEADLINE).await.expect("the callback's result arrives");
+    let results = call.finish(LINGER).await.expect("the call ends cleanly");
+    assert_ok(check_all_ok(&results), "callback result");
+
+    let wanted: BTreeSet<&str> = PER_SERVICE_SPANS.into_iter().collect();
+    let mut by_trace: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let complete = loop {
+        for span in collector.exported_spans(1, Duration::from_millis(500)).await {
+            by_trace.entry(span.trace_id).or_default().insert(span.name);
+        }
+        if let Some((trace, _)) = by_trace.iter().find(|(_, names)| wanted.iter().all(|w| names.contains(*w))) {
+            break trace.clone();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no trace holds the spans of all five services: {by_trace:?}");
+    };
+    eprintln!("trace {complete}: {:?}", by_trace[&complete]);
+}
