@@ -39,6 +39,7 @@ pub struct ClusterBuilder {
     stateless_args: Vec<String>,
     env: Vec<(String, String)>,
     startup_deadline: Duration,
+    durable_redis: bool,
 }
 
 impl Default for ClusterBuilder {
@@ -53,6 +54,7 @@ impl Default for ClusterBuilder {
             stateless_args: Vec::new(),
             env: Vec::new(),
             startup_deadline: STARTUP_DEADLINE,
+            durable_redis: false,
         }
     }
 }
@@ -66,6 +68,12 @@ where
 }
 
 impl ClusterBuilder {
+    /// A redis-server that survives SIGKILL (append-only file, fsync always).
+    pub fn durable_redis(mut self) -> Self {
+        self.durable_redis = true;
+        self
+    }
+
     /// Number of stateful workers (default 1).
     pub fn workers(mut self, n: usize) -> Self {
         self.workers = n;
@@ -161,7 +169,7 @@ impl ClusterBuilder {
             env: self.env.clone(),
         };
 
-        let redis = RedisServer::start_in(dir).await.context("redis-server")?;
+        let redis = RedisServer::start_with(dir, self.durable_redis).await.context("redis-server")?;
         let redis_url = redis.url();
 
         let stateless = ServiceProcess::start(
@@ -333,6 +341,16 @@ impl Cluster {
             .chain(std::iter::once(&mut self.push_gateway))
             .chain(self.reassemblers.iter_mut())
             .chain(std::iter::once(&mut self.stateless))
+    }
+
+    /// `(name, pid)` of every service process, front to back, then
+    /// `("redis", pid)`; the pid is `None` for a process that is not running.
+    /// Benchmarks read CPU time and peak memory from `/proc/<pid>`.
+    pub fn pids(&self) -> Vec<(String, Option<u32>)> {
+        self.processes()
+            .map(|p| (p.name().to_owned(), p.pid()))
+            .chain(std::iter::once(("redis".to_owned(), self.redis.pid())))
+            .collect()
     }
 
     fn processes(&self) -> impl Iterator<Item = &ServiceProcess> {

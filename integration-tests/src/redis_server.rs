@@ -34,6 +34,8 @@ pub struct RedisServer {
     dir: PathBuf,
     log_path: PathBuf,
     child: Option<Child>,
+    /// Append-only file with an fsync per write: survives SIGKILL.
+    durable: bool,
 }
 
 impl RedisServer {
@@ -48,6 +50,13 @@ impl RedisServer {
 
     /// Starts a server whose working directory and log (`redis.log`) are in `dir`.
     pub async fn start_in(dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(dir, false).await
+    }
+
+    /// Like [`RedisServer::start_in`]; a `durable` server keeps an append-only
+    /// file fsynced on every write (`appendfsync always`), so a SIGKILL and
+    /// restart loses nothing — the production setting for reorder state.
+    pub async fn start_with(dir: &Path, durable: bool) -> anyhow::Result<Self> {
         let mut last_error = None;
         for _ in 0..3 {
             let mut server = Self {
@@ -56,6 +65,7 @@ impl RedisServer {
                 dir: dir.to_path_buf(),
                 log_path: dir.join("redis.log"),
                 child: None,
+                durable,
             };
             match server.launch().await {
                 Ok(()) => return Ok(server),
@@ -67,6 +77,11 @@ impl RedisServer {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The OS process id while the server runs (for CPU and memory readings).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// `redis://127.0.0.1:<port>`.
@@ -86,7 +101,7 @@ impl RedisServer {
         }
     }
 
-    /// Starts it again on the same port (empty: nothing was persisted).
+    /// Starts it again on the same port: empty, unless it is durable.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
         self.launch().await
@@ -102,7 +117,12 @@ impl RedisServer {
         let port = self.port.to_string();
         let (stdout, stderr) = open_log(&self.log_path, &format!("{program} --port {port}"))?;
         let child = Command::new(&program)
-            .args(["--save", "", "--appendonly", "no", "--port", &port, "--bind", "127.0.0.1"])
+            .args(["--save", "", "--port", &port, "--bind", "127.0.0.1"])
+            .args(if self.durable {
+                ["--appendonly", "yes", "--appendfsync", "always"]
+            } else {
+                ["--appendonly", "no", "--appendfsync", "everysec"]
+            })
             .arg("--dir")
             .arg(&self.dir)
             .current_dir(&self.dir)
