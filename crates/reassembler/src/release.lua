@@ -10,19 +10,28 @@
 --   then n pairs: sequence, encoded EventResult.
 -- Returns one string with a '1' (accepted) or '0' (duplicate) per result, in
 -- input order.
+--
+-- Each log entry holds field 'r' (the encoded result) and 't' (release time,
+-- Redis server Unix milliseconds: the push-gateway's age retention reads it).
 
 local retention = ARGV[1]
 local channel = ARGV[2]
 local ttl = tonumber(ARGV[3])
+local clock = redis.call('TIME')
+local now_ms = string.format('%.0f', clock[1] * 1000 + math.floor(clock[2] / 1000))
 
+-- Hot: called twice per released result, so no table for the common short case.
+local char, floor = string.char, math.floor
 local function varint(n)
-  local out = {}
-  while n >= 128 do
-    out[#out + 1] = string.char(n % 128 + 128)
-    n = math.floor(n / 128)
+  if n < 128 then
+    return char(n)
   end
-  out[#out + 1] = string.char(n)
-  return table.concat(out)
+  local s = ''
+  while n >= 128 do
+    s = s .. char(n % 128 + 128)
+    n = floor(n / 128)
+  end
+  return s .. char(n)
 end
 
 local flags = {}
@@ -46,36 +55,55 @@ for k = 1, #KEYS, 3 do
     -- Appending field 8 (position, varint) to an encoded message sets it:
     -- protobuf keeps the last value of a repeated scalar field.
     local rec = body .. '\64' .. varint(released)
-    redis.call('XADD', log, 'MAXLEN', '~', retention, '0-' .. (released + 1), 'r', rec)
+    redis.call('XADD', log, 'MAXLEN', '~', retention, '0-' .. (released + 1), 'r', rec, 't', now_ms)
     out[#out + 1] = '\26' .. varint(#rec) .. rec
     released = released + 1
   end
 
+  -- Which of this batch's sequences are already pending: one HMGET for the
+  -- batch (nothing at all when pend is empty), not a lookup per result.
+  local pending = redis.call('HLEN', pend) > 0
+  local known = {}
+  if pending then
+    local ask = {}
+    for j = 0, n - 1 do
+      ask[#ask + 1] = ARGV[a + 2 * j]
+    end
+    for from = 1, #ask, 1000 do
+      local upto = math.min(from + 999, #ask)
+      local got = redis.call('HMGET', pend, unpack(ask, from, upto))
+      for j = from, upto do
+        if got[j - from + 1] then
+          known[tonumber(ask[j])] = true
+        end
+      end
+    end
+  end
   local fresh = {}
   for _ = 1, n do
     local seq, body = tonumber(ARGV[a]), ARGV[a + 1]
     a = a + 2
-    local dup = seq < nxt or fresh[seq] ~= nil
+    local dup = seq < nxt or fresh[seq] ~= nil or known[seq] ~= nil
     if not dup then
       if mode == '2' then
-        dup = redis.call('HSETNX', pend, seq, '') == 0
-        if not dup then
-          fresh[seq] = true
-          release(body)
-        end
+        fresh[seq] = ''
+        release(body)
       else
-        -- pend never holds `nxt` between calls, so seq == nxt is new.
-        dup = seq ~= nxt and redis.call('HEXISTS', pend, seq) == 1
-        if not dup then
-          fresh[seq] = body
-        end
+        fresh[seq] = body
       end
     end
     flags[#flags + 1] = dup and '0' or '1'
   end
 
   if mode == '2' then
-    while redis.call('HDEL', pend, nxt) == 1 do
+    -- Released already; only the contiguous floor `nxt` moves. Markers stay
+    -- (in pend) for released sequences above it, to drop their duplicates.
+    while true do
+      if fresh[nxt] then
+        fresh[nxt] = nil
+      elseif not (pending and redis.call('HDEL', pend, nxt) == 1) then
+        break
+      end
       nxt = nxt + 1
     end
   else
@@ -84,6 +112,7 @@ for k = 1, #KEYS, 3 do
       if body then
         fresh[nxt] = nil
       else
+        if not pending then break end
         body = redis.call('HGET', pend, nxt)
         if not body then break end
         redis.call('HDEL', pend, nxt)
@@ -91,9 +120,19 @@ for k = 1, #KEYS, 3 do
       release(body)
       nxt = nxt + 1
     end
-    for seq, body in pairs(fresh) do
-      redis.call('HSET', pend, seq, body)
+  end
+  -- What must wait (ORDERED: results; UNORDERED: markers), in few calls.
+  local args = {}
+  for seq, body in pairs(fresh) do
+    args[#args + 1] = seq
+    args[#args + 1] = body
+    if #args >= 1000 then
+      redis.call('HSET', pend, unpack(args))
+      args = {}
     end
+  end
+  if #args > 0 then
+    redis.call('HSET', pend, unpack(args))
   end
 
   redis.call('HSET', meta, 'next', nxt, 'released', released)
