@@ -48,3 +48,16 @@ down:
     done
     echo "up.sh (pid $pid) is still stopping its services" >&2
     exit 1
+
+# The paper's experiment (figures 6-7): release build, then 389 runs per cell
+# (`just experiment --runs 20` for a quick look). Writes results/experiment/.
+experiment *ARGS: deps
+    cargo build --release --workspace --bins
+    ORDO_BIN_DIR=target/release target/release/ordo-experiment {{ARGS}}
+
+# Ordered streams against baselines, workloads (a), (b), (c): release build,
+# then the benchmark (`just bench --full-sequential` runs the sequential
+# consumer over all 10,000 events). Writes results/bench/.
+bench *ARGS: deps
+    cargo build --release --workspace --bins
+    ORDO_BIN_DIR=target/release target/release/ordo-bench {{ARGS}}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the tools Ordo's recipes need, on a Debian machine that already has
-# Rust (rustup's cargo) and python3 with pip: just, redis-server, grpcurl 1.8.6
+# Rust (rustup's cargo) and python3 with pip: just, redis-server, fonts-dejavu-core, grpcurl 1.8.6
 # and cargo-nextest. Idempotent: every tool already on PATH is left alone, and
 # `apt-get update` runs at most once, only when apt is actually needed.
 #
@@ -127,6 +127,16 @@ install_grpcurl() {
   log "grpcurl: $(grpcurl -version 2>&1)"
 }
 
+# The experiment's chart draws its text with a TrueType font file (plotters'
+# ab_glyph backend, no system font library).
+install_fonts() {
+  if [[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]]; then
+    log "fonts-dejavu-core: present"
+    return
+  fi
+  apt_install fonts-dejavu-core
+}
+
 install_nextest() {
   if have cargo-nextest || cargo nextest --version >/dev/null 2>&1; then
     log "cargo-nextest: present"
@@ -143,6 +153,7 @@ fi
 
 install_just
 install_redis
+install_fonts
 install_grpcurl
 install_nextest
 log "done"

@@ -224,7 +224,7 @@ cat >&2 <<EOF
     stateless        localhost:$(port_of "${STATELESS_LISTEN:-0.0.0.0:50052}")
     stateful-worker  localhost:$(port_of "${WORKER_LISTEN:-0.0.0.0:50053}")
     reassembler      localhost:$(port_of "${REASSEMBLER_LISTEN:-0.0.0.0:50054}")
-    push-gateway     localhost:$(port_of "${PUSH_GATEWAY_LISTEN:-0.0.0.0:50055}")
+    push-gateway     localhost:$(port_of "${PUSH_GATEWAY_LISTEN:-0.0.0.0:50055}")   Subscribe (gRPC); Server-Sent Events on localhost:$(port_of "${PUSH_GATEWAY_SSE_LISTEN:-0.0.0.0:50056}") (docs/push.md)
     redis            $ORDO_REDIS_URL ($REDIS_NOTE)
     traces           ${OTEL_EXPORTER_OTLP_ENDPOINT:-not exported (set OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4317)}
 

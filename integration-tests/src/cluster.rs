@@ -18,6 +18,7 @@ use tempfile::TempDir;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::{
+    ports::free_port,
     process::{ServiceProcess, ServiceSpec, binary, indent},
     redis_server::RedisServer,
 };
@@ -183,6 +184,15 @@ impl ClusterBuilder {
             ServiceProcess::start(spec(format!("reassembler-{i}"), &bins.reassembler, args), dir, deadline)
         }));
         let mut pg_args = strings(["--redis-url", &redis_url]);
+        // Server-Sent Events on a port of its own unless the test chose one
+        // (the default 50056 would clash between concurrent clusters).
+        let sse_port = if self.push_gateway_args.iter().any(|a| a.starts_with("--sse-listen")) {
+            None
+        } else {
+            let port = free_port();
+            pg_args.extend(strings(["--sse-listen".to_owned(), format!("127.0.0.1:{port}")]));
+            Some(port)
+        };
         pg_args.extend(self.push_gateway_args.iter().cloned());
         let push_gateway =
             ServiceProcess::start(spec("push-gateway".into(), &bins.push_gateway, pg_args), dir, deadline);
@@ -214,7 +224,7 @@ impl ClusterBuilder {
         let harmonizer =
             ServiceProcess::start(spec("harmonizer".into(), &bins.harmonizer, args), dir, deadline).await?;
 
-        Ok(Parts { redis, stateless, reassemblers, push_gateway, workers, harmonizer })
+        Ok(Parts { redis, stateless, reassemblers, push_gateway, workers, harmonizer, sse_port })
     }
 }
 
@@ -233,6 +243,7 @@ struct Parts {
     push_gateway: ServiceProcess,
     workers: Vec<ServiceProcess>,
     harmonizer: ServiceProcess,
+    sse_port: Option<u16>,
 }
 
 /// A running Ordo topology. Dropping it kills every process.
@@ -247,6 +258,7 @@ pub struct Cluster {
     harmonizer_channel: Channel,
     push_gateway_channel: Channel,
     reassembler_channels: Vec<Channel>,
+    sse_port: Option<u16>,
     logs: TempDir,
 }
 
@@ -276,6 +288,7 @@ impl Cluster {
             reassemblers: parts.reassemblers,
             stateless: parts.stateless,
             redis: parts.redis,
+            sse_port: parts.sse_port,
             logs,
         }
     }
@@ -288,6 +301,15 @@ impl Cluster {
     /// A client of the push-gateway.
     pub fn push_gateway(&self) -> PushGatewayClient<Channel> {
         PushGatewayClient::new(self.push_gateway_channel.clone())
+    }
+
+    /// `http://127.0.0.1:<port>` of the push-gateway's Server-Sent Events.
+    ///
+    /// # Panics
+    /// When the test set `--sse-listen` itself.
+    pub fn sse_url(&self) -> String {
+        let port = self.sse_port.expect("the testkit chose no SSE port: the test passed --sse-listen itself");
+        format!("http://127.0.0.1:{port}")
     }
 
     /// A client of reassembler replica `i`.

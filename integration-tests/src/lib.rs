@@ -11,6 +11,9 @@
 //! - [`client`]: events, a `Harmonizer.Process` call driver, result checks.
 //! - [`eventually`]: polling with a deadline instead of sleeping.
 //! - [`otlp`]: an in-process OTLP trace collector.
+//! - [`sse`]: a Server-Sent Events client (the push-gateway's HTTP channel).
+//! - [`rabbitmq`]: the machine's RabbitMQ: a reconnecting queue consumer and
+//!   a guard that stops the broker and always starts it again.
 //! - [`text`]: the paper's input text.
 //!
 //! The binaries are not built by this crate: `cargo build --workspace --bins`
@@ -23,7 +26,9 @@ pub mod eventually;
 pub mod otlp;
 pub mod ports;
 pub mod process;
+pub mod rabbitmq;
 pub mod redis_server;
+pub mod sse;
 pub mod text;
 
 pub use client::{ProcessCall, stream_text, text_events};

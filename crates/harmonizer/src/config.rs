@@ -45,6 +45,19 @@ pub struct Config {
     /// Submit waits this long for a stateful result, then answers PROCESSING.
     #[arg(long, env = "HARMONIZER_UNARY_THRESHOLD", default_value = "500ms", value_parser = duration::parse)]
     pub unary_threshold: Duration,
+    /// On a `Process` call, when the head of a stream (its lowest awaited
+    /// sequence) has waited this long, the call sends a PROCESSING result for
+    /// it at once (at most one per sequence per call); its real result still
+    /// follows on the call, and on the push-gateway's channels. `off`
+    /// (default) or `0` never sends PROCESSING on `Process`.
+    #[arg(
+        long,
+        env = "HARMONIZER_STREAM_PROCESSING_THRESHOLD",
+        default_value = "off",
+        value_parser = parse_threshold
+    )]
+    // Fully qualified: clap would otherwise treat it as an optional `Duration`.
+    pub stream_processing_threshold: ::std::option::Option<Duration>,
     /// Largest event payload accepted.
     #[arg(long, env = "HARMONIZER_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
     pub max_payload_bytes: usize,
@@ -98,7 +111,33 @@ impl ServiceConfig for Config {
     }
 }
 
+/// `off` or `0` (disabled), else a duration.
+fn parse_threshold(text: &str) -> Result<Option<Duration>, String> {
+    match text.trim() {
+        "off" | "0" => Ok(None),
+        other => duration::parse(other).map(|d| (!d.is_zero()).then_some(d)),
+    }
+}
+
 /// Trims and drops empty entries of a comma-separated list.
 pub fn clean(list: &[String]) -> Vec<String> {
     list.iter().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[test]
+    fn stream_processing_threshold_is_off_unless_set() {
+        let config = Config::try_parse_from(["harmonizer"]).expect("defaults parse");
+        assert_eq!(config.stream_processing_threshold, None);
+        let config =
+            Config::try_parse_from(["harmonizer", "--stream-processing-threshold", "250ms"]).expect("flag parses");
+        assert_eq!(config.stream_processing_threshold, Some(Duration::from_millis(250)));
+        let config = Config::try_parse_from(["harmonizer", "--stream-processing-threshold", "0"]).expect("flag parses");
+        assert_eq!(config.stream_processing_threshold, None);
+    }
 }

@@ -7,10 +7,17 @@
 //! An event at or beyond `next + window` holds the call (no further reads:
 //! HTTP/2 back-pressure) until the window moves, or is rejected with
 //! OUT_OF_RANGE after `--window-wait`.
+//!
+//! With `--stream-processing-threshold`, a stream whose head (lowest awaited
+//! sequence) has waited that long gets a PROCESSING result for it at once —
+//! at most one per sequence per call — and the real result still follows.
+//! One timer per stream head, in a heap; stale timers are skipped when due.
 
 use std::{
-    collections::{HashMap, HashSet},
+    cmp::Reverse,
+    collections::{BTreeMap, BinaryHeap, HashMap},
     sync::Arc,
+    time::Duration,
 };
 
 use ordo_core::ranges::RangeSet;
@@ -32,7 +39,21 @@ struct StreamState {
     mode: OrderingMode,
     next: u64,
     accepted: RangeSet,
-    awaiting: HashSet<u64>,
+    /// Sequences accepted on this call whose result has not come yet.
+    awaiting: BTreeMap<u64, Awaited>,
+    /// The head sequence a PROCESSING timer is armed for.
+    armed: Option<u64>,
+}
+
+struct Awaited {
+    since: Instant,
+    processing_sent: bool,
+}
+
+impl StreamState {
+    fn wait_for(&mut self, sequence: u64) {
+        self.awaiting.insert(sequence, Awaited { since: Instant::now(), processing_sent: false });
+    }
 }
 
 struct Blocked {
@@ -50,6 +71,8 @@ pub async fn run(shared: Arc<Shared>, mut inbound: Streaming<Event>, out: Out, c
         follower: Follower::start(shared.push_gateway.clone()),
         out,
         call_span,
+        threshold: shared.config.stream_processing_threshold,
+        timers: BinaryHeap::new(),
     };
     let mut reading = true;
     let mut blocked: Option<Blocked> = None;
@@ -58,6 +81,7 @@ pub async fn run(shared: Arc<Shared>, mut inbound: Streaming<Event>, out: Out, c
             break;
         }
         let deadline = blocked.as_ref().map(|b| b.deadline);
+        let timer = call.timers.peek().map(|Reverse((at, _, _))| *at);
         tokio::select! {
             event = inbound.message(), if reading && blocked.is_none() => match event {
                 Ok(Some(event)) => blocked = call.handle(event).await,
@@ -82,6 +106,11 @@ pub async fn run(shared: Arc<Shared>, mut inbound: Streaming<Event>, out: Out, c
                     call.reject(&b.event, error).await;
                 }
             }
+            _ = tokio::time::sleep_until(timer.unwrap_or_else(Instant::now)), if timer.is_some() => {
+                if !call.send_processing().await {
+                    break;
+                }
+            }
             _ = shared.shutdown.cancelled(), if reading => {
                 // Drain: no new events, but every accepted one still gets its result.
                 reading = false;
@@ -100,9 +129,49 @@ struct Call {
     follower: Follower,
     out: Out,
     call_span: Span,
+    /// `--stream-processing-threshold`, if on.
+    threshold: Option<Duration>,
+    /// (when, stream, head sequence): min-heap of PROCESSING timers.
+    timers: BinaryHeap<Reverse<(Instant, String, u64)>>,
 }
 
 impl Call {
+    /// Arms the PROCESSING timer of `stream_id`'s head if it has none yet.
+    fn arm(&mut self, stream_id: &str) {
+        let Some(threshold) = self.threshold else { return };
+        let Some(stream) = self.streams.get_mut(stream_id) else { return };
+        let Some((&head, awaited)) = stream.awaiting.first_key_value() else { return };
+        if awaited.processing_sent || stream.armed == Some(head) {
+            return;
+        }
+        stream.armed = Some(head);
+        self.timers.push(Reverse((awaited.since + threshold, stream_id.to_owned(), head)));
+    }
+
+    /// Sends PROCESSING for every stream head whose timer is due and that is
+    /// still the head, still awaited. False if the client is gone.
+    async fn send_processing(&mut self) -> bool {
+        let now = Instant::now();
+        while self.timers.peek().is_some_and(|Reverse((at, _, _))| *at <= now) {
+            let Some(Reverse((_, stream_id, sequence))) = self.timers.pop() else { break };
+            let Some(stream) = self.streams.get_mut(&stream_id) else { continue };
+            if stream.armed == Some(sequence) {
+                stream.armed = None;
+            }
+            let Some((&head, awaited)) = stream.awaiting.first_key_value() else { continue };
+            if head != sequence || awaited.processing_sent {
+                continue;
+            }
+            if let Some(awaited) = stream.awaiting.get_mut(&head) {
+                awaited.processing_sent = true;
+            }
+            if self.out.send(Ok(EventResult::processing_of(&stream_id, sequence))).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
     async fn reject(&self, event: &Event, error: Error) {
         let status = Status::from(error);
         let _ = self.out.send(Ok(EventResult::rejected(&event.stream_id, event.sequence, &status))).await;
@@ -152,8 +221,9 @@ impl Call {
                 return None;
             }
             stream.accepted.insert(sequence);
-            stream.awaiting.insert(sequence);
+            stream.wait_for(sequence);
             self.follower.follow(&event.stream_id, sequence);
+            self.arm(&event.stream_id);
             return None;
         }
         if sequence >= stream.next.saturating_add(window) {
@@ -169,15 +239,16 @@ impl Call {
         self.follower.follow(&event.stream_id, meta.released);
         self.streams.insert(
             event.stream_id.clone(),
-            StreamState { mode, next: meta.next, accepted: RangeSet::new(), awaiting: HashSet::new() },
+            StreamState { mode, next: meta.next, accepted: RangeSet::new(), awaiting: BTreeMap::new(), armed: None },
         );
     }
 
     async fn admit(&mut self, mut event: Event, route: Route) {
         let Some(stream) = self.streams.get_mut(&event.stream_id) else { return };
         stream.accepted.insert(event.sequence);
-        stream.awaiting.insert(event.sequence);
+        stream.wait_for(event.sequence);
         event.mode = stream.mode as i32;
+        self.arm(&event.stream_id);
         let span = if event.trace_context.is_empty() {
             tracing::info_span!(
                 target: telemetry::EVENT_TARGET,
@@ -213,7 +284,7 @@ impl Call {
         if !batch.error.is_empty() {
             // The cursor can't be served (older than retention): say so for each awaited event.
             let status = Status::out_of_range(batch.error);
-            let awaiting: Vec<u64> = stream.awaiting.drain().collect();
+            let awaiting: Vec<u64> = std::mem::take(&mut stream.awaiting).into_keys().collect();
             for sequence in awaiting {
                 if self.out.send(Ok(EventResult::rejected(&batch.stream_id, sequence, &status))).await.is_err() {
                     return false;
@@ -223,7 +294,7 @@ impl Call {
         }
         stream.next = stream.next.max(batch.next_sequence);
         for result in batch.results {
-            if stream.awaiting.remove(&result.sequence) {
+            if stream.awaiting.remove(&result.sequence).is_some() {
                 let _span = telemetry::event_span(
                     "harmonizer.respond",
                     &result.stream_id,
@@ -235,6 +306,8 @@ impl Call {
                 }
             }
         }
+        // A new head starts its own wait for PROCESSING.
+        self.arm(&batch.stream_id);
         true
     }
 }

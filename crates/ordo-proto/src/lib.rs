@@ -60,6 +60,18 @@ impl EventResult {
     pub fn processing(event: &Event) -> Self {
         Self::for_event(event, ResultStatus::Processing)
     }
+
+    /// A PROCESSING ticket for `(stream_id, sequence)`, when the event itself
+    /// is no longer at hand.
+    pub fn processing_of(stream_id: &str, sequence: u64) -> Self {
+        Self {
+            stream_id: stream_id.to_owned(),
+            sequence,
+            status: ResultStatus::Processing as i32,
+            completed_unix_nanos: unix_nanos(),
+            ..Default::default()
+        }
+    }
 }
 
 /// Nanoseconds since the Unix epoch (0 if the clock is before it).

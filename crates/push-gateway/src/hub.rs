@@ -6,6 +6,10 @@
 //! from the release log instead. After a pub/sub reconnect every subscriber is
 //! flagged, since messages may have been missed. Memory per subscriber is
 //! therefore bounded whatever its speed.
+//!
+//! Besides per-stream subscribers, a [`Firehose`] hears the id of every
+//! stream with a release (the AMQP outbox uses it to learn what to publish);
+//! it has the same bounded buffer and lagged flag.
 
 use std::{
     collections::HashMap,
@@ -55,8 +59,22 @@ impl Signal {
 #[derive(Default)]
 pub struct Hub {
     subscribers: Mutex<HashMap<String, Vec<Entry>>>,
+    firehoses: Mutex<Vec<FirehoseEntry>>,
     next_id: AtomicU64,
     buffer: usize,
+}
+
+struct FirehoseEntry {
+    tx: mpsc::Sender<String>,
+    signal: Arc<Signal>,
+}
+
+/// Every stream id with a release, as they happen. When its buffer is full,
+/// or the live tail reconnected, [`Signal::take`] turns true: the owner must
+/// then find out what it missed on its own (e.g. by scanning Redis).
+pub struct Firehose {
+    pub rx: mpsc::Receiver<String>,
+    pub signal: Arc<Signal>,
 }
 
 /// A registered subscriber; unregisters on drop.
@@ -98,7 +116,29 @@ impl Hub {
         Subscription { hub: self.clone(), stream: stream.to_owned(), id, rx, signal }
     }
 
+    /// Hears every stream with a release from now on; unregistered when the
+    /// receiver is dropped.
+    pub fn firehose(&self) -> Firehose {
+        let (tx, rx) = mpsc::channel(self.buffer);
+        let signal = Arc::new(Signal::default());
+        self.lock_firehoses().push(FirehoseEntry { tx, signal: signal.clone() });
+        Firehose { rx, signal }
+    }
+
+    fn lock_firehoses(&self) -> std::sync::MutexGuard<'_, Vec<FirehoseEntry>> {
+        // Plain pushes and retains: consistent even after a panic.
+        self.firehoses.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn publish(&self, batch: ReleasedBatch) {
+        self.lock_firehoses().retain(|firehose| match firehose.tx.try_send(batch.stream_id.clone()) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                firehose.signal.raise();
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        });
         let subscribers = self.lock();
         let Some(entries) = subscribers.get(&batch.stream_id) else { return };
         let batch = Arc::new(batch);
@@ -112,6 +152,9 @@ impl Hub {
     fn all_lagged(&self) {
         for entry in self.lock().values().flatten() {
             entry.signal.raise();
+        }
+        for firehose in self.lock_firehoses().iter() {
+            firehose.signal.raise();
         }
     }
 

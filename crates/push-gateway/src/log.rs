@@ -1,18 +1,72 @@
-//! Reads of a stream's release log (written only by the reassembler).
+//! Reads of a stream's release log (written only by the reassembler; this
+//! module never writes it).
+//!
+//! Retention has two limits. By count, the reassembler trims each log
+//! (`--retention`): a position below the first entry is gone. By age, this
+//! gateway's `--retention-age` makes entries released longer ago than that
+//! *expired* for subscribers: each log entry carries its release time (field
+//! `t`, Redis server milliseconds), and a cursor whose first entry is older
+//! than the limit fails with [`LogError::Expired`] exactly as if it had been
+//! trimmed. Entries without `t` (written before release times were recorded)
+//! never expire by age. The AMQP outbox reads with [`Log::read_entries`],
+//! which ignores the age limit: results waiting for a broker are published
+//! however late.
+
+use std::time::Duration;
 
 use ordo_core::keys;
 use ordo_proto::v1::EventResult;
 use prost::Message;
-use redis::{aio::ConnectionManager, streams::StreamRangeReply};
+use redis::{
+    aio::ConnectionManager,
+    streams::{StreamId, StreamRangeReply},
+};
 
 /// Entries read per round trip when catching up.
 pub const PAGE: usize = 512;
+
+/// Log entry field holding the encoded result.
+const RESULT_FIELD: &str = "r";
+/// Log entry field holding the release time (Redis `TIME`, Unix milliseconds).
+const RELEASED_AT_FIELD: &str = "t";
+
+/// Finds a log's oldest position whose release time is within the age limit,
+/// by binary search over the (contiguous, time-ordered) positions. Read-only.
+/// KEYS[1] = log; ARGV[1] = age limit in ms. Returns -1 for an empty log.
+const OLDEST_BY_AGE: &str = r"
+local log = KEYS[1]
+local now = redis.call('TIME')
+local cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[1])
+local first = redis.call('XRANGE', log, '-', '+', 'COUNT', 1)
+if #first == 0 then return -1 end
+local last = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)
+local function position(id) return tonumber(string.sub(id, 3)) - 1 end
+local function fresh(entry)
+  local fields = entry[2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 't' then return tonumber(fields[i + 1]) >= cutoff end
+  end
+  return true
+end
+local lo, hi = position(first[1][1]), position(last[1][1]) + 1
+if fresh(first[1]) then return lo end
+lo = lo + 1
+while lo < hi do
+  local mid = math.floor((lo + hi) / 2)
+  local id = '0-' .. (mid + 1)
+  local entry = redis.call('XRANGE', log, id, id)
+  if #entry == 0 or not fresh(entry[1]) then lo = mid + 1 else hi = mid end
+end
+return lo
+";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
-    #[error("position {wanted} of stream {stream:?} is older than retention (oldest retained: {oldest})")]
+    #[error(
+        "position {wanted} of stream {stream:?} is older than retention (oldest retained: {oldest}); resume from {oldest} or later"
+    )]
     Expired { stream: String, wanted: u64, oldest: u64 },
     #[error("corrupt log entry {id} of stream {stream:?}")]
     Corrupt { stream: String, id: String },
@@ -21,6 +75,8 @@ pub enum LogError {
 #[derive(Clone)]
 pub struct Log {
     conn: ConnectionManager,
+    max_age: Option<Duration>,
+    oldest_by_age: redis::Script,
 }
 
 /// One page of the log.
@@ -31,62 +87,144 @@ pub struct Page {
     pub next_sequence: u64,
 }
 
-impl Log {
-    pub fn new(conn: ConnectionManager) -> Self {
-        Self { conn }
-    }
+/// One page of the log as the outbox sees it: no age limit, no error for a
+/// trimmed cursor (the caller decides what a gap means for it).
+#[derive(Debug, Default)]
+pub struct Entries {
+    /// Results from the first retained position at or after the cursor.
+    pub results: Vec<EventResult>,
+    /// The stream's next release position (0 when it has no state at all).
+    pub released: u64,
+    /// Whether the stream has any reorder state (its meta hash exists).
+    pub exists: bool,
+}
 
-    /// Results from release position `from` on (at most [`PAGE`]). Fails with
-    /// [`LogError::Expired`] when `from` was trimmed away.
-    pub async fn read_from(&self, stream: &str, from: u64) -> Result<Page, LogError> {
-        let mut conn = self.conn.clone();
-        let (next, released, oldest, page): (Option<u64>, Option<u64>, StreamRangeReply, StreamRangeReply) =
-            redis::pipe()
-                .hget(keys::meta(stream), "next")
-                .hget(keys::meta(stream), "released")
-                .xrange_count(keys::log(stream), "-", "+", 1)
-                .xrange_count(keys::log(stream), keys::log_id(from), "+", PAGE)
-                .query_async(&mut conn)
-                .await?;
-        let released = released.unwrap_or(0);
-        let oldest = match oldest.ids.first() {
-            Some(entry) => keys::position_of(&entry.id).unwrap_or(0),
-            None => released,
-        };
-        if from < oldest {
-            return Err(LogError::Expired { stream: stream.to_owned(), wanted: from, oldest });
-        }
-        let mut results = Vec::with_capacity(page.ids.len());
-        for entry in page.ids {
-            let corrupt = || LogError::Corrupt { stream: stream.to_owned(), id: entry.id.clone() };
-            let Some(redis::Value::BulkString(body)) = entry.map.get("r") else { return Err(corrupt()) };
-            let mut result = EventResult::decode(body.as_slice()).map_err(|_| corrupt())?;
-            // Older log entries carry their position in the id only.
-            if let Some(position) = keys::position_of(&entry.id) {
-                result.position = position;
-            }
-            results.push(result);
-        }
-        Ok(Page { results, next_sequence: next.unwrap_or(0) })
-    }
+/// The raw answer of one log read.
+struct Fetched {
+    next: u64,
+    released: u64,
+    exists: bool,
+    /// Position of the first retained entry (by count), if the log has any.
+    first: Option<u64>,
+    /// Entries from the cursor on: (position, release time ms, result).
+    page: Vec<(u64, Option<u64>, EventResult)>,
+    /// Redis server time, Unix milliseconds.
+    now_ms: u64,
 }
 
 impl Log {
-    /// Fails with [`LogError::Expired`] if `from` is older than retention.
-    pub async fn check(&self, stream: &str, from: u64) -> Result<(), LogError> {
+    /// `max_age`: entries released longer ago are expired for subscribers.
+    pub fn new(conn: ConnectionManager, max_age: Option<Duration>) -> Self {
+        Self { conn, max_age, oldest_by_age: redis::Script::new(OLDEST_BY_AGE) }
+    }
+
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    async fn fetch(&self, stream: &str, from: u64, count: usize) -> Result<Fetched, LogError> {
         let mut conn = self.conn.clone();
-        let (released, oldest): (Option<u64>, StreamRangeReply) = redis::pipe()
+        let (next, released, exists, first, page, time): (
+            Option<u64>,
+            Option<u64>,
+            bool,
+            StreamRangeReply,
+            StreamRangeReply,
+            (u64, u64),
+        ) = redis::pipe()
+            .hget(keys::meta(stream), "next")
             .hget(keys::meta(stream), "released")
+            .exists(keys::meta(stream))
             .xrange_count(keys::log(stream), "-", "+", 1)
+            .xrange_count(keys::log(stream), keys::log_id(from), "+", count.max(1))
+            .cmd("TIME")
             .query_async(&mut conn)
             .await?;
-        let oldest = match oldest.ids.first() {
-            Some(entry) => keys::position_of(&entry.id).unwrap_or(0),
-            None => released.unwrap_or(0),
-        };
-        if from < oldest {
+        let mut entries = Vec::with_capacity(page.ids.len());
+        for entry in page.ids {
+            let corrupt = || LogError::Corrupt { stream: stream.to_owned(), id: entry.id.clone() };
+            let position = keys::position_of(&entry.id).ok_or_else(corrupt)?;
+            let Some(redis::Value::BulkString(body)) = entry.map.get(RESULT_FIELD) else { return Err(corrupt()) };
+            let mut result = EventResult::decode(body.as_slice()).map_err(|_| corrupt())?;
+            // Older log entries carry their position in the id only.
+            result.position = position;
+            entries.push((position, released_at(&entry), result));
+        }
+        Ok(Fetched {
+            next: next.unwrap_or(0),
+            released: released.unwrap_or(0),
+            exists,
+            first: first.ids.first().and_then(|entry| keys::position_of(&entry.id)),
+            page: entries,
+            now_ms: time.0.saturating_mul(1000).saturating_add(time.1 / 1000),
+        })
+    }
+
+    /// Whether an entry released at `released_at` is past the age limit at `now_ms`.
+    fn too_old(&self, released_at: Option<u64>, now_ms: u64) -> bool {
+        match (self.max_age, released_at) {
+            (Some(age), Some(at)) => at.saturating_add(u64::try_from(age.as_millis()).unwrap_or(u64::MAX)) <= now_ms,
+            _ => false,
+        }
+    }
+
+    /// The oldest position a subscriber may still ask for.
+    pub async fn oldest_retained(&self, stream: &str) -> Result<u64, LogError> {
+        let fetched = self.fetch(stream, 0, 1).await?;
+        self.oldest_of(stream, &fetched).await
+    }
+
+    async fn oldest_of(&self, stream: &str, fetched: &Fetched) -> Result<u64, LogError> {
+        let Some(first) = fetched.first else { return Ok(fetched.released) };
+        let Some(age) = self.max_age else { return Ok(first) };
+        let mut conn = self.conn.clone();
+        let oldest: i64 = self
+            .oldest_by_age
+            .key(keys::log(stream))
+            .arg(u64::try_from(age.as_millis()).unwrap_or(u64::MAX))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(u64::try_from(oldest).unwrap_or(fetched.released))
+    }
+
+    /// Fails with [`LogError::Expired`] when `from` is trimmed or too old.
+    async fn ensure_retained(&self, stream: &str, from: u64, fetched: &Fetched) -> Result<(), LogError> {
+        let trimmed = from < fetched.first.unwrap_or(fetched.released);
+        let aged = fetched.page.first().is_some_and(|(_, at, _)| self.too_old(*at, fetched.now_ms));
+        if trimmed || aged {
+            let oldest = self.oldest_of(stream, fetched).await?;
             return Err(LogError::Expired { stream: stream.to_owned(), wanted: from, oldest });
         }
         Ok(())
     }
+
+    /// Results from release position `from` on (at most [`PAGE`]). Fails with
+    /// [`LogError::Expired`] when `from` was trimmed away or is past the age limit.
+    pub async fn read_from(&self, stream: &str, from: u64) -> Result<Page, LogError> {
+        let fetched = self.fetch(stream, from, PAGE).await?;
+        self.ensure_retained(stream, from, &fetched).await?;
+        let next_sequence = fetched.next;
+        Ok(Page { results: fetched.page.into_iter().map(|(_, _, r)| r).collect(), next_sequence })
+    }
+
+    /// Fails with [`LogError::Expired`] if `from` is older than retention.
+    pub async fn check(&self, stream: &str, from: u64) -> Result<(), LogError> {
+        let fetched = self.fetch(stream, from, 1).await?;
+        self.ensure_retained(stream, from, &fetched).await
+    }
+
+    /// Up to `count` results from the first retained position at or after
+    /// `from`, ignoring the age limit (for the AMQP outbox).
+    pub async fn read_entries(&self, stream: &str, from: u64, count: usize) -> Result<Entries, LogError> {
+        let fetched = self.fetch(stream, from, count).await?;
+        Ok(Entries {
+            results: fetched.page.into_iter().map(|(_, _, r)| r).collect(),
+            released: fetched.released,
+            exists: fetched.exists,
+        })
+    }
+}
+
+fn released_at(entry: &StreamId) -> Option<u64> {
+    entry.map.get(RELEASED_AT_FIELD).and_then(|value| redis::from_redis_value_ref::<u64>(value).ok())
 }

@@ -1,4 +1,5 @@
-//! The `ordo.v1.PushGateway` gRPC service.
+//! The `ordo.v1.PushGateway` gRPC service, and the one place where log
+//! errors become gRPC statuses.
 
 use std::{collections::HashMap, pin::Pin, sync::Arc};
 
@@ -7,7 +8,7 @@ use ordo_proto::v1::{
     EventResult, FollowBatch, FollowRequest, StreamCursor, SubscribeRequest,
     push_gateway_server::{PushGateway, PushGatewayServer},
 };
-use tokio::sync::mpsc;
+use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -17,6 +18,11 @@ use crate::{
     log::{Log, LogError},
     session,
 };
+
+/// Most streams one Subscribe call may follow.
+pub const MAX_STREAMS_PER_CALL: usize = 1024;
+/// Longest stream id accepted (as the harmonizer).
+pub const MAX_STREAM_ID_BYTES: usize = 256;
 
 impl From<LogError> for Status {
     fn from(error: LogError) -> Self {
@@ -41,6 +47,19 @@ pub struct PushGatewayService {
     shutdown: Shutdown,
 }
 
+/// What a session task sends: batches, then possibly the error that ended it
+/// (with its stream id).
+type SessionItem = Result<FollowBatch, (String, Status)>;
+
+/// Aborts the session tasks of a call when the call's task ends, however it ends.
+struct Sessions(Vec<JoinHandle<()>>);
+
+impl Drop for Sessions {
+    fn drop(&mut self) {
+        self.0.iter().for_each(JoinHandle::abort);
+    }
+}
+
 impl PushGatewayService {
     pub fn new(hub: Arc<Hub>, log: Log, shutdown: Shutdown) -> Self {
         Self { hub, log, shutdown }
@@ -50,20 +69,66 @@ impl PushGatewayService {
         PushGatewayServer::new(self).max_encoding_message_size(ordo_runtime::server::MAX_MESSAGE_BYTES)
     }
 
-    fn spawn_session(&self, cursor: StreamCursor, out: mpsc::Sender<FollowBatch>) -> tokio::task::JoinHandle<()> {
+    fn spawn_session(&self, cursor: StreamCursor, out: mpsc::Sender<SessionItem>) -> JoinHandle<()> {
         let (hub, log, shutdown) = (self.hub.clone(), self.log.clone(), self.shutdown.clone());
         tokio::spawn(async move {
             let stream = cursor.stream_id.clone();
-            if let Err(error) =
-                session::follow(hub, log, cursor.stream_id, cursor.from_sequence, out.clone(), shutdown).await
-            {
-                let status = Status::from(error);
-                let _ = out
-                    .send(FollowBatch { stream_id: stream, error: status.message().to_owned(), ..Default::default() })
-                    .await;
+            let (batches, mut batch_rx) = mpsc::channel(1);
+            let follow = session::follow(hub, log, cursor.stream_id, cursor.from_sequence, batches, shutdown);
+            tokio::pin!(follow);
+            // Forward batches as they come; the session's outcome comes last.
+            let outcome = loop {
+                tokio::select! {
+                    outcome = &mut follow => break outcome,
+                    Some(batch) = batch_rx.recv() => {
+                        if out.send(Ok(batch)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            };
+            while let Ok(batch) = batch_rx.try_recv() {
+                if out.send(Ok(batch)).await.is_err() {
+                    return;
+                }
+            }
+            if let Err(error) = outcome {
+                let _ = out.send(Err((stream, Status::from(error)))).await;
             }
         })
     }
+}
+
+fn validate_cursors(request: SubscribeRequest) -> Result<Vec<StreamCursor>, Status> {
+    let mut cursors = request.streams;
+    if !request.stream_id.is_empty() {
+        cursors.insert(0, StreamCursor { stream_id: request.stream_id, from_sequence: request.from_sequence });
+    }
+    if cursors.is_empty() {
+        return Err(Status::invalid_argument("stream_id is required (or one entry in streams)"));
+    }
+    if cursors.len() > MAX_STREAMS_PER_CALL {
+        return Err(Status::invalid_argument(format!(
+            "{} streams on one call; at most {MAX_STREAMS_PER_CALL}",
+            cursors.len()
+        )));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for cursor in &cursors {
+        if cursor.stream_id.is_empty() {
+            return Err(Status::invalid_argument("every stream cursor needs a stream_id"));
+        }
+        if cursor.stream_id.len() > MAX_STREAM_ID_BYTES {
+            return Err(Status::invalid_argument(format!("stream_id is longer than {MAX_STREAM_ID_BYTES} bytes")));
+        }
+        if !seen.insert(cursor.stream_id.as_str()) {
+            return Err(Status::invalid_argument(format!(
+                "stream {:?} is listed twice; give each stream one cursor",
+                cursor.stream_id
+            )));
+        }
+    }
+    Ok(cursors)
 }
 
 type ResultStream = Pin<Box<dyn Stream<Item = Result<EventResult, Status>> + Send>>;
@@ -77,52 +142,55 @@ impl PushGateway for PushGatewayService {
     type FollowStream = FollowStream;
 
     async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
-        let request = request.into_inner();
-        let mut cursors = request.streams;
-        if !request.stream_id.is_empty() {
-            cursors.insert(0, StreamCursor { stream_id: request.stream_id, from_sequence: request.from_sequence });
-        }
-        if cursors.is_empty() {
-            return Err(Status::invalid_argument("stream_id is required (or one entry in streams)"));
-        }
-        if cursors.iter().any(|c| c.stream_id.is_empty()) {
-            return Err(Status::invalid_argument("every stream cursor needs a stream_id"));
-        }
+        let cursors = validate_cursors(request.into_inner())?;
         // Refuse a cursor older than retention up front, with its status.
         for cursor in &cursors {
             self.log.check(&cursor.stream_id, cursor.from_sequence).await?;
         }
-        let (batches, mut batch_rx) = mpsc::channel(OUT_BUFFER);
-        let sessions: Vec<_> = cursors.into_iter().map(|c| self.spawn_session(c, batches.clone())).collect();
-        drop(batches);
+        let (items, mut item_rx) = mpsc::channel(OUT_BUFFER);
+        let sessions = Sessions(cursors.into_iter().map(|c| self.spawn_session(c, items.clone())).collect());
+        drop(items);
         let (results, result_rx) = mpsc::channel(OUT_BUFFER);
+        let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
+            let _sessions = sessions;
             // Flatten batches; the first stream error ends the whole call with its status.
-            while let Some(batch) = batch_rx.recv().await {
-                if !batch.error.is_empty() {
-                    let _ = results.send(Err(Status::out_of_range(batch.error))).await;
-                    break;
-                }
-                for result in batch.results {
-                    if results.send(Ok(result)).await.is_err() {
-                        break;
+            loop {
+                let item = tokio::select! {
+                    // A subscriber that went away frees its sessions even when nothing is released.
+                    _ = results.closed() => return,
+                    _ = shutdown.cancelled() => return,
+                    item = item_rx.recv() => item,
+                };
+                match item {
+                    Some(Ok(batch)) => {
+                        for result in batch.results {
+                            if results.send(Ok(result)).await.is_err() {
+                                return;
+                            }
+                        }
                     }
+                    Some(Err((_, status))) => {
+                        let _ = results.send(Err(status)).await;
+                        return;
+                    }
+                    None => return,
                 }
             }
-            sessions.iter().for_each(|s| s.abort());
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(result_rx))))
     }
 
     async fn follow(&self, request: Request<Streaming<FollowRequest>>) -> Result<Response<Self::FollowStream>, Status> {
         let mut inbound = request.into_inner();
-        let (batches, mut batch_rx) = mpsc::channel::<FollowBatch>(OUT_BUFFER);
+        let (items, mut item_rx) = mpsc::channel::<SessionItem>(OUT_BUFFER);
         let (out, out_rx) = mpsc::channel(OUT_BUFFER);
         let service = self.clone();
         tokio::spawn(async move {
-            let mut sessions: HashMap<String, (u64, tokio::task::JoinHandle<()>)> = HashMap::new();
+            let mut sessions: HashMap<String, (u64, JoinHandle<()>)> = HashMap::new();
             loop {
                 tokio::select! {
+                    _ = out.closed() => break,
                     request = inbound.message() => match request {
                         Ok(Some(request)) => {
                             for cursor in request.add {
@@ -138,13 +206,22 @@ impl PushGateway for PushGatewayService {
                                 }
                                 let key = cursor.stream_id.clone();
                                 let from = cursor.from_sequence;
-                                sessions.insert(key, (from, service.spawn_session(cursor, batches.clone())));
+                                sessions.insert(key, (from, service.spawn_session(cursor, items.clone())));
                             }
                         }
                         Ok(None) | Err(_) => break,
                     },
-                    batch = batch_rx.recv() => {
-                        let Some(batch) = batch else { break };
+                    item = item_rx.recv() => {
+                        let Some(item) = item else { break };
+                        let batch = match item {
+                            Ok(batch) => batch,
+                            // The stream's cursor cannot be served (e.g. older than retention).
+                            Err((stream_id, status)) => FollowBatch {
+                                stream_id,
+                                error: status.message().to_owned(),
+                                ..Default::default()
+                            },
+                        };
                         if out.send(Ok(batch)).await.is_err() {
                             break;
                         }

@@ -65,7 +65,7 @@ pub async fn follow(
 /// Sends everything the log has from `next` on. False if the receiver is gone.
 async fn catch_up(log: &Log, stream: &str, next: &mut u64, out: &mpsc::Sender<FollowBatch>) -> Result<bool, LogError> {
     loop {
-        let page = log.read_from(stream, *next).await?;
+        let page = read_retrying(log, stream, *next).await?;
         let count = page.results.len();
         let Some(last) = page.results.last() else { return Ok(true) };
         if page.results[0].position != *next {
@@ -82,6 +82,22 @@ async fn catch_up(log: &Log, stream: &str, next: &mut u64, out: &mpsc::Sender<Fo
         }
         if count < PAGE {
             return Ok(true);
+        }
+    }
+}
+
+/// Reads a page, riding out Redis outages: a subscriber must see a delay
+/// while Redis restarts, never an error (its results are still coming).
+async fn read_retrying(log: &Log, stream: &str, from: u64) -> Result<crate::log::Page, LogError> {
+    let mut backoff = std::time::Duration::from_millis(50);
+    loop {
+        match log.read_from(stream, from).await {
+            Err(LogError::Redis(error)) => {
+                tracing::warn!(stream, %error, "release log unreadable; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+            }
+            other => return other,
         }
     }
 }

@@ -153,3 +153,28 @@ async fn worker_sigkill() {
     let results = call.finish(LINGER).await.expect("the call ends cleanly");
     check_streams(&results, &names, N);
 }
+
+/// Redis itself dies (SIGKILL) mid-stream and comes back from its append-only
+/// file: every service reconnects, workers redeliver what was not
+/// acknowledged, the push gateway catches up from the log, and the stream
+/// still completes in order with every result exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_sigkill_restart() {
+    const N: u64 = 1500;
+    let mut cluster = Cluster::builder().durable_redis().start().await;
+    let stream = "redis-restart".to_owned();
+    let mut call = ProcessCall::open(&cluster.harmonizer());
+    call.feed(numbered_events(&stream, N, "async-echo", "exp:5ms"), Some(Duration::from_millis(1)));
+
+    wait_mid_stream(&mut call, 200, N as usize).await;
+    cluster.redis().kill();
+    eprintln!("killed redis after {} results", call.received().len());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.redis().restart().await.expect("redis restarts on its port");
+
+    call.wait_for_counts(&BTreeMap::from([(stream.clone(), N as usize)]), DEADLINE)
+        .await
+        .expect("the stream completes after redis came back");
+    let results = call.finish(LINGER).await.expect("the call ends cleanly");
+    check_streams(&results, std::slice::from_ref(&stream), N);
+}

@@ -4,13 +4,16 @@
 //! One test binary with modules, so there is one link step.
 //!
 //! Run: `cargo build --workspace --bins && cargo nextest run -p integration-tests`
-//! (`TEST_LOG=1` prints every service's log tail).
+//! (`TEST_LOG=1` prints every service's log tail). Tests named `*amqp*` need
+//! the machine's RabbitMQ and run one at a time (`.config/nextest.toml`).
 
 mod bad_input;
 mod failover;
 mod give_up;
 mod grpcurl;
 mod ordering;
+mod push;
+mod push_amqp;
 mod shutdown;
 mod telemetry;
 

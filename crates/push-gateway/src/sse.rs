@@ -1,0 +1,209 @@
+//! Server-Sent Events for browsers: `GET /streams/{stream_id}/events` streams
+//! one stream's released results in order, one SSE event per result:
+//!
+//! ```text
+//! id: 7
+//! event: result
+//! data: {"stream_id":"s","sequence":7,"position":7,"status":"OK",...}
+//! ```
+//!
+//! The event id is the release position (the sequence, in ORDERED mode).
+//! Where to start: the `Last-Event-ID` header (resume after that id: what a
+//! browser's `EventSource` sends when it reconnects), else `?from=N` (first
+//! position wanted), else 0. A start older than retention is refused with
+//! `410 Gone` and a message naming the oldest retained position; if the
+//! cursor expires while a slow client catches up, an `event: error` is sent
+//! and the response ends (the reconnect then gets the 410).
+//!
+//! Each response is one [`session`] — the same catch-up + live tail as gRPC
+//! Subscribe, with the same bounded buffers — so a slow reader falls back to
+//! the release log instead of growing memory. This module owns the HTTP
+//! listener and maps errors to HTTP statuses in one place ([`SseError`]).
+
+use std::{convert::Infallible, sync::Arc, time::Duration};
+
+use axum::{
+    Router,
+    extract::{Path, RawQuery, State},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{
+        IntoResponse, Response,
+        sse::{Event, KeepAlive, Sse},
+    },
+    routing::get,
+};
+use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::{
+    Shutdown,
+    hub::Hub,
+    json,
+    log::{Log, LogError},
+    service::MAX_STREAM_ID_BYTES,
+    session,
+};
+
+/// What the SSE endpoint needs.
+#[derive(Clone)]
+pub struct SseState {
+    pub hub: Arc<Hub>,
+    pub log: Log,
+    pub shutdown: Shutdown,
+    pub keep_alive: Duration,
+}
+
+/// Every way a request can fail, and its HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum SseError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+impl IntoResponse for SseError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            SseError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            SseError::Log(LogError::Expired { .. }) => StatusCode::GONE,
+            SseError::Log(LogError::Redis(cause)) => {
+                tracing::warn!(error = %cause, "redis unavailable");
+                return (StatusCode::SERVICE_UNAVAILABLE, "release log unavailable; retry with Last-Event-ID\n")
+                    .into_response();
+            }
+            SseError::Log(LogError::Corrupt { .. }) => {
+                tracing::error!(error = %self, "corrupt release log");
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        (status, format!("{self}\n")).into_response()
+    }
+}
+
+/// The HTTP routes. `allow_origin`: the CORS origin allowed to read the
+/// events (`*` for any).
+pub fn router(state: SseState, allow_origin: &str) -> Router {
+    let origin = if allow_origin == "*" {
+        AllowOrigin::any()
+    } else {
+        match HeaderValue::from_str(allow_origin) {
+            Ok(origin) => AllowOrigin::exact(origin),
+            Err(_) => AllowOrigin::list([]),
+        }
+    };
+    let cors = CorsLayer::new()
+        .allow_origin(origin)
+        .allow_methods([http::Method::GET])
+        .allow_headers([header::HeaderName::from_static("last-event-id"), header::CACHE_CONTROL]);
+    Router::new()
+        .route("/streams/{stream_id}/events", get(events))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .layer(cors)
+        .with_state(state)
+}
+
+/// Serves `router` on `listener` until `shutdown`; open event streams end as
+/// their sessions see the shutdown, and whatever is left after `drain` is dropped.
+pub async fn serve(listener: TcpListener, router: Router, shutdown: Shutdown, drain: Duration) -> anyhow::Result<()> {
+    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    tracing::info!(listen = %addr, "serving Server-Sent Events");
+    let server = axum::serve(listener, router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    tokio::select! {
+        served = server => served.map_err(Into::into),
+        () = ordo_runtime::shutdown::drain_deadline(shutdown, drain) => Ok(()),
+    }
+}
+
+/// The first position wanted: after `Last-Event-ID`, else `?from=`, else 0.
+fn start_position(headers: &HeaderMap, query: Option<&str>) -> Result<u64, SseError> {
+    if let Some(last) = headers.get("last-event-id") {
+        let text = last.to_str().unwrap_or_default().trim();
+        if !text.is_empty() {
+            let last: u64 = text
+                .parse()
+                .map_err(|_| SseError::BadRequest(format!("Last-Event-ID {text:?} is not a position (a number)")))?;
+            return Ok(last.saturating_add(1));
+        }
+    }
+    for pair in query.unwrap_or_default().split('&') {
+        if let Some(value) = pair.strip_prefix("from=") {
+            return value
+                .parse()
+                .map_err(|_| SseError::BadRequest(format!("from={value:?} is not a position (a number)")));
+        }
+    }
+    Ok(0)
+}
+
+/// Aborts a session task when the response body is dropped (client gone).
+struct AbortOnDrop(JoinHandle<Result<(), LogError>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn events(
+    State(state): State<SseState>,
+    Path(stream_id): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, SseError> {
+    if stream_id.is_empty() || stream_id.len() > MAX_STREAM_ID_BYTES {
+        return Err(SseError::BadRequest(format!("the stream id must be 1 to {MAX_STREAM_ID_BYTES} bytes")));
+    }
+    let from = start_position(&headers, query.as_deref())?;
+    state.log.check(&stream_id, from).await?;
+
+    // One batch in flight: the session's live buffer is the hub's, bounded,
+    // and a reader slower than that is served from the log.
+    let (batches, mut batch_rx) = mpsc::channel(1);
+    let session = tokio::spawn(session::follow(
+        state.hub.clone(),
+        state.log.clone(),
+        stream_id,
+        from,
+        batches,
+        state.shutdown.clone(),
+    ));
+    let mut session = AbortOnDrop(session);
+    let body = async_stream::stream! {
+        while let Some(batch) = batch_rx.recv().await {
+            for result in &batch.results {
+                let event = Event::default()
+                    .id(result.position.to_string())
+                    .event("result")
+                    .data(json::encode(result));
+                yield Ok::<_, Infallible>(event);
+            }
+        }
+        if let Ok(Err(error)) = (&mut session.0).await {
+            let message = serde_json::json!({ "error": error.to_string() }).to_string();
+            yield Ok(Event::default().event("error").data(message));
+        }
+    };
+    let mut response = Sse::new(body).keep_alive(KeepAlive::new().interval(state.keep_alive)).into_response();
+    // Proxies (nginx) must not buffer an event stream.
+    response.headers_mut().insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_event_id_wins_over_from() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(start_position(&headers, None).ok(), Some(0));
+        assert_eq!(start_position(&headers, Some("from=5")).ok(), Some(5));
+        headers.insert("last-event-id", HeaderValue::from_static("9"));
+        assert_eq!(start_position(&headers, Some("from=5")).ok(), Some(10));
+        headers.insert("last-event-id", HeaderValue::from_static("nine"));
+        assert!(matches!(start_position(&headers, None), Err(SseError::BadRequest(_))));
+        assert!(matches!(start_position(&HeaderMap::new(), Some("from=x")), Err(SseError::BadRequest(_))));
+    }
+}
