@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use ordo_core::duration;
-use ordo_runtime::app::{CommonArgs, ServiceConfig};
+use ordo_runtime::app::CommonArgs;
 
 /// Ordo harmonizer: the front door. Validates events, routes them by
 /// operation (stateless → stateless service, stateful → workers), keeps a
@@ -81,14 +81,11 @@ pub struct Config {
     pub common: CommonArgs,
 }
 
-impl ServiceConfig for Config {
-    fn listen(&self) -> SocketAddr {
-        self.listen
-    }
-    fn common(&self) -> &CommonArgs {
-        &self.common
-    }
-    fn validate(&self) -> Result<(), String> {
+ordo_runtime::service_config!(Config, validate = Config::check);
+
+impl Config {
+    /// Cross-field checks clap cannot express.
+    fn check(&self) -> Result<(), String> {
         if self.window == 0 {
             return Err("--window must be at least 1".into());
         }

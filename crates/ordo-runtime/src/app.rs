@@ -30,6 +30,29 @@ pub trait ServiceConfig: clap::Parser + Send + 'static {
     }
 }
 
+/// Implements [`ServiceConfig`] for a clap config with fields `listen:
+/// SocketAddr` and `common: CommonArgs`, optionally with a validation method
+/// (`fn(&Self) -> Result<(), String>`).
+#[macro_export]
+macro_rules! service_config {
+    ($config:ty) => {
+        $crate::service_config!($config, validate = |_: &$config| Ok(()));
+    };
+    ($config:ty, validate = $validate:expr) => {
+        impl $crate::app::ServiceConfig for $config {
+            fn listen(&self) -> ::std::net::SocketAddr {
+                self.listen
+            }
+            fn common(&self) -> &$crate::app::CommonArgs {
+                &self.common
+            }
+            fn validate(&self) -> Result<(), String> {
+                ($validate)(self)
+            }
+        }
+    };
+}
+
 /// Exit code for a configuration error (EX_CONFIG).
 pub const EXIT_CONFIG: u8 = 64;
 

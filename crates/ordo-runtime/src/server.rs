@@ -6,7 +6,6 @@
 use std::{convert::Infallible, time::Duration};
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{body::Body, server::NamedService, service::RoutesBuilder, transport::Server};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
@@ -89,7 +88,14 @@ impl GrpcServer {
             .max_frame_size(Some(1 << 20))
             .trace_fn(telemetry::server_span)
             .add_routes(routes.routes())
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.clone().cancelled_owned());
+            // tonic ignores `tcp_nodelay` for a caller-supplied listener: set it on
+            // the incoming stream, or every small response waits for a delayed ACK.
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener)
+                    .with_nodelay(Some(true))
+                    .with_keepalive(Some(Duration::from_secs(30))),
+                shutdown.clone().cancelled_owned(),
+            );
         let result = tokio::select! {
             result = server => result.map_err(anyhow::Error::from),
             _ = shutdown::drain_deadline(shutdown, drain) => Ok(()),

@@ -27,10 +27,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use anyhow::Context as _;
 pub use ordo_runtime::Shutdown;
-use ordo_runtime::{
-    app::{CommonArgs, ServiceConfig},
-    server::GrpcServer,
-};
+use ordo_runtime::{app::CommonArgs, server::GrpcServer};
 use tokio::{net::TcpListener, task::JoinHandle};
 
 /// The broker a bare `--amqp` connects to.
@@ -119,14 +116,11 @@ impl Config {
     }
 }
 
-impl ServiceConfig for Config {
-    fn listen(&self) -> SocketAddr {
-        self.listen
-    }
-    fn common(&self) -> &CommonArgs {
-        &self.common
-    }
-    fn validate(&self) -> Result<(), String> {
+ordo_runtime::service_config!(Config, validate = Config::check);
+
+impl Config {
+    /// Cross-field checks clap cannot express.
+    fn check(&self) -> Result<(), String> {
         if self.subscriber_buffer == 0 {
             return Err("--subscriber-buffer must be at least 1".into());
         }
@@ -232,6 +226,7 @@ pub async fn run_with(
 #[cfg(test)]
 mod tests {
     use clap::Parser as _;
+    use ordo_runtime::app::ServiceConfig;
 
     use super::*;
 
@@ -241,7 +236,7 @@ mod tests {
         assert_eq!(config.retention_age, None);
         assert_eq!(config.sse_listen, Some(SocketAddr::from(([0, 0, 0, 0], 50056))));
         assert!(config.amqp().is_none(), "AMQP is off unless asked for");
-        assert!(config.validate().is_ok());
+        assert!(ServiceConfig::validate(&config).is_ok());
 
         let config = Config::try_parse_from([
             "push-gateway",
@@ -259,7 +254,7 @@ mod tests {
         let amqp = config.amqp().expect("--amqp turns AMQP on");
         assert_eq!(amqp.url, DEFAULT_AMQP_URL);
         assert_eq!(amqp.exchange, "my.results");
-        assert!(config.validate().is_ok());
+        assert!(ServiceConfig::validate(&config).is_ok());
     }
 
     #[test]
@@ -270,7 +265,7 @@ mod tests {
             ["push-gateway", "--amqp-url", DEFAULT_AMQP_URL, "--amqp-exchange", "bad name"],
         ] {
             let config = Config::try_parse_from(args).expect("flags parse");
-            assert!(config.validate().is_err(), "{args:?} must be refused");
+            assert!(ServiceConfig::validate(&config).is_err(), "{args:?} must be refused");
         }
     }
 }

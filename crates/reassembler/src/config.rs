@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use ordo_runtime::app::{CommonArgs, ServiceConfig};
+use ordo_runtime::app::CommonArgs;
 
 /// Ordo reassembler: stores worker results in Redis and releases each
 /// stream's results strictly in sequence order.
@@ -36,14 +36,11 @@ fn parse_ttl(text: &str) -> Result<Duration, String> {
     }
 }
 
-impl ServiceConfig for Config {
-    fn listen(&self) -> SocketAddr {
-        self.listen
-    }
-    fn common(&self) -> &CommonArgs {
-        &self.common
-    }
-    fn validate(&self) -> Result<(), String> {
+ordo_runtime::service_config!(Config, validate = Config::check);
+
+impl Config {
+    /// Cross-field checks clap cannot express.
+    fn check(&self) -> Result<(), String> {
         if self.retention == 0 {
             return Err("--retention must be at least 1".into());
         }

@@ -20,12 +20,7 @@ use ordo_proto::v1::{
     stateful_worker_server::{StatefulWorker, StatefulWorkerServer},
     stateless_client::StatelessClient,
 };
-use ordo_runtime::{
-    Shutdown,
-    app::{CommonArgs, ServiceConfig},
-    server::GrpcServer,
-    telemetry,
-};
+use ordo_runtime::{Shutdown, app::CommonArgs, server::GrpcServer, telemetry};
 use reassembler::client::ResultSink;
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
@@ -57,14 +52,11 @@ pub struct Config {
     pub common: CommonArgs,
 }
 
-impl ServiceConfig for Config {
-    fn listen(&self) -> SocketAddr {
-        self.listen
-    }
-    fn common(&self) -> &CommonArgs {
-        &self.common
-    }
-    fn validate(&self) -> Result<(), String> {
+ordo_runtime::service_config!(Config, validate = Config::check);
+
+impl Config {
+    /// Cross-field checks clap cannot express.
+    fn check(&self) -> Result<(), String> {
         if self.concurrency == 0 {
             return Err("--concurrency must be at least 1".into());
         }

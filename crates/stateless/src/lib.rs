@@ -11,11 +11,7 @@ use ordo_proto::v1::{
     Event, EventResult, ListOperationsRequest, ListOperationsResponse, OperationInfo, OperationKind,
     stateless_server::{Stateless, StatelessServer},
 };
-use ordo_runtime::{
-    Shutdown,
-    app::{CommonArgs, ServiceConfig},
-    server::GrpcServer,
-};
+use ordo_runtime::{Shutdown, app::CommonArgs, server::GrpcServer};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
@@ -31,14 +27,7 @@ pub struct Config {
     pub common: CommonArgs,
 }
 
-impl ServiceConfig for Config {
-    fn listen(&self) -> SocketAddr {
-        self.listen
-    }
-    fn common(&self) -> &CommonArgs {
-        &self.common
-    }
-}
+ordo_runtime::service_config!(Config);
 
 pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
     GrpcServer::new()

@@ -1,0 +1,152 @@
+//! Command lines of `ordo-experiment` and `ordo-bench`: flags, printing,
+//! files, exit codes (0 done, 1 failed or a re-assembled error, 2 bad usage).
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use ordo_core::duration;
+
+use crate::{
+    bench::{self, WorkloadId},
+    experiment,
+};
+
+/// The paper's experiment (figures 6-7) on the real Ordo services: the
+/// Sonnets, one character per event, through asynchronous callbacks with
+/// exponential delays; error rate of naive (UNORDERED) versus re-assembled
+/// (ORDERED) delivery. Exits 1 if any re-assembled run has an error.
+#[derive(Debug, clap::Parser)]
+#[command(name = "ordo-experiment", version)]
+pub struct ExperimentArgs {
+    /// Runs per (mean delay, mode) cell; the paper's equation 1 gives 389.
+    #[arg(long, default_value_t = 389)]
+    pub runs: usize,
+    /// Mean callback delays (exponential), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "2ms,5ms,10ms", value_parser = duration::parse)]
+    pub delays: Vec<Duration>,
+    /// Time between two events of a run (the sending pattern).
+    #[arg(long, default_value = "1ms", value_parser = duration::parse)]
+    pub pace: Duration,
+    /// Runs in flight at once, each on its own stream and call (8 gives the
+    /// same naive error rates as 1 on 2 cores; more loads the suite enough
+    /// to change them).
+    #[arg(long, default_value_t = 8)]
+    pub parallel: usize,
+    /// The stateful operation each event runs: `async-echo`, or `callback`
+    /// (the delay, then a call to the stateless service).
+    #[arg(long, default_value = experiment::OPERATION)]
+    pub operation: String,
+    /// Where runs.csv, summary.csv, summary.json, table.md and error_rate.png go.
+    #[arg(long, default_value = "results/experiment")]
+    pub out: PathBuf,
+}
+
+/// Ordo ORDERED against UNORDERED, in-process futures and a sequential
+/// consumer, on workloads (a) uniform 0-5 ms, (b) zero-delay saturation and
+/// (c) skewed latency. Prints Markdown tables and writes JSON. Exits 1 if an
+/// Ordo variant lost, duplicated or misordered a result (targets are only
+/// recorded).
+#[derive(Debug, clap::Parser)]
+#[command(name = "ordo-bench", version)]
+pub struct BenchArgs {
+    /// Workloads to run, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "a,b,c")]
+    pub workloads: Vec<WorkloadId>,
+    /// Events of workloads (a) and (c).
+    #[arg(long, default_value_t = 10_000)]
+    pub events: usize,
+    /// Concurrency of (a) and (c).
+    #[arg(long, default_value_t = 100)]
+    pub concurrency: usize,
+    /// Latency model of (a).
+    #[arg(long, default_value = "uniform:0ms-5ms")]
+    pub uniform_latency: String,
+    /// (b): Process calls at once.
+    #[arg(long, default_value_t = 4)]
+    pub saturation_calls: usize,
+    /// (b): streams per call.
+    #[arg(long, default_value_t = 16)]
+    pub saturation_streams: usize,
+    /// (b): events in total.
+    #[arg(long, default_value_t = 200_000)]
+    pub saturation_events: usize,
+    /// (b): events outstanding per call.
+    #[arg(long, default_value_t = 4096)]
+    pub saturation_in_flight: usize,
+    /// Events the sequential consumer runs; its time is extrapolated to --events.
+    #[arg(long, default_value_t = 1000)]
+    pub sequential_sample: usize,
+    /// Run the sequential consumer over all events (about 30 s for (a)).
+    #[arg(long)]
+    pub full_sequential: bool,
+    /// Skip the variants on a cluster whose worker runs --concurrency operations at once.
+    #[arg(long)]
+    pub no_worker_concurrency: bool,
+    /// Where the JSON and Markdown go.
+    #[arg(long, default_value = "results/bench")]
+    pub out: PathBuf,
+}
+
+impl From<BenchArgs> for bench::Config {
+    fn from(a: BenchArgs) -> Self {
+        Self {
+            workloads: a.workloads,
+            events: a.events,
+            concurrency: a.concurrency,
+            uniform_latency: a.uniform_latency,
+            saturation_calls: a.saturation_calls,
+            saturation_streams: a.saturation_streams,
+            saturation_events: a.saturation_events,
+            saturation_in_flight: a.saturation_in_flight,
+            sequential_sample: a.sequential_sample,
+            full_sequential: a.full_sequential,
+            worker_concurrency_variants: !a.no_worker_concurrency,
+            out_dir: a.out,
+            ..Self::default()
+        }
+    }
+}
+
+fn outcome(result: anyhow::Result<()>, program: &str) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("{program}: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub async fn experiment_main(args: ExperimentArgs) -> ExitCode {
+    let run = async {
+        let config = experiment::Config {
+            runs: args.runs,
+            mean_delays: args.delays,
+            pace: args.pace,
+            parallel: args.parallel,
+            out_dir: args.out,
+            text: integration_tests::sonnets_text(),
+            operation: args.operation,
+        };
+        let report = experiment::run(&config).await?;
+        println!("{}", report.table());
+        match report.write(&config.out_dir)? {
+            Ok(chart) => println!("chart: {}", chart.display()),
+            Err(why) => eprintln!("ordo-experiment: warning: no chart: {why}"),
+        }
+        println!("tables and CSV: {}", config.out_dir.display());
+        report.check()
+    };
+    outcome(run.await, "ordo-experiment")
+}
+
+pub async fn bench_main(args: BenchArgs) -> ExitCode {
+    let run = async {
+        let config = bench::Config::from(args);
+        let report = bench::run(&config).await?;
+        println!("{}", report.tables());
+        let path = report.write(&config.out_dir)?;
+        println!("JSON: {}", path.display());
+        report.check()
+    };
+    outcome(run.await, "ordo-bench")
+}

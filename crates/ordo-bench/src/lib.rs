@@ -1,0 +1,25 @@
+//! Ordo's numbers: the paper's experiment and the benchmark against
+//! baselines, both run on the real services (the testkit starts the release
+//! binaries on free ports next to a private redis-server).
+//!
+//! - [`experiment`]: section IV of Kim et al. (2017), figures 6 and 7 — the
+//!   error rate of a character stream through asynchronous callbacks, naive
+//!   (UNORDERED) versus re-assembled (ORDERED). Binary `ordo-experiment`.
+//! - [`bench`]: throughput, latency, reorder overhead, CPU and memory of
+//!   ordered streams next to UNORDERED, in-process `futures` and a
+//!   sequential consumer. Binary `ordo-bench`.
+//! - [`driver`]: a timestamping `Harmonizer.Process` client with a bound on
+//!   outstanding events; [`inprocess`]: the in-process baselines;
+//!   [`procstat`]: CPU time and peak RSS from `/proc`; [`stats`]:
+//!   histograms and confidence intervals; [`chart`]: the PNG.
+//!
+//! See `docs/benchmarks.md` for the method and the measured numbers.
+
+pub mod bench;
+pub mod chart;
+pub mod cli;
+pub mod driver;
+pub mod experiment;
+pub mod inprocess;
+pub mod procstat;
+pub mod stats;
