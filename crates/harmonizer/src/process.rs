@@ -249,18 +249,13 @@ impl Call {
         stream.wait_for(event.sequence);
         event.mode = stream.mode as i32;
         self.arm(&event.stream_id);
-        let span = if event.trace_context.is_empty() {
-            tracing::info_span!(
-                target: telemetry::EVENT_TARGET,
-                parent: &self.call_span,
-                "event",
-                otel.name = "harmonizer.dispatch",
-                ordo.stream_id = %event.stream_id,
-                ordo.sequence = event.sequence,
-            )
-        } else {
-            telemetry::event_span("harmonizer.dispatch", &event.stream_id, event.sequence, &event.trace_context)
-        };
+        let span = telemetry::entry_span(
+            "harmonizer.dispatch",
+            &event.stream_id,
+            event.sequence,
+            &event.trace_context,
+            &self.call_span,
+        );
         event.trace_context = telemetry::inject(&span, &event.trace_context);
         match route {
             Route::Stateful => self.shared.pool.dispatch(event).await,

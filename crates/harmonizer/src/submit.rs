@@ -31,12 +31,13 @@ pub async fn submit(shared: &Shared, mut event: Event) -> Result<EventResult, Er
             limit: meta.next.saturating_add(window),
         });
     }
-    let span = telemetry::event_span("harmonizer.submit", &event.stream_id, event.sequence, &event.trace_context);
-    let span = if span.is_disabled() || !event.trace_context.is_empty() {
-        span
-    } else {
-        tracing::info_span!(target: telemetry::EVENT_TARGET, "event", otel.name = "harmonizer.submit")
-    };
+    let span = telemetry::entry_span(
+        "harmonizer.submit",
+        &event.stream_id,
+        event.sequence,
+        &event.trace_context,
+        &tracing::Span::current(),
+    );
     event.trace_context = telemetry::inject(&span, &event.trace_context);
 
     if route == Route::Stateless {

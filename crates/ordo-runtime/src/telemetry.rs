@@ -146,6 +146,22 @@ pub fn event_span(name: &'static str, stream_id: &str, sequence: u64, carrier: &
     span
 }
 
+/// The span of an event entering Ordo: a child of the context the client put
+/// in the event, or else of `call` (the span of the gRPC call carrying it).
+pub fn entry_span(name: &'static str, stream_id: &str, sequence: u64, carrier: &Carrier, call: &Span) -> Span {
+    if !carrier.is_empty() {
+        return event_span(name, stream_id, sequence, carrier);
+    }
+    tracing::info_span!(
+        target: EVENT_TARGET,
+        parent: call,
+        "event",
+        otel.name = name,
+        ordo.stream_id = stream_id,
+        ordo.sequence = sequence,
+    )
+}
+
 struct HeaderExtractor<'a>(&'a http::HeaderMap);
 
 impl Extractor for HeaderExtractor<'_> {
