@@ -6,4 +6,5 @@
 pub mod duration;
 pub mod keys;
 pub mod latency;
+pub mod limits;
 pub mod ranges;

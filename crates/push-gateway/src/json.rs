@@ -27,13 +27,14 @@ pub struct ResultJson<'a> {
     pub trace_context: &'a std::collections::HashMap<String, String>,
 }
 
-/// Short name of a result status: `OK`, `FAILED`, `PROCESSING`, `REJECTED`.
+/// Short name of a result status: `OK`, `FAILED`, `PROCESSING`, `REJECTED`, `GAP`.
 pub fn status_name(result: &EventResult) -> &'static str {
     match result.status() {
         ResultStatus::Ok => "OK",
         ResultStatus::Failed => "FAILED",
         ResultStatus::Processing => "PROCESSING",
         ResultStatus::Rejected => "REJECTED",
+        ResultStatus::Gap => "GAP",
         ResultStatus::Unspecified => "UNSPECIFIED",
     }
 }

@@ -187,6 +187,7 @@ impl PushGateway for PushGatewayService {
         let (out, out_rx) = mpsc::channel(OUT_BUFFER);
         let service = self.clone();
         tokio::spawn(async move {
+            // Per stream: the next position this call will forward, and its session.
             let mut sessions: HashMap<String, (u64, JoinHandle<()>)> = HashMap::new();
             loop {
                 tokio::select! {
@@ -197,9 +198,12 @@ impl PushGateway for PushGatewayService {
                                 if cursor.stream_id.is_empty() {
                                     continue;
                                 }
-                                // Re-following a stream from an earlier position restarts its session.
-                                if let Some((from, session)) = sessions.get(&cursor.stream_id) {
-                                    if *from <= cursor.from_sequence && !session.is_finished() {
+                                // A position this call has already forwarded must be
+                                // served again (the follower asks because it needs it
+                                // again, e.g. a resent event): restart the session from
+                                // there. One not yet forwarded will come anyway.
+                                if let Some((next, session)) = sessions.get(&cursor.stream_id) {
+                                    if *next <= cursor.from_sequence && !session.is_finished() {
                                         continue;
                                     }
                                     session.abort();
@@ -214,7 +218,15 @@ impl PushGateway for PushGatewayService {
                     item = item_rx.recv() => {
                         let Some(item) = item else { break };
                         let batch = match item {
-                            Ok(batch) => batch,
+                            Ok(batch) => {
+                                // What this call has forwarded of the stream, for the restart rule above.
+                                if let (Some(last), Some((next, _))) =
+                                    (batch.results.last(), sessions.get_mut(&batch.stream_id))
+                                {
+                                    *next = (*next).max(last.position + 1);
+                                }
+                                batch
+                            }
                             // The stream's cursor cannot be served (e.g. older than retention).
                             Err((stream_id, status)) => FollowBatch {
                                 stream_id,
