@@ -11,9 +11,18 @@
 //!
 //! Every release is also published on [`RELEASED_CHANNEL`] as an encoded
 //! `ReleasedBatch`, for live tailing.
+//!
+//! Across streams, [`DEAD_LETTERS`] is a stream of every stored FAILED and
+//! GAP result's dead letter (written by the same script, atomically with the
+//! result), entry id assigned by Redis, fields `stream` (stream id),
+//! `sequence` and `letter` (encoded `DeadLetter`, its `id` unset: the entry
+//! id is the dead letter's id). Trimmed by count.
 
 /// Pub/sub channel of released batches.
 pub const RELEASED_CHANNEL: &str = "ordo:released";
+
+/// The dead-letter log (a Redis stream), see the module docs.
+pub const DEAD_LETTERS: &str = "ordo:dlq";
 
 pub fn meta(stream: &str) -> String {
     format!("ordo:{{{stream}}}:meta")

@@ -19,6 +19,11 @@ pub struct Config {
     /// Released results kept in each stream's log (approximate, trimmed in blocks).
     #[arg(long, env = "REASSEMBLER_RETENTION", default_value_t = 100_000)]
     pub retention: u64,
+    /// Dead letters (FAILED and GAP results, `ordo dlq`) kept in the
+    /// dead-letter log across all streams (approximate, trimmed in blocks;
+    /// the oldest go first).
+    #[arg(long, env = "REASSEMBLER_DEAD_LETTER_RETENTION", default_value_t = 100_000)]
+    pub dead_letter_retention: u64,
     /// A stream's keys expire after this long without activity (0 = never).
     #[arg(long, env = "REASSEMBLER_STREAM_TTL", default_value = "24h", value_parser = parse_ttl)]
     pub stream_ttl: Duration,
@@ -43,6 +48,9 @@ impl Config {
     fn check(&self) -> Result<(), String> {
         if self.retention == 0 {
             return Err("--retention must be at least 1".into());
+        }
+        if self.dead_letter_retention == 0 {
+            return Err("--dead-letter-retention must be at least 1".into());
         }
         if self.max_batch == 0 {
             return Err("--max-batch must be at least 1".into());

@@ -9,6 +9,7 @@
 pub mod batcher;
 pub mod client;
 pub mod config;
+pub mod dead_letters;
 pub mod service;
 pub mod store;
 
@@ -22,7 +23,11 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     let conn = ordo_runtime::redis_conn::connect(&config.redis_url, &shutdown).await?;
     let store = store::Store::new(
         conn,
-        store::StoreConfig { retention: config.retention, ttl_ms: config.stream_ttl.as_millis() as u64 },
+        store::StoreConfig {
+            retention: config.retention,
+            ttl_ms: config.stream_ttl.as_millis() as u64,
+            dead_letter_retention: config.dead_letter_retention,
+        },
     );
     let (batcher, batch_loop) = batcher::Batcher::start(store.clone(), config.max_batch);
     let service = service::ReassemblerService::new(batcher, store);

@@ -2,21 +2,29 @@
 -- Atomic per call, so any number of reassembler replicas may run it for the
 -- same streams concurrently, and redelivered batches are harmless.
 --
--- KEYS: for each stream, three keys: meta, pend, log.
+-- KEYS[1] = the dead-letter log; then for each stream three keys: meta, pend, log.
 -- ARGV[1] = retention (max released entries kept per stream log)
 -- ARGV[2] = pub/sub channel for released batches
 -- ARGV[3] = ttl in ms of a stream's keys after its last activity (0 = none)
+-- ARGV[4] = dead letters kept (approximate)
 -- then for each stream: stream_id, mode ('1' ordered, '2' unordered), n,
---   then n pairs: sequence, encoded EventResult.
+--   then n triples: sequence, encoded EventResult, encoded DeadLetter ('' = none).
 -- Returns one string with a '1' (accepted) or '0' (duplicate) per result, in
 -- input order.
 --
 -- Each log entry holds field 'r' (the encoded result) and 't' (release time,
 -- Redis server Unix milliseconds: the push-gateway's age retention reads it).
+--
+-- A dead letter is appended to the dead-letter log when its result is
+-- accepted (stored), never for a duplicate: the first result wins, so a
+-- FAILED that loses to an earlier OK leaves no dead letter, and a redelivered
+-- batch leaves none twice. Entry fields: 'stream', 'sequence', 'letter'.
 
+local dlq = KEYS[1]
 local retention = ARGV[1]
 local channel = ARGV[2]
 local ttl = tonumber(ARGV[3])
+local dlq_retention = ARGV[4]
 local clock = redis.call('TIME')
 local now_ms = string.format('%.0f', clock[1] * 1000 + math.floor(clock[2] / 1000))
 
@@ -35,8 +43,8 @@ local function varint(n)
 end
 
 local flags = {}
-local a = 4
-for k = 1, #KEYS, 3 do
+local a = 5
+for k = 2, #KEYS, 3 do
   local meta, pend, log = KEYS[k], KEYS[k + 1], KEYS[k + 2]
   local stream, want_mode, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
   a = a + 3
@@ -67,7 +75,7 @@ for k = 1, #KEYS, 3 do
   if pending then
     local ask = {}
     for j = 0, n - 1 do
-      ask[#ask + 1] = ARGV[a + 2 * j]
+      ask[#ask + 1] = ARGV[a + 3 * j]
     end
     for from = 1, #ask, 1000 do
       local upto = math.min(from + 999, #ask)
@@ -81,10 +89,14 @@ for k = 1, #KEYS, 3 do
   end
   local fresh = {}
   for _ = 1, n do
-    local seq, body = tonumber(ARGV[a]), ARGV[a + 1]
-    a = a + 2
+    local seq, body, letter = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2]
+    a = a + 3
     local dup = seq < nxt or fresh[seq] ~= nil or known[seq] ~= nil
     if not dup then
+      if letter ~= '' then
+        redis.call('XADD', dlq, 'MAXLEN', '~', dlq_retention, '*',
+          'stream', stream, 'sequence', ARGV[a - 3], 'letter', letter)
+      end
       if mode == '2' then
         fresh[seq] = ''
         release(body)

@@ -4,7 +4,8 @@ use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
 use ordo_proto::v1::{
-    DeliverAck, DeliverBatch, GetStreamRequest, OrderingMode, StreamState,
+    DeadLetter, DeliverAck, DeliverBatch, GetDeadLetterRequest, GetStreamRequest, ListDeadLettersRequest,
+    ListDeadLettersResponse, OrderingMode, StreamState,
     reassembler_server::{Reassembler, ReassemblerServer},
 };
 use prost::Message;
@@ -12,6 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     batcher::{Batcher, Closed},
+    dead_letters,
     store::{Item, Store},
 };
 
@@ -28,6 +30,8 @@ pub enum Error {
     Closed(#[from] Closed),
     #[error("{0}")]
     Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
 }
 
 impl From<Error> for Status {
@@ -39,6 +43,7 @@ impl From<Error> for Status {
             }
             Error::Closed(_) => Status::unavailable("reassembler shutting down; deliver elsewhere"),
             Error::Invalid(message) => Status::invalid_argument(message),
+            Error::NotFound(message) => Status::not_found(message),
         }
     }
 }
@@ -82,11 +87,13 @@ fn to_items(batch: DeliverBatch) -> Vec<Item> {
             );
             // Continue the trace: whoever serves the released result is a child of this span.
             result.trace_context = ordo_runtime::telemetry::inject(&span, &result.trace_context);
+            let dead_letter = dead_letters::letter_for(&result, completed.dead_letter);
             Some(Item {
                 stream_id: result.stream_id.clone(),
                 sequence: result.sequence,
                 mode: if mode == OrderingMode::Unordered { mode } else { OrderingMode::Ordered },
                 body: result.encode_to_vec(),
+                dead_letter: dead_letter.map(|letter| letter.encode_to_vec()).unwrap_or_default(),
             })
         })
         .collect()
@@ -140,5 +147,16 @@ impl Reassembler for ReassemblerService {
         }
         let state = self.store.stream_state(&stream_id).await.map_err(|e| Error::Redis(std::sync::Arc::new(e)))?;
         Ok(Response::new(state))
+    }
+
+    async fn list_dead_letters(
+        &self,
+        request: Request<ListDeadLettersRequest>,
+    ) -> Result<Response<ListDeadLettersResponse>, Status> {
+        Ok(Response::new(dead_letters::list(&self.store, request.into_inner()).await?))
+    }
+
+    async fn get_dead_letter(&self, request: Request<GetDeadLetterRequest>) -> Result<Response<DeadLetter>, Status> {
+        Ok(Response::new(dead_letters::get(&self.store, request.into_inner()).await?))
     }
 }

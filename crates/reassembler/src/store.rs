@@ -1,5 +1,6 @@
-//! The Redis side of the reassembler: the release script and reads of a
-//! stream's reorder state. This module owns every write to reorder state.
+//! The Redis side of the reassembler: the release script, reads of a
+//! stream's reorder state and of the dead-letter log. This module owns every
+//! write to reorder state and to the dead-letter log.
 
 use std::collections::HashMap;
 
@@ -15,6 +16,20 @@ pub struct Item {
     pub mode: OrderingMode,
     /// Encoded `EventResult`.
     pub body: Vec<u8>,
+    /// Encoded `DeadLetter` recorded if (and only if) this result is the one
+    /// stored; empty for none.
+    pub dead_letter: Vec<u8>,
+}
+
+/// One entry of the dead-letter log, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterEntry {
+    /// The entry id (`<ms>-<n>`), the dead letter's id.
+    pub id: String,
+    pub stream_id: String,
+    pub sequence: u64,
+    /// Encoded `DeadLetter` (its `id` unset).
+    pub letter: Vec<u8>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -23,6 +38,8 @@ pub struct StoreConfig {
     pub retention: u64,
     /// Idle time after which a stream's keys expire (0 = never).
     pub ttl_ms: u64,
+    /// Dead letters kept (approximate, trimmed in blocks).
+    pub dead_letter_retention: u64,
 }
 
 #[derive(Clone)]
@@ -53,7 +70,12 @@ impl Store {
                 .push(i);
         }
         let mut invocation = self.script.prepare_invoke();
-        invocation.arg(self.config.retention).arg(keys::RELEASED_CHANNEL).arg(self.config.ttl_ms);
+        invocation
+            .key(keys::DEAD_LETTERS)
+            .arg(self.config.retention)
+            .arg(keys::RELEASED_CHANNEL)
+            .arg(self.config.ttl_ms)
+            .arg(self.config.dead_letter_retention);
         let mut input_order = Vec::with_capacity(items.len());
         for stream in &order {
             let members = &groups[stream];
@@ -64,7 +86,7 @@ impl Store {
             };
             invocation.arg(*stream).arg(mode).arg(members.len());
             for &i in members {
-                invocation.arg(items[i].sequence).arg(items[i].body.as_slice());
+                invocation.arg(items[i].sequence).arg(items[i].body.as_slice()).arg(items[i].dead_letter.as_slice());
                 input_order.push(i);
             }
         }
@@ -103,4 +125,50 @@ impl Store {
             oldest_retained,
         })
     }
+
+    /// Up to `count` dead letters after entry `after` (exclusive; `None`:
+    /// from the oldest), oldest first. `after` must be a valid stream id.
+    pub async fn dead_letters_after(
+        &self,
+        after: Option<&str>,
+        count: usize,
+    ) -> redis::RedisResult<Vec<DeadLetterEntry>> {
+        let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
+        let mut conn = self.conn.clone();
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(keys::DEAD_LETTERS)
+            .arg(start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut conn)
+            .await?;
+        Ok(reply.ids.iter().filter_map(entry).collect())
+    }
+
+    /// The dead letter with entry id `id`, if still retained.
+    pub async fn dead_letter(&self, id: &str) -> redis::RedisResult<Option<DeadLetterEntry>> {
+        let mut conn = self.conn.clone();
+        let reply: redis::streams::StreamRangeReply =
+            redis::cmd("XRANGE").arg(keys::DEAD_LETTERS).arg(id).arg(id).query_async(&mut conn).await?;
+        Ok(reply.ids.iter().find_map(entry))
+    }
+}
+
+/// A dead-letter log entry; `None` (logged) for one the script did not write.
+fn entry(raw: &redis::streams::StreamId) -> Option<DeadLetterEntry> {
+    let bytes = |field: &str| match raw.map.get(field) {
+        Some(redis::Value::BulkString(bytes)) => Some(bytes.clone()),
+        Some(redis::Value::SimpleString(text)) => Some(text.clone().into_bytes()),
+        _ => None,
+    };
+    let parsed = (|| {
+        let stream_id = String::from_utf8(bytes("stream")?).ok()?;
+        let sequence = std::str::from_utf8(&bytes("sequence")?).ok()?.parse().ok()?;
+        Some(DeadLetterEntry { id: raw.id.clone(), stream_id, sequence, letter: bytes("letter")? })
+    })();
+    if parsed.is_none() {
+        tracing::warn!(id = %raw.id, key = keys::DEAD_LETTERS, "skipping a malformed dead-letter entry");
+    }
+    parsed
 }

@@ -15,7 +15,7 @@ use std::{
 
 use futures::StreamExt;
 use ordo_core::keys;
-use ordo_proto::v1::{EventResult, OrderingMode, ReleasedBatch};
+use ordo_proto::v1::{DeadLetter, Event, EventResult, OrderingMode, ReleasedBatch};
 use proptest::{prelude::*, test_runner::TestCaseError};
 use prost::Message;
 use reassembler::store::{Item, Store, StoreConfig};
@@ -72,7 +72,7 @@ fn item(stream: &str, sequence: u64, mode: OrderingMode) -> Item {
         payload: format!("{stream}#{sequence}").into_bytes().into(),
         ..Default::default()
     };
-    Item { stream_id: stream.into(), sequence, mode, body: result.encode_to_vec() }
+    Item { stream_id: stream.into(), sequence, mode, body: result.encode_to_vec(), dead_letter: Vec::new() }
 }
 
 async fn read_log(conn: &mut redis::aio::MultiplexedConnection, stream: &str) -> Vec<EventResult> {
@@ -103,7 +103,8 @@ fn run(redis: &Redis, arrivals: &[(usize, u64)], cuts: &[usize], modes: &[Orderi
         let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
         pubsub.subscribe(keys::RELEASED_CHANNEL).await.expect("subscribe");
         let conn = redis::aio::ConnectionManager::new(client.clone()).await.expect("connect");
-        let store = Store::new(conn, StoreConfig { retention: 1_000_000, ttl_ms: 60_000 });
+        let store =
+            Store::new(conn, StoreConfig { retention: 1_000_000, ttl_ms: 60_000, dead_letter_retention: 1_000_000 });
         let items: Vec<Item> = arrivals.iter().map(|&(s, seq)| item(&names[s], seq, modes[s])).collect();
         let mut start = 0;
         let mut bounds: Vec<usize> = cuts.iter().map(|c| c % (items.len() + 1)).collect();
@@ -220,5 +221,148 @@ fn a_missing_sequence_holds_back_only_its_successors() {
         let seqs: Vec<u64> = outcome[0].0.iter().map(|r| r.sequence).collect();
         prop_assert_eq!(seqs, (0..hole[0]).collect::<Vec<_>>());
         Ok(())
+    });
+}
+
+/// A FAILED result of `stream`#`sequence` whose dead letter records `attempts`
+/// (used to tell which of several copies was stored).
+fn failed_item(stream: &str, sequence: u64, mode: OrderingMode, attempts: u32) -> Item {
+    let result = EventResult {
+        stream_id: stream.into(),
+        sequence,
+        status: ordo_proto::ResultStatus::Failed as i32,
+        error: format!("attempt {attempts} failed"),
+        ..Default::default()
+    };
+    let letter = DeadLetter {
+        event: Some(Event { stream_id: stream.into(), sequence, operation: "op".into(), ..Default::default() }),
+        status: ordo_proto::ResultStatus::Failed as i32,
+        attempts,
+        error: result.error.clone(),
+        at_unix_ms: 1,
+        ..Default::default()
+    };
+    Item { stream_id: stream.into(), sequence, mode, body: result.encode_to_vec(), dead_letter: letter.encode_to_vec() }
+}
+
+/// Every dead letter of the streams `names`, in log order, as (stream, sequence, letter).
+async fn read_dead_letters(store: &Store, names: &[String]) -> Vec<(String, u64, DeadLetter)> {
+    let mut out = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = store.dead_letters_after(after.as_deref(), 500).await.expect("xrange");
+        let Some(last) = page.last() else { return out };
+        after = Some(last.id.clone());
+        for entry in page {
+            if names.contains(&entry.stream_id) {
+                let letter = DeadLetter::decode(entry.letter.as_slice()).expect("a decodable dead letter");
+                out.push((entry.stream_id, entry.sequence, letter));
+            }
+        }
+    }
+}
+
+#[test]
+fn a_dead_letter_is_stored_once_per_accepted_failed_result_and_never_for_a_duplicate() {
+    // The scenario's arrivals, each copy FAILED (with a dead letter) or OK at random.
+    let strategy = scenario().prop_flat_map(|(modes, lens, arrivals, cuts)| {
+        let failed = proptest::collection::vec(proptest::bool::weighted(0.4), arrivals.len());
+        (Just(modes), Just(lens), Just(arrivals), Just(cuts), failed)
+    });
+    let redis = Redis::start();
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(48));
+    let outcome = runner.run(&strategy, |(modes, lens, arrivals, cuts, failed)| {
+        let case = CASE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let names: Vec<String> = (0..modes.len()).map(|i| format!("dlq-{case}-{i}-{}", std::process::id())).collect();
+        let items: Vec<Item> =
+            arrivals
+                .iter()
+                .zip(&failed)
+                .enumerate()
+                .map(|(i, (&(s, seq), &failed))| {
+                    if failed {
+                        failed_item(&names[s], seq, modes[s], i as u32)
+                    } else {
+                        item(&names[s], seq, modes[s])
+                    }
+                })
+                .collect();
+        let (logs, letters) = runtime().block_on(async {
+            let client = redis::Client::open(redis.url.as_str()).expect("url");
+            let conn = redis::aio::ConnectionManager::new(client.clone()).await.expect("connect");
+            let store = Store::new(
+                conn,
+                StoreConfig { retention: 1_000_000, ttl_ms: 60_000, dead_letter_retention: 1_000_000 },
+            );
+            let mut bounds: Vec<usize> = cuts.iter().map(|c| c % (items.len() + 1)).collect();
+            bounds.push(items.len());
+            bounds.sort_unstable();
+            let mut start = 0;
+            for end in bounds {
+                if end > start {
+                    store.apply(&items[start..end]).await.expect("script");
+                    start = end;
+                }
+            }
+            // A redelivery of everything is all duplicates: no dead letter twice.
+            store.apply(&items).await.expect("script");
+            let mut conn = client.get_multiplexed_async_connection().await.expect("connect");
+            let mut logs = Vec::new();
+            for name in &names {
+                logs.push(read_log(&mut conn, name).await);
+            }
+            (logs, read_dead_letters(&store, &names).await)
+        });
+
+        // The first copy of each event wins; it alone may leave a dead letter.
+        let mut first: BTreeMap<(usize, u64), (usize, bool)> = BTreeMap::new();
+        for (i, (&key, &failed)) in arrivals.iter().zip(&failed).enumerate() {
+            first.entry(key).or_insert((i, failed));
+        }
+        let mut expected: Vec<(String, u64, u32)> = first
+            .iter()
+            .filter(|(_, (_, failed))| *failed)
+            .map(|(&(s, seq), &(i, _))| (names[s].clone(), seq, i as u32))
+            .collect();
+        let mut got: Vec<(String, u64, u32)> =
+            letters.iter().map(|(stream, seq, letter)| (stream.clone(), *seq, letter.attempts)).collect();
+        expected.sort();
+        got.sort();
+        prop_assert_eq!(&got, &expected, "one dead letter per stored FAILED result, from the stored copy");
+        for (stream, seq, letter) in &letters {
+            let event = letter.event.as_ref().expect("the event is recorded");
+            prop_assert_eq!((&event.stream_id, event.sequence), (stream, *seq));
+            prop_assert_eq!(letter.status(), ordo_proto::ResultStatus::Failed);
+        }
+        // The stored results agree with the dead letters.
+        for (s, log) in logs.iter().enumerate() {
+            prop_assert_eq!(log.len() as u64, lens[s]);
+            for result in log {
+                let (_, failed) = first[&(s, result.sequence)];
+                let want = if failed { ordo_proto::ResultStatus::Failed } else { ordo_proto::ResultStatus::Ok };
+                prop_assert_eq!(result.status(), want, "{:?}", result);
+            }
+        }
+        Ok(())
+    });
+    if let Err(failure) = outcome {
+        panic!("{failure}");
+    }
+}
+
+#[test]
+fn dead_letters_are_trimmed_to_the_retention() {
+    let redis = Redis::start();
+    runtime().block_on(async {
+        let client = redis::Client::open(redis.url.as_str()).expect("url");
+        let conn = redis::aio::ConnectionManager::new(client).await.expect("connect");
+        let store = Store::new(conn, StoreConfig { retention: 1_000_000, ttl_ms: 0, dead_letter_retention: 10 });
+        for seq in 0..2_000 {
+            store.apply(&[failed_item("trim", seq, OrderingMode::Ordered, 1)]).await.expect("script");
+        }
+        let kept = read_dead_letters(&store, &["trim".to_owned()]).await;
+        // MAXLEN ~ trims whole blocks (100 entries by default), never below the retention.
+        assert!((10..=200).contains(&kept.len()), "{} dead letters kept", kept.len());
+        assert_eq!(kept.last().map(|(_, seq, _)| *seq), Some(1_999), "the newest are kept");
     });
 }
