@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 mod channel;
 mod display;
+mod dlq;
 mod health;
 mod send;
 mod submit;
@@ -22,12 +23,16 @@ Examples:
   ordo send --text 'hello, ordered world' --latency exp:10ms --unordered
   ordo submit --stream s1 --seq 0 --op upper --payload hi
   ordo subscribe --stream s1 --from 0
+  ordo dlq list --stream s1
+  ordo dlq show 1700000000000-0
+  ordo dlq replay 1700000000000-0 --stream s1-retry --sequence 0
 
 Every flag can also be set through the environment variable shown in the
 subcommand's --help (e.g. ORDO_HARMONIZER=host:50051).";
 
 /// Client for Ordo: send events to the harmonizer, read released results from
-/// the push-gateway, and check any service's gRPC health.
+/// the push-gateway, inspect and replay dead letters, and check any service's
+/// gRPC health.
 #[derive(Debug, Parser)]
 #[command(name = "ordo", version, after_help = EXAMPLES)]
 struct Cli {
@@ -55,6 +60,8 @@ enum Command {
     /// characters escaped), plus `error="…"` when the result has one. Runs
     /// until interrupted, `--count` results, or the end of the subscription.
     Subscribe(subscribe::Args),
+    /// Dead letters (FAILED and GAP results): list, show, replay one as a new event.
+    Dlq(dlq::Args),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -65,6 +72,7 @@ async fn main() -> ExitCode {
         Command::Send(args) => send::run(args).await,
         Command::Submit(args) => submit::run(args).await,
         Command::Subscribe(args) => subscribe::run(args).await,
+        Command::Dlq(args) => dlq::run(args).await,
     };
     match outcome {
         Ok(code) => code,
