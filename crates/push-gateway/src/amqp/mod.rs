@@ -23,6 +23,12 @@
 //! A cursor left behind the log's oldest entry (the reassembler trimmed
 //! results the broker never got) is reported, never skipped silently: an
 //! `ordo.gap` message names the lost positions before publishing goes on.
+//!
+//! Dead letters: every FAILED or GAP result is published a second time, right
+//! after itself, with routing key `dead-letter.<stream id>` and type
+//! `ordo.dead-letter`, under the same confirms (the cursor moves past neither
+//! until both are confirmed). A queue bound to `dead-letter.#` thus gets every
+//! dead letter at least once, per stream in release order.
 
 pub mod message;
 pub mod outbox;
@@ -39,6 +45,7 @@ use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions},
     types::{FieldTable, ShortString},
 };
+use ordo_runtime::backoff::Backoff;
 use tokio::time::Instant;
 
 pub use self::message::BodyFormat;
@@ -67,7 +74,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The publishing lease: its lifetime and how often it is renewed.
 const LEASE_TTL: Duration = Duration::from_secs(10);
 const LEASE_RENEW: Duration = Duration::from_secs(3);
+const MIN_BACKOFF: Duration = Duration::from_millis(200);
+const MIN_REDIS_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Routing key prefix of dead letters (FAILED and GAP results).
+pub const DEAD_LETTER_PREFIX: &str = "dead-letter.";
 
 #[derive(Debug, thiserror::Error)]
 enum PublishError {
@@ -133,12 +144,12 @@ struct Publisher {
 
 impl Publisher {
     async fn run(mut self) {
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
         while !self.shutdown.is_cancelled() {
             match self.connect().await {
                 Ok((connection, channel)) => {
                     tracing::info!(exchange = %self.config.exchange, "connected to the AMQP broker");
-                    backoff = Duration::from_millis(200);
+                    backoff.reset();
                     // Whatever was released while we were away is found by a scan.
                     self.need_scan = true;
                     let outcome = self.publish_while_connected(&channel).await;
@@ -152,8 +163,7 @@ impl Publisher {
                     tracing::warn!(%error, url = %redact(&self.config.url), "cannot connect to the AMQP broker; retrying")
                 }
             }
-            self.idle(backoff).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            self.idle(backoff.next_delay()).await;
         }
         if self.leader_since.is_some()
             && let Err(error) = self.outbox.resign().await
@@ -236,18 +246,17 @@ impl Publisher {
     /// Publishes until shutdown (`Ok`) or a broker failure (`Err`). Redis
     /// failures are waited out here, keeping the broker connection.
     async fn publish_while_connected(&mut self, channel: &Channel) -> Result<(), PublishError> {
-        let mut redis_backoff = Duration::from_millis(100);
+        let mut redis_backoff = Backoff::new(MIN_REDIS_BACKOFF, MAX_BACKOFF);
         loop {
             if self.shutdown.is_cancelled() {
                 return Ok(());
             }
             match self.round(channel).await {
-                Ok(()) => redis_backoff = Duration::from_millis(100),
+                Ok(()) => redis_backoff.reset(),
                 Err(error) if error.is_broker() => return Err(error),
                 Err(error) => {
                     tracing::warn!(%error, "AMQP outbox cannot read Redis; retrying");
-                    self.idle(redis_backoff).await;
-                    redis_backoff = (redis_backoff * 2).min(MAX_BACKOFF);
+                    self.idle(redis_backoff.next_delay()).await;
                 }
             }
         }
@@ -311,6 +320,8 @@ impl Publisher {
             tracing::error!(stream, "stream id longer than 255 bytes cannot be an AMQP routing key; not published");
             return Ok(Progress::Done);
         };
+        // Too long a stream id only loses the dead-letter copy, never the result.
+        let dead_letter_key = ShortString::try_new(format!("{DEAD_LETTER_PREFIX}{stream}")).ok();
         let cursor = self.outbox.cursor(stream).await?;
         let from = cursor.unwrap_or(0);
         let entries = self.log.read_entries(stream, from, PAGE).await?;
@@ -350,6 +361,21 @@ impl Publisher {
                 .basic_publish(exchange.clone(), routing_key.clone(), BasicPublishOptions::default(), &body, properties)
                 .await?;
             confirms.push((result.position, confirm));
+            if message::is_dead_letter(result) {
+                let Some(key) = &dead_letter_key else {
+                    tracing::error!(
+                        stream,
+                        position = result.position,
+                        "stream id too long for a dead-letter routing key; dead letter not published"
+                    );
+                    continue;
+                };
+                let (body, properties) = message::dead_letter(result, self.config.body);
+                let confirm = channel
+                    .basic_publish(exchange.clone(), key.clone(), BasicPublishOptions::default(), &body, properties)
+                    .await?;
+                confirms.push((result.position, confirm));
+            }
         }
         for (position, confirm) in confirms {
             match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
