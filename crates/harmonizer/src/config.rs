@@ -58,6 +58,13 @@ pub struct Config {
     )]
     // Fully qualified: clap would otherwise treat it as an optional `Duration`.
     pub stream_processing_threshold: ::std::option::Option<Duration>,
+    /// Default gap timeout of a stream (events override it with attribute
+    /// `gap-timeout`): when a sequence has not arrived this long while later
+    /// ones wait behind it, a GAP result is released in its place so its
+    /// successors flow. `off` (or `0`) waits for the missing event forever.
+    #[arg(long, env = "HARMONIZER_GAP_TIMEOUT", default_value = "10s", value_parser = parse_gap_timeout)]
+    // Fully qualified: clap would otherwise treat it as an optional `Duration`.
+    pub gap_timeout: ::std::option::Option<Duration>,
     /// Largest event payload accepted.
     #[arg(long, env = "HARMONIZER_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
     pub max_payload_bytes: usize,
@@ -114,6 +121,11 @@ fn parse_threshold(text: &str) -> Result<Option<Duration>, String> {
         "off" | "0" => Ok(None),
         other => duration::parse(other).map(|d| (!d.is_zero()).then_some(d)),
     }
+}
+
+/// A gap timeout: `off` or `0` (disabled), else a duration.
+pub fn parse_gap_timeout(text: &str) -> Result<Option<Duration>, String> {
+    parse_threshold(text)
 }
 
 /// Trims and drops empty entries of a comma-separated list.

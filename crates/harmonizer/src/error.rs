@@ -6,6 +6,9 @@ use tonic::Status;
 pub enum Error {
     #[error("stream_id is required")]
     MissingStreamId,
+    #[error("stream_id of {len} bytes is longer than the limit of {limit} bytes")]
+    StreamIdTooLong { len: usize, limit: usize },
+    /// `name` is already cut for echoing (ordo_core::limits::echo).
     #[error("unknown operation {name:?}; known operations: {known}")]
     UnknownOperation { name: String, known: String },
     #[error("payload of {size} bytes exceeds the limit of {limit} bytes")]
@@ -18,6 +21,10 @@ pub enum Error {
     BeyondWindow { stream: String, sequence: u64, next: u64, window: u64, limit: u64 },
     #[error("sequence {sequence} of unordered stream {stream:?} was already released; read it from the push-gateway")]
     AlreadyReleased { stream: String, sequence: u64 },
+    #[error(
+        "sequence {sequence} of stream {stream:?} was settled as a gap (no event arrived within the stream's gap timeout); it will not be processed"
+    )]
+    GapSettled { stream: String, sequence: u64 },
     #[error("reorder state unavailable")]
     Redis(#[from] redis::RedisError),
     #[error("{0} unavailable")]
@@ -30,9 +37,11 @@ impl From<Error> for Status {
     fn from(error: Error) -> Self {
         let message = error.to_string();
         match error {
-            Error::MissingStreamId | Error::PayloadTooLarge { .. } | Error::MalformedAttributes(_) => {
-                Status::invalid_argument(message)
-            }
+            Error::MissingStreamId
+            | Error::StreamIdTooLong { .. }
+            | Error::PayloadTooLarge { .. }
+            | Error::MalformedAttributes(_) => Status::invalid_argument(message),
+            Error::GapSettled { .. } => Status::failed_precondition(message),
             Error::UnknownOperation { .. } => Status::not_found(message),
             Error::BeyondWindow { .. } => Status::out_of_range(message),
             Error::AlreadyReleased { .. } => Status::already_exists(message),

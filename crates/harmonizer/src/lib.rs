@@ -13,7 +13,10 @@ pub mod follower;
 pub mod pool;
 pub mod process;
 pub mod registry;
+mod size_limit;
 pub mod state;
+mod stored;
+pub mod streams;
 mod submit;
 
 use std::{pin::Pin, sync::Arc};
@@ -26,7 +29,12 @@ use ordo_proto::v1::{
     push_gateway_client::PushGatewayClient,
     stateless_client::StatelessClient,
 };
-use ordo_runtime::{Shutdown, client::TracedChannel, server::GrpcServer};
+use ordo_runtime::{
+    Shutdown,
+    client::TracedChannel,
+    readiness::{Dependency, Readiness},
+    server::GrpcServer,
+};
 use reassembler::client::ResultSink;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
@@ -37,18 +45,22 @@ pub struct Shared {
     pub config: Config,
     pub registry: registry::Registry,
     pub pool: pool::Pool,
+    /// Where results the harmonizer produces itself (GAP) are recorded.
+    pub sink: ResultSink,
     pub push_gateway: PushGatewayClient<TracedChannel>,
     pub redis: redis::aio::ConnectionManager,
     pub shutdown: Shutdown,
 }
 
 pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
-    let redis = ordo_runtime::redis_conn::connect(&config.redis_url, &shutdown).await?;
+    // Lazy: health is served (NOT_SERVING) at once, even while Redis is down.
+    let redis = ordo_runtime::redis_conn::lazy(&config.redis_url)?;
+    let (readiness, _watcher) = Readiness::watch(vec![Dependency::redis(redis.clone())], shutdown.clone());
     let sink = ResultSink::start(&config::clean(&config.reassemblers))?;
     let stateless = StatelessClient::new(ordo_runtime::client::traced(&config.stateless)?);
     let pool = pool::Pool::start(
         &config::clean(&config.workers),
-        sink,
+        sink.clone(),
         stateless,
         pool::PoolConfig { event_timeout: config.event_timeout, max_attempts: config.max_attempts },
         shutdown.clone(),
@@ -61,11 +73,15 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     let push_gateway = PushGatewayClient::new(ordo_runtime::client::traced(&config.push_gateway)?)
         .max_decoding_message_size(ordo_runtime::server::MAX_MESSAGE_BYTES);
     let drain = config.common.drain_timeout;
-    let shared = Arc::new(Shared { config, registry, pool, push_gateway, redis, shutdown: shutdown.clone() });
+    let shared = Arc::new(Shared { config, registry, pool, sink, push_gateway, redis, shutdown: shutdown.clone() });
     let server = HarmonizerServer::new(HarmonizerService { shared })
         .max_decoding_message_size(ordo_runtime::server::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(ordo_runtime::server::MAX_MESSAGE_BYTES);
-    GrpcServer::new().with_service(server).serve(listener, shutdown, drain).await
+    GrpcServer::new()
+        .with_readiness(readiness)
+        .with_service(size_limit::SizeLimitStatus::new(server, ordo_runtime::server::MAX_MESSAGE_BYTES))
+        .serve(listener, shutdown, drain)
+        .await
 }
 
 #[derive(Clone)]

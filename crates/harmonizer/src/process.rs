@@ -1,30 +1,32 @@
 //! One `Process` call: events of any number of streams in, each accepted
-//! event's result out once, per stream in release order.
+//! event's result out once, per stream in release order. The decisions
+//! (window, duplicates, resends, PROCESSING and gap timers) are made by
+//! [`Streams`]; this module only executes them: it reads events, opens
+//! streams from Redis, dispatches, follows released results through the
+//! push-gateway and writes results to the client.
 //!
-//! Per stream the call keeps the sequences it accepted (so a duplicate is
-//! dropped, one result only), the ones still awaiting a result, and the
-//! stream's lowest unreleased sequence `next`, which bounds the window.
 //! An event at or beyond `next + window` holds the call (no further reads:
 //! HTTP/2 back-pressure) until the window moves, or is rejected with
 //! OUT_OF_RANGE after `--window-wait`.
 //!
-//! With `--stream-processing-threshold`, a stream whose head (lowest awaited
-//! sequence) has waited that long gets a PROCESSING result for it at once —
-//! at most one per sequence per call — and the real result still follows.
-//! One timer per stream head, in a heap; stale timers are skipped when due.
+//! How a call ends:
+//! - the client half-closes: the call ends once every event it accepted is
+//!   settled (its result, FAILED or GAP, was sent), then with OK;
+//! - a frame cannot be decoded (not protobuf, a string that is not UTF-8,
+//!   over the message size limit): no more events are read, every result
+//!   already owed is still sent, then the call ends with INVALID_ARGUMENT
+//!   (RESOURCE_EXHAUSTED for size) naming the problem;
+//! - the client goes away: the call ends at once; accepted events still run
+//!   and are released (read them from the push-gateway);
+//! - shutdown: no new events; owed results are sent until the drain timeout.
 
-use std::{
-    cmp::Reverse,
-    collections::{BTreeMap, BinaryHeap, HashMap},
-    sync::Arc,
-    time::Duration,
-};
+use std::sync::Arc;
 
-use ordo_core::ranges::RangeSet;
-use ordo_proto::v1::{Event, EventResult, FollowBatch, OrderingMode};
+use ordo_core::limits;
+use ordo_proto::v1::{Completed, Event, EventResult, FollowBatch, OrderingMode};
 use ordo_runtime::telemetry;
 use tokio::{sync::mpsc, time::Instant};
-use tonic::{Status, Streaming};
+use tonic::{Code, Status, Streaming};
 use tracing::Span;
 
 use crate::{
@@ -32,29 +34,9 @@ use crate::{
     error::Error,
     follower::Follower,
     registry::Route,
-    state::{self, StreamMeta},
+    state,
+    streams::{Admission, Due, Opened, Outgoing, Streams},
 };
-
-struct StreamState {
-    mode: OrderingMode,
-    next: u64,
-    accepted: RangeSet,
-    /// Sequences accepted on this call whose result has not come yet.
-    awaiting: BTreeMap<u64, Awaited>,
-    /// The head sequence a PROCESSING timer is armed for.
-    armed: Option<u64>,
-}
-
-struct Awaited {
-    since: Instant,
-    processing_sent: bool,
-}
-
-impl StreamState {
-    fn wait_for(&mut self, sequence: u64) {
-        self.awaiting.insert(sequence, Awaited { since: Instant::now(), processing_sent: false });
-    }
-}
 
 struct Blocked {
     event: Event,
@@ -64,32 +46,45 @@ struct Blocked {
 
 type Out = mpsc::Sender<Result<EventResult, Status>>;
 
+/// Why the client's side of the call stopped delivering events.
+enum Inbound {
+    Open,
+    /// Half-closed by the client, or no longer read (shutdown).
+    Closed,
+    /// A frame could not be decoded: the call ends with this status once
+    /// every owed result is sent.
+    Broken(Status),
+}
+
 pub async fn run(shared: Arc<Shared>, mut inbound: Streaming<Event>, out: Out, call_span: Span) {
     let mut call = Call {
-        shared: shared.clone(),
-        streams: HashMap::new(),
+        streams: Streams::new(shared.config.window, shared.config.stream_processing_threshold),
         follower: Follower::start(shared.push_gateway.clone()),
+        shared: shared.clone(),
         out,
         call_span,
-        threshold: shared.config.stream_processing_threshold,
-        timers: BinaryHeap::new(),
     };
-    let mut reading = true;
+    let mut state = Inbound::Open;
     let mut blocked: Option<Blocked> = None;
     loop {
-        if !reading && blocked.is_none() && call.streams.values().all(|s| s.awaiting.is_empty()) {
+        if !matches!(state, Inbound::Open) && blocked.is_none() && call.streams.settled() {
             break;
         }
+        let reading = matches!(state, Inbound::Open);
         let deadline = blocked.as_ref().map(|b| b.deadline);
-        let timer = call.timers.peek().map(|Reverse((at, _, _))| *at);
+        let timer = call.streams.next_due();
         tokio::select! {
             event = inbound.message(), if reading && blocked.is_none() => match event {
                 Ok(Some(event)) => blocked = call.handle(event).await,
-                Ok(None) => reading = false,
-                Err(status) => {
-                    tracing::debug!(%status, "client stream ended");
-                    break;
-                }
+                Ok(None) => state = Inbound::Closed,
+                Err(status) => match frame_error(status) {
+                    Some(status) => {
+                        tracing::warn!(code = ?status.code(), message = status.message(), owed = call.streams.owed(),
+                            "bad frame on a Process call: reading stops, owed results are still sent");
+                        state = Inbound::Broken(status);
+                    }
+                    None => break,
+                },
             },
             batch = call.follower.batches.recv() => {
                 let Some(batch) = batch else { break };
@@ -107,13 +102,13 @@ pub async fn run(shared: Arc<Shared>, mut inbound: Streaming<Event>, out: Out, c
                 }
             }
             _ = tokio::time::sleep_until(timer.unwrap_or_else(Instant::now)), if timer.is_some() => {
-                if !call.send_processing().await {
+                if !call.on_timers().await {
                     break;
                 }
             }
             _ = shared.shutdown.cancelled(), if reading => {
                 // Drain: no new events, but every accepted one still gets its result.
-                reading = false;
+                state = Inbound::Closed;
                 if let Some(b) = blocked.take() {
                     call.reject(&b.event, Error::ShuttingDown).await;
                 }
@@ -121,71 +116,60 @@ pub async fn run(shared: Arc<Shared>, mut inbound: Streaming<Event>, out: Out, c
             _ = call.out.closed() => break,
         }
     }
+    if let Inbound::Broken(status) = state {
+        let _ = call.out.send(Err(status)).await;
+    }
+}
+
+/// The status a call ends with for a frame the server could not decode, or
+/// `None` when the client itself is gone (reset, cancelled): then there is
+/// nobody to tell.
+fn frame_error(status: Status) -> Option<Status> {
+    let message = status.message();
+    match status.code() {
+        Code::OutOfRange | Code::ResourceExhausted if message.contains("too large") => {
+            Some(Status::resource_exhausted(format!(
+                "an event frame exceeds the message size limit of {} bytes ({message}); results owed on this call were sent first",
+                ordo_runtime::server::MAX_MESSAGE_BYTES
+            )))
+        }
+        Code::Internal | Code::InvalidArgument | Code::DataLoss => Some(Status::invalid_argument(format!(
+            "an event frame could not be decoded as ordo.v1.Event ({}); results owed on this call were sent first",
+            limits::echo(message)
+        ))),
+        _ => {
+            tracing::debug!(%status, "client stream ended");
+            None
+        }
+    }
 }
 
 struct Call {
     shared: Arc<Shared>,
-    streams: HashMap<String, StreamState>,
+    streams: Streams,
     follower: Follower,
     out: Out,
     call_span: Span,
-    /// `--stream-processing-threshold`, if on.
-    threshold: Option<Duration>,
-    /// (when, stream, head sequence): min-heap of PROCESSING timers.
-    timers: BinaryHeap<Reverse<(Instant, String, u64)>>,
 }
 
 impl Call {
-    /// Arms the PROCESSING timer of `stream_id`'s head if it has none yet.
-    fn arm(&mut self, stream_id: &str) {
-        let Some(threshold) = self.threshold else { return };
-        let Some(stream) = self.streams.get_mut(stream_id) else { return };
-        let Some((&head, awaited)) = stream.awaiting.first_key_value() else { return };
-        if awaited.processing_sent || stream.armed == Some(head) {
-            return;
-        }
-        stream.armed = Some(head);
-        self.timers.push(Reverse((awaited.since + threshold, stream_id.to_owned(), head)));
-    }
-
-    /// Sends PROCESSING for every stream head whose timer is due and that is
-    /// still the head, still awaited. False if the client is gone.
-    async fn send_processing(&mut self) -> bool {
-        let now = Instant::now();
-        while self.timers.peek().is_some_and(|Reverse((at, _, _))| *at <= now) {
-            let Some(Reverse((_, stream_id, sequence))) = self.timers.pop() else { break };
-            let Some(stream) = self.streams.get_mut(&stream_id) else { continue };
-            if stream.armed == Some(sequence) {
-                stream.armed = None;
-            }
-            let Some((&head, awaited)) = stream.awaiting.first_key_value() else { continue };
-            if head != sequence || awaited.processing_sent {
-                continue;
-            }
-            if let Some(awaited) = stream.awaiting.get_mut(&head) {
-                awaited.processing_sent = true;
-            }
-            if self.out.send(Ok(EventResult::processing_of(&stream_id, sequence))).await.is_err() {
-                return false;
-            }
-        }
-        true
+    async fn send(&self, result: EventResult) -> bool {
+        self.out.send(Ok(result)).await.is_ok()
     }
 
     async fn reject(&self, event: &Event, error: Error) {
         let status = Status::from(error);
-        let _ = self.out.send(Ok(EventResult::rejected(&event.stream_id, event.sequence, &status))).await;
+        let _ = self.send(EventResult::rejected(&limits::echo(&event.stream_id), event.sequence, &status)).await;
     }
 
     fn beyond_window(&self, event: &Event) -> Error {
-        let next = self.streams.get(&event.stream_id).map_or(0, |s| s.next);
-        let window = self.shared.config.window;
+        let (next, limit) = self.streams.window_of(&event.stream_id);
         Error::BeyondWindow {
             stream: event.stream_id.clone(),
             sequence: event.sequence,
             next,
-            window,
-            limit: next.saturating_add(window),
+            window: self.shared.config.window,
+            limit,
         }
     }
 
@@ -198,57 +182,53 @@ impl Call {
                 return None;
             }
         };
-        if !self.streams.contains_key(&event.stream_id) {
-            match state::read(&self.shared.redis, &event.stream_id).await {
-                Ok(meta) => self.open_stream(&event, meta),
+        let gap_timeout = match self.shared.registry.gap_timeout(&event, self.shared.config.gap_timeout) {
+            Ok(gap_timeout) => gap_timeout,
+            Err(error) => {
+                self.reject(&event, error).await;
+                return None;
+            }
+        };
+        let stream = event.stream_id.as_str();
+        if !self.streams.knows(stream) {
+            match state::read(&self.shared.redis, stream).await {
+                Ok(meta) => {
+                    let mode = state::effective_mode(meta.mode, event.mode());
+                    self.follower.follow(stream, meta.released);
+                    self.streams.open(stream, Opened { mode, next: meta.next, released: meta.released, gap_timeout });
+                }
                 Err(error) => {
                     self.reject(&event, Error::Redis(error)).await;
                     return None;
                 }
             }
+        } else if event.attributes.contains_key(limits::GAP_TIMEOUT_ATTRIBUTE) {
+            self.streams.set_gap_timeout(stream, gap_timeout, Instant::now());
         }
-        let window = self.shared.config.window;
-        let stream = self.streams.get_mut(&event.stream_id)?;
-        let sequence = event.sequence;
-        if stream.accepted.contains(sequence) {
-            return None; // duplicate on this call: its one result is (or was) on its way
-        }
-        if sequence < stream.next {
-            // Already released: serve it from the log (its position is its sequence).
-            if stream.mode == OrderingMode::Unordered {
-                let error = Error::AlreadyReleased { stream: event.stream_id.clone(), sequence };
+        match self.streams.admit(stream, event.sequence, Instant::now()) {
+            Admission::Duplicate => None,
+            Admission::ReleasedUnordered => {
+                let error = Error::AlreadyReleased { stream: event.stream_id.clone(), sequence: event.sequence };
                 self.reject(&event, error).await;
-                return None;
+                None
             }
-            stream.accepted.insert(sequence);
-            stream.wait_for(sequence);
-            self.follower.follow(&event.stream_id, sequence);
-            self.arm(&event.stream_id);
-            return None;
+            Admission::FromLog { from } => {
+                self.follower.follow(stream, from);
+                None
+            }
+            Admission::BeyondWindow { .. } => {
+                let deadline = Instant::now() + self.shared.config.window_wait;
+                Some(Blocked { event, route, deadline })
+            }
+            Admission::Dispatch => {
+                self.dispatch(event, route).await;
+                None
+            }
         }
-        if sequence >= stream.next.saturating_add(window) {
-            let deadline = Instant::now() + self.shared.config.window_wait;
-            return Some(Blocked { event, route, deadline });
-        }
-        self.admit(event, route).await;
-        None
     }
 
-    fn open_stream(&mut self, event: &Event, meta: StreamMeta) {
-        let mode = state::effective_mode(meta.mode, event.mode());
-        self.follower.follow(&event.stream_id, meta.released);
-        self.streams.insert(
-            event.stream_id.clone(),
-            StreamState { mode, next: meta.next, accepted: RangeSet::new(), awaiting: BTreeMap::new(), armed: None },
-        );
-    }
-
-    async fn admit(&mut self, mut event: Event, route: Route) {
-        let Some(stream) = self.streams.get_mut(&event.stream_id) else { return };
-        stream.accepted.insert(event.sequence);
-        stream.wait_for(event.sequence);
-        event.mode = stream.mode as i32;
-        self.arm(&event.stream_id);
+    async fn dispatch(&mut self, mut event: Event, route: Route) {
+        event.mode = self.streams.mode(&event.stream_id).unwrap_or(OrderingMode::Ordered) as i32;
         let span = telemetry::entry_span(
             "harmonizer.dispatch",
             &event.stream_id,
@@ -264,45 +244,120 @@ impl Call {
     }
 
     async fn retry_blocked(&mut self, blocked: Blocked) -> Option<Blocked> {
-        let next = self.streams.get(&blocked.event.stream_id).map_or(0, |s| s.next);
-        if blocked.event.sequence < next.saturating_add(self.shared.config.window) {
-            self.admit(blocked.event, blocked.route).await;
-            None
-        } else {
-            Some(blocked)
+        let (_, limit) = self.streams.window_of(&blocked.event.stream_id);
+        if blocked.event.sequence >= limit {
+            return Some(blocked);
         }
+        match self.streams.admit(&blocked.event.stream_id, blocked.event.sequence, Instant::now()) {
+            Admission::Dispatch => self.dispatch(blocked.event, blocked.route).await,
+            Admission::FromLog { from } => self.follower.follow(&blocked.event.stream_id, from),
+            Admission::BeyondWindow { .. } => return Some(blocked),
+            Admission::Duplicate | Admission::ReleasedUnordered => {}
+        }
+        None
     }
 
     /// Forwards the results this call awaits. False if the client is gone.
     async fn forward(&mut self, batch: FollowBatch) -> bool {
-        let Some(stream) = self.streams.get_mut(&batch.stream_id) else { return true };
         if !batch.error.is_empty() {
             // The cursor can't be served (older than retention): say so for each awaited event.
             let status = Status::out_of_range(batch.error);
-            let awaiting: Vec<u64> = std::mem::take(&mut stream.awaiting).into_keys().collect();
-            for sequence in awaiting {
-                if self.out.send(Ok(EventResult::rejected(&batch.stream_id, sequence, &status))).await.is_err() {
+            for sequence in self.streams.unservable(&batch.stream_id) {
+                if !self.send(EventResult::rejected(&batch.stream_id, sequence, &status)).await {
                     return false;
                 }
             }
             return true;
         }
-        stream.next = stream.next.max(batch.next_sequence);
-        for result in batch.results {
-            if stream.awaiting.remove(&result.sequence).is_some() {
-                let _span = telemetry::event_span(
-                    "harmonizer.respond",
-                    &result.stream_id,
-                    result.sequence,
-                    &result.trace_context,
-                );
-                if self.out.send(Ok(result)).await.is_err() {
-                    return false;
+        let outgoing = self.streams.released(&batch.stream_id, batch.next_sequence, batch.results, Instant::now());
+        for out in outgoing {
+            let result = match out {
+                Outgoing::Result(result) => {
+                    let _span = telemetry::event_span(
+                        "harmonizer.respond",
+                        &result.stream_id,
+                        result.sequence,
+                        &result.trace_context,
+                    );
+                    result
+                }
+                Outgoing::GapSettled { stream, sequence } => {
+                    let status = Status::from(Error::GapSettled { stream: stream.clone(), sequence });
+                    EventResult::rejected(&stream, sequence, &status)
+                }
+            };
+            if !self.send(result).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Executes due timers: PROCESSING tickets and gaps. False if the client is gone.
+    async fn on_timers(&mut self) -> bool {
+        let now = Instant::now();
+        for due in self.streams.due(now) {
+            match due {
+                Due::Processing { stream, sequence } => {
+                    if !self.send(EventResult::processing_of(&stream, sequence)).await {
+                        return false;
+                    }
+                }
+                Due::Gap { stream, from, to } => {
+                    if (from..to).any(|sequence| self.shared.pool.in_flight(&stream, sequence)) {
+                        // Accepted elsewhere (another call, a Submit) and still running: not a gap.
+                        self.streams.gap_postponed(&stream, from, now);
+                        continue;
+                    }
+                    self.streams.gap_declared(&stream, from, to, now);
+                    self.declare_gap(stream, from, to);
                 }
             }
         }
-        // A new head starts its own wait for PROCESSING.
-        self.arm(&batch.stream_id);
         true
     }
+
+    /// Releases GAP in place of `from..to` (first result wins: a real result
+    /// stored meanwhile still wins) and records each as a dead letter.
+    fn declare_gap(&self, stream: String, from: u64, to: u64) {
+        let timeout = self.streams.gap_timeout(&stream).map(ordo_core::duration::format).unwrap_or_default();
+        let mode = self.streams.mode(&stream).unwrap_or(OrderingMode::Ordered) as i32;
+        tracing::warn!(stream, from, to, timeout, "gap: no event within the gap timeout; releasing GAP in its place");
+        let sink = self.shared.sink.clone();
+        let error = format!("no event arrived within the gap timeout ({timeout}) while later sequences waited");
+        // Off the call's loop: recording waits for the reassembler's ack, and
+        // the released GAP results come back through the follower.
+        tokio::spawn(async move {
+            for sequence in from..to {
+                let (result, dead_letter) = gap_result(&stream, sequence, &error);
+                let completed = Completed { result: Some(result), mode, dead_letter: Some(dead_letter) };
+                if sink.deliver(completed).await.is_err() {
+                    // Only at shutdown; the stream's next call declares the gap again.
+                    tracing::warn!(stream, sequence, "could not record a GAP result");
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// The GAP result of (stream, sequence) and its dead letter.
+fn gap_result(stream: &str, sequence: u64, error: &str) -> (EventResult, ordo_proto::v1::DeadLetter) {
+    let result = EventResult {
+        stream_id: stream.to_owned(),
+        sequence,
+        status: ordo_proto::ResultStatus::Gap as i32,
+        error: error.to_owned(),
+        completed_unix_nanos: ordo_proto::unix_nanos(),
+        ..Default::default()
+    };
+    let dead_letter = ordo_proto::v1::DeadLetter {
+        event: Some(Event { stream_id: stream.to_owned(), sequence, ..Default::default() }),
+        status: ordo_proto::ResultStatus::Gap as i32,
+        attempts: 0,
+        error: error.to_owned(),
+        at_unix_ms: ordo_proto::unix_nanos() / 1_000_000,
+        id: String::new(),
+    };
+    (result, dead_letter)
 }

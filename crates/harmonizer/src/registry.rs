@@ -3,16 +3,18 @@
 
 use std::collections::BTreeMap;
 
-use ordo_core::latency::{self, Latency};
+use std::time::Duration;
+
+use ordo_core::{
+    latency::Latency,
+    limits::{
+        self, CALL_ATTRIBUTE, GAP_TIMEOUT_ATTRIBUTE, LATENCY_ATTRIBUTE, MAX_ATTRIBUTE_BYTES, MAX_ATTRIBUTES,
+        MAX_STREAM_ID_BYTES, echo,
+    },
+};
 use ordo_proto::v1::{Event, OperationInfo, OperationKind};
 
-use crate::error::Error;
-
-/// The attribute naming the stateless operation `callback` calls.
-const CALL_ATTRIBUTE: &str = "call";
-const MAX_ATTRIBUTES: usize = 64;
-const MAX_ATTRIBUTE_BYTES: usize = 4096;
-const MAX_STREAM_ID_BYTES: usize = 256;
+use crate::{config::parse_gap_timeout, error::Error};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
@@ -60,10 +62,10 @@ impl Registry {
             return Err(Error::MissingStreamId);
         }
         if event.stream_id.len() > MAX_STREAM_ID_BYTES {
-            return Err(Error::MalformedAttributes(format!("stream_id is longer than {MAX_STREAM_ID_BYTES} bytes")));
+            return Err(Error::StreamIdTooLong { len: event.stream_id.len(), limit: MAX_STREAM_ID_BYTES });
         }
         let route = *self.ops.get(&event.operation).ok_or_else(|| Error::UnknownOperation {
-            name: event.operation.clone(),
+            name: echo(&event.operation),
             known: self.ops.keys().cloned().collect::<Vec<_>>().join(", "),
         })?;
         if event.payload.len() > self.max_payload {
@@ -78,21 +80,35 @@ impl Registry {
             }
             if key.len() + value.len() > MAX_ATTRIBUTE_BYTES {
                 return Err(Error::MalformedAttributes(format!(
-                    "attribute {key:?} is longer than {MAX_ATTRIBUTE_BYTES} bytes"
+                    "attribute {:?} is longer than {MAX_ATTRIBUTE_BYTES} bytes",
+                    echo(key)
                 )));
             }
         }
-        if let Some(text) = event.attributes.get(latency::ATTRIBUTE) {
-            Latency::parse(text).map_err(|e| Error::MalformedAttributes(e.to_string()))?;
+        if let Some(text) = event.attributes.get(LATENCY_ATTRIBUTE) {
+            Latency::parse(text).map_err(|e| Error::MalformedAttributes(echo(&e.to_string())))?;
         }
         if let Some(call) = event.attributes.get(CALL_ATTRIBUTE)
             && self.ops.get(call) != Some(&Route::Stateless)
         {
             return Err(Error::MalformedAttributes(format!(
-                "attribute call={call:?} does not name a stateless operation"
+                "attribute call={:?} does not name a stateless operation",
+                echo(call)
             )));
         }
+        self.gap_timeout(event, None)?;
         Ok(route)
+    }
+
+    /// The gap timeout an event asks for (attribute `gap-timeout`: `off` or a
+    /// duration), else `default`.
+    pub fn gap_timeout(&self, event: &Event, default: Option<Duration>) -> Result<Option<Duration>, Error> {
+        match event.attributes.get(GAP_TIMEOUT_ATTRIBUTE) {
+            None => Ok(default),
+            Some(text) => parse_gap_timeout(text).map_err(|e| {
+                Error::MalformedAttributes(format!("attribute {GAP_TIMEOUT_ATTRIBUTE}: {}", limits::echo(&e)))
+            }),
+        }
     }
 }
 
@@ -115,6 +131,30 @@ mod tests {
     }
 
     #[test]
+    fn messages_never_echo_more_than_the_limits() {
+        let r = registry();
+        let error = r.validate(&event("s", &"x".repeat(1 << 20))).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(error.len() < 500, "unknown operation message is {} bytes", error.len());
+        let mut long_key = event("s", "echo");
+        long_key.attributes.insert("k".repeat(1 << 20), String::new());
+        let error = r.validate(&long_key).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(error.len() < 500, "attribute message is {} bytes", error.len());
+    }
+
+    #[test]
+    fn gap_timeout_from_attribute_or_default() {
+        let r = registry();
+        let default = Some(Duration::from_secs(10));
+        assert_eq!(r.gap_timeout(&event("s", "echo"), default).ok(), Some(default));
+        let mut off = event("s", "echo");
+        off.attributes.insert("gap-timeout".into(), "off".into());
+        assert_eq!(r.gap_timeout(&off, default).ok(), Some(None));
+        let mut short = event("s", "echo");
+        short.attributes.insert("gap-timeout".into(), "250ms".into());
+        assert_eq!(r.gap_timeout(&short, default).ok(), Some(Some(Duration::from_millis(250))));
+    }
+
+    #[test]
     fn rejects_each_bad_input_with_its_error() {
         let r = registry();
         assert!(matches!(r.validate(&event("", "echo")), Err(Error::MissingStreamId)));
@@ -128,6 +168,11 @@ mod tests {
         let mut bad_call = event("s", "async-echo");
         bad_call.attributes.insert("call".into(), "async-echo".into());
         assert!(matches!(r.validate(&bad_call), Err(Error::MalformedAttributes(_))));
+        let mut bad_gap = event("s", "echo");
+        bad_gap.attributes.insert("gap-timeout".into(), "soon".into());
+        assert!(matches!(r.validate(&bad_gap), Err(Error::MalformedAttributes(_))));
+        let long = event(&"s".repeat(10_000), "echo");
+        assert!(matches!(r.validate(&long), Err(Error::StreamIdTooLong { len: 10_000, .. })));
         let mut empty_key = event("s", "echo");
         empty_key.attributes.insert(String::new(), "x".into());
         assert!(matches!(r.validate(&empty_key), Err(Error::MalformedAttributes(_))));

@@ -6,12 +6,14 @@
 //! `--unary-threshold` for the released result; after that it answers
 //! PROCESSING and the push gateway serves the result later. Submitting the
 //! same (stream, sequence) again returns the same result: the reassembler
-//! keeps only the first.
+//! keeps only the first, and stateless results are looked up before and
+//! after they are computed so a repeat with another payload still gets the
+//! first. Over the message size limit: RESOURCE_EXHAUSTED (`size_limit.rs`).
 
 use ordo_proto::v1::{Event, EventResult, OrderingMode, SubscribeRequest};
 use ordo_runtime::telemetry;
 
-use crate::{Shared, error::Error, registry::Route, state};
+use crate::{Shared, error::Error, registry::Route, state, stored};
 
 pub async fn submit(shared: &Shared, mut event: Event) -> Result<EventResult, Error> {
     if shared.shutdown.is_cancelled() {
@@ -41,11 +43,24 @@ pub async fn submit(shared: &Shared, mut event: Event) -> Result<EventResult, Er
     event.trace_context = telemetry::inject(&span, &event.trace_context);
 
     if route == Route::Stateless {
+        // Only the first result of a sequence is stored and released: a
+        // repeated Submit gets that one, whatever it sends now.
+        if let Some(stored) = stored::read(&shared.redis, &event.stream_id, event.sequence, mode).await? {
+            return answer(stored);
+        }
+        if event.sequence < meta.next && mode == OrderingMode::Unordered {
+            return Err(Error::AlreadyReleased { stream: event.stream_id, sequence: event.sequence });
+        }
         let result = shared.pool.execute_stateless(&event).await;
-        if event.sequence >= meta.next && !shared.pool.record(result.clone(), event.mode).await {
+        if event.sequence < meta.next {
+            return answer(result); // released, but already trimmed from the log
+        }
+        if !shared.pool.record(result.clone(), event.mode).await {
             return Err(Error::Unavailable("reassembler"));
         }
-        return Ok(result);
+        // A concurrent Submit of the same sequence may have been stored first.
+        let stored = stored::read(&shared.redis, &event.stream_id, event.sequence, mode).await?;
+        return answer(stored.unwrap_or(result));
     }
     if event.sequence < meta.next && mode == OrderingMode::Unordered {
         return Err(Error::AlreadyReleased { stream: event.stream_id, sequence: event.sequence });
@@ -73,7 +88,16 @@ pub async fn submit(shared: &Shared, mut event: Event) -> Result<EventResult, Er
         None
     };
     match tokio::time::timeout(shared.config.unary_threshold, wait).await {
-        Ok(Some(result)) => Ok(result),
+        Ok(Some(result)) => answer(result),
         _ => Ok(EventResult::processing(&event)),
     }
+}
+
+/// The answer for a stored result: a sequence settled as a gap was never
+/// processed, so its event is refused rather than answered.
+fn answer(result: EventResult) -> Result<EventResult, Error> {
+    if result.status() == ordo_proto::ResultStatus::Gap {
+        return Err(Error::GapSettled { stream: result.stream_id, sequence: result.sequence });
+    }
+    Ok(result)
 }

@@ -1,8 +1,8 @@
-//! Human-readable durations: `250us`, `10ms`, `1.5s`, `2m`, `0`.
+//! Human-readable durations: `250us`, `10ms`, `1.5s`, `2m`, `24h`, `0`.
 
 use std::time::Duration;
 
-/// Parses a duration with a unit suffix (`ns`, `us`, `ms`, `s`, `m`).
+/// Parses a duration with a unit suffix (`ns`, `us`, `ms`, `s`, `m`, `h`).
 pub fn parse(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     if text == "0" {
@@ -10,7 +10,7 @@ pub fn parse(text: &str) -> Result<Duration, String> {
     }
     let split = text
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| format!("duration {text:?} needs a unit (ns, us, ms, s or m)"))?;
+        .ok_or_else(|| format!("duration {text:?} needs a unit (ns, us, ms, s, m or h)"))?;
     let (number, unit) = text.split_at(split);
     let value: f64 = number.parse().map_err(|_| format!("duration {text:?} does not start with a number"))?;
     let seconds = match unit {
@@ -19,7 +19,8 @@ pub fn parse(text: &str) -> Result<Duration, String> {
         "ms" => value / 1e3,
         "s" => value,
         "m" => value * 60.0,
-        other => return Err(format!("duration {text:?} has unknown unit {other:?} (ns, us, ms, s or m)")),
+        "h" => value * 3600.0,
+        other => return Err(format!("duration {text:?} has unknown unit {other:?} (ns, us, ms, s, m or h)")),
     };
     if !seconds.is_finite() || !(0.0..=86_400.0 * 365.0).contains(&seconds) {
         return Err(format!("duration {text:?} is out of range"));

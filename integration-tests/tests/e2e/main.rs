@@ -8,9 +8,12 @@
 //! the machine's RabbitMQ and run one at a time (`.config/nextest.toml`).
 
 mod bad_input;
+mod contract;
+mod cancel;
 mod failover;
 mod give_up;
 mod grpcurl;
+mod lifecycle;
 mod ordering;
 mod push;
 mod push_amqp;
