@@ -5,6 +5,8 @@
 
 use std::{collections::HashMap, time::Duration};
 
+use ordo_runtime::backoff::Backoff;
+
 use ordo_proto::v1::{FollowBatch, FollowRequest, StreamCursor, push_gateway_client::PushGatewayClient};
 use ordo_runtime::client::TracedChannel;
 use tokio::sync::mpsc;
@@ -58,7 +60,7 @@ async fn run(
     batches: mpsc::Sender<FollowBatch>,
 ) {
     let mut cursors: HashMap<String, u64> = HashMap::new();
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
     loop {
         if cursors.is_empty() {
             match adds.recv().await {
@@ -78,7 +80,7 @@ async fn run(
         match client.follow(ReceiverStream::new(rx)).await {
             Ok(response) => {
                 let mut incoming = response.into_inner();
-                backoff = Duration::from_millis(50);
+                backoff.reset();
                 loop {
                     tokio::select! {
                         cursor = adds.recv() => {
@@ -107,7 +109,6 @@ async fn run(
             }
             Err(status) => tracing::warn!(%status, "cannot follow released results; retrying"),
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(1));
+        backoff.wait().await;
     }
 }
