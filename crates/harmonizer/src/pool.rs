@@ -3,33 +3,52 @@
 //! worker first), stateless events through the stateless service.
 //!
 //! An event stays in its link's in-flight table until the worker acks it
-//! (which it does only after a reassembler stored the result). When a
+//! (which it does only after a reassembler stored the result). Every
+//! dispatch tells the worker the attempt's time (`timeout_ms` =
+//! `--event-timeout`) and the attempts allowed (`max_attempts`). When a
 //! worker's stream breaks, every in-flight event of that link is dispatched
-//! again; so is every event past `--event-timeout`. After `--max-attempts`
-//! the pool delivers a FAILED result in the event's place, so a stream never
-//! stalls on a lost event. A late result of an earlier attempt is harmless:
-//! the reassembler keeps the first result of each (stream, sequence).
+//! again; so is every event past `--event-timeout`, and every attempt the
+//! worker hands back after a transient failure (`WorkAck.retry`). Whenever
+//! the pool abandons an attempt that is still running (its timeout), it sends
+//! a cancel item for it on the same link, ahead of queued events, so the
+//! worker frees its slot at once. After `--max-attempts` the pool delivers a
+//! FAILED result (with its dead letter) in the event's place, so a stream
+//! never stalls on a lost event. A late result of an earlier attempt is
+//! harmless: the reassembler keeps the first result of each (stream,
+//! sequence).
+//!
+//! [`Pool::in_flight`] answers whether an event is still being worked on
+//! (dispatched, or waiting to be dispatched again), from an index kept in
+//! step with the in-flight tables by a ticket each event carries until it is
+//! settled.
 
 use std::{
     collections::HashMap,
     sync::{
         Arc, Mutex, Weak,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
 
+use futures::Stream;
+use ordo_core::limits;
 use ordo_proto::v1::{
-    Completed, Event, EventResult, WorkItem, stateful_worker_client::StatefulWorkerClient,
+    Completed, DeadLetter, Event, EventResult, ResultStatus, WorkItem, stateful_worker_client::StatefulWorkerClient,
     stateless_client::StatelessClient,
 };
-use ordo_runtime::client::TracedChannel;
+use ordo_runtime::{
+    backoff::{self, Backoff},
+    client::TracedChannel,
+};
 use reassembler::client::ResultSink;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 /// Items queued per worker link beyond what the worker has taken.
 const LINK_QUEUE: usize = 1024;
+/// Cancels queued per worker link; beyond it a cancel is dropped and the
+/// worker ends the attempt at its own deadline instead.
+const CANCEL_QUEUE: usize = 1024;
 
 #[derive(Debug, Clone, Copy)]
 pub struct PoolConfig {
@@ -37,15 +56,60 @@ pub struct PoolConfig {
     pub max_attempts: u32,
 }
 
+/// Events the pool holds, per stream and sequence: how many tickets are out.
+type Index = Mutex<HashMap<String, HashMap<u64, u32>>>;
+
+/// Holds an event in the [`Index`] from its first dispatch until it is
+/// settled (acked as delivered, or given up and FAILED recorded). It moves
+/// with the event through re-dispatches, so the index never says "not in
+/// flight" in between; dropping it is the only way out.
+struct Ticket {
+    index: Arc<Index>,
+    stream_id: String,
+    sequence: u64,
+}
+
+impl Ticket {
+    fn new(index: &Arc<Index>, event: &Event) -> Self {
+        *lock(index).entry(event.stream_id.clone()).or_default().entry(event.sequence).or_default() += 1;
+        Self { index: index.clone(), stream_id: event.stream_id.clone(), sequence: event.sequence }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut index = lock(&self.index);
+        let Some(stream) = index.get_mut(&self.stream_id) else { return };
+        if let Some(count) = stream.get_mut(&self.sequence) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                stream.remove(&self.sequence);
+            }
+        }
+        if stream.is_empty() {
+            index.remove(&self.stream_id);
+        }
+    }
+}
+
 struct InFlight {
     event: Event,
     attempt: u32,
     deadline: Instant,
+    ticket: Ticket,
+}
+
+/// The sending side of one open `Work` call.
+#[derive(Clone)]
+struct LinkTx {
+    items: mpsc::Sender<WorkItem>,
+    /// Sent before any queued item (see [`outbound`]).
+    cancels: mpsc::Sender<WorkItem>,
 }
 
 struct Link {
     endpoint: String,
-    sender: Mutex<Option<mpsc::Sender<WorkItem>>>,
+    sender: Mutex<Option<LinkTx>>,
     in_flight: Mutex<HashMap<u64, InFlight>>,
     healthy: AtomicBool,
 }
@@ -54,8 +118,16 @@ impl Link {
     fn load(&self) -> usize {
         lock(&self.in_flight).len()
     }
-    fn sender(&self) -> Option<mpsc::Sender<WorkItem>> {
+    fn sender(&self) -> Option<LinkTx> {
         lock(&self.sender).clone()
+    }
+    /// Tells the worker to stop an attempt the pool no longer waits for.
+    fn cancel(&self, dispatch_id: u64) {
+        let Some(tx) = self.sender() else { return };
+        let item = WorkItem { dispatch_id, cancel: true, ..Default::default() };
+        if tx.cancels.try_send(item).is_err() {
+            tracing::debug!(endpoint = %self.endpoint, dispatch_id, "cancel not sent; the worker's deadline ends the attempt");
+        }
     }
 }
 
@@ -64,12 +136,37 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// A FAILED result the pool records in an event's place, with its dead letter.
+fn failed(event: &Event, attempts: u32, error: String) -> Completed {
+    let mut completed =
+        Completed { result: Some(EventResult::failed(event, error)), mode: event.mode, dead_letter: None };
+    attach_dead_letter(&mut completed, event, attempts);
+    completed
+}
+
+/// Sets the dead letter of a FAILED result (other results have none).
+fn attach_dead_letter(completed: &mut Completed, event: &Event, attempts: u32) {
+    let Some(result) = completed.result.as_ref() else { return };
+    if result.status() != ResultStatus::Failed {
+        return;
+    }
+    completed.dead_letter = Some(DeadLetter {
+        id: String::new(),
+        event: Some(event.clone()),
+        status: ResultStatus::Failed as i32,
+        attempts,
+        error: result.error.clone(),
+        at_unix_ms: ordo_proto::unix_nanos() / 1_000_000,
+    });
+}
+
 struct Inner {
     links: Vec<Link>,
     sink: ResultSink,
     stateless: StatelessClient<TracedChannel>,
     config: PoolConfig,
     next_dispatch: AtomicU64,
+    index: Arc<Index>,
 }
 
 /// Cheap to clone.
@@ -97,7 +194,8 @@ impl Pool {
                 healthy: AtomicBool::new(false),
             });
         }
-        let inner = Arc::new(Inner { links, sink, stateless, config, next_dispatch: AtomicU64::new(1) });
+        let inner =
+            Arc::new(Inner { links, sink, stateless, config, next_dispatch: AtomicU64::new(1), index: Arc::default() });
         for (index, client) in clients.into_iter().enumerate() {
             tokio::spawn(drive_link(Arc::downgrade(&inner), index, client, shutdown.clone()));
         }
@@ -108,7 +206,15 @@ impl Pool {
     /// Hands a stateful event to a worker. Resolves once it is queued on a
     /// link (back-pressure: waits while every worker is full or down).
     pub async fn dispatch(&self, event: Event) {
-        dispatch(&self.inner, event, 1, None).await;
+        let ticket = Ticket::new(&self.inner.index, &event);
+        dispatch(&self.inner, event, 1, None, ticket).await;
+    }
+
+    /// True while any attempt of this event is dispatched and unsettled,
+    /// including while it waits to be dispatched again; false once a worker
+    /// acked its result or the pool recorded FAILED in its place.
+    pub fn in_flight(&self, stream_id: &str, sequence: u64) -> bool {
+        lock(&self.inner.index).get(stream_id).is_some_and(|stream| stream.contains_key(&sequence))
     }
 
     /// Runs a stateless event and records its result, retrying while the
@@ -116,19 +222,29 @@ impl Pool {
     pub fn run_stateless(&self, event: Event) {
         let inner = self.inner.clone();
         tokio::spawn(async move {
-            let result = execute_stateless(&inner, &event).await;
-            let _ = inner.sink.deliver(Completed { result: Some(result), mode: event.mode }).await;
+            let (result, attempts) = execute_stateless(&inner, &event).await;
+            let mut completed = Completed { result: Some(result), mode: event.mode, dead_letter: None };
+            attach_dead_letter(&mut completed, &event, attempts);
+            let _ = inner.sink.deliver(completed).await;
         });
     }
 
     /// Executes a stateless event (no recording).
     pub async fn execute_stateless(&self, event: &Event) -> EventResult {
-        execute_stateless(&self.inner, event).await
+        execute_stateless(&self.inner, event).await.0
     }
 
     /// Stores a result the harmonizer produced itself; resolves once durable.
     pub async fn record(&self, result: EventResult, mode: i32) -> bool {
-        self.inner.sink.deliver(Completed { result: Some(result), mode }).await.is_ok()
+        self.inner.sink.deliver(Completed { result: Some(result), mode, dead_letter: None }).await.is_ok()
+    }
+
+    /// Like [`Pool::record`] for `event`'s own result: a FAILED one is
+    /// recorded as a dead letter too.
+    pub async fn record_for(&self, event: &Event, result: EventResult) -> bool {
+        let mut completed = Completed { result: Some(result), mode: event.mode, dead_letter: None };
+        attach_dead_letter(&mut completed, event, 1);
+        self.inner.sink.deliver(completed).await.is_ok()
     }
 
     pub fn healthy_workers(&self) -> usize {
@@ -136,24 +252,52 @@ impl Pool {
     }
 }
 
-async fn execute_stateless(inner: &Inner, event: &Event) -> EventResult {
-    let mut last_error = String::new();
-    for attempt in 1..=inner.config.max_attempts {
-        let mut client = inner.stateless.clone();
-        match tokio::time::timeout(inner.config.event_timeout, client.execute(event.clone())).await {
-            Ok(Ok(response)) => return response.into_inner(),
-            Ok(Err(status))
-                if status.code() == tonic::Code::NotFound || status.code() == tonic::Code::InvalidArgument =>
-            {
-                return EventResult::failed(event, status.message());
-            }
-            Ok(Err(status)) => last_error = format!("stateless service: {}", status.message()),
-            Err(_) => last_error = "stateless service timed out".into(),
+/// Why a stateless try failed.
+enum StatelessError {
+    /// The service answered about the event (NOT_FOUND, INVALID_ARGUMENT).
+    Answer(String),
+    /// Unavailable or slow: worth another try.
+    Transient(String),
+}
+
+/// Executes a stateless event: up to `--max-attempts` tries, each within
+/// `--event-timeout`, with the shared jittered backoff between them.
+/// Returns the result and the tries made.
+async fn execute_stateless(inner: &Inner, event: &Event) -> (EventResult, u32) {
+    let tries = AtomicU32::new(0);
+    let max_attempts = inner.config.max_attempts;
+    let outcome = backoff::retry(
+        max_attempts as usize,
+        Duration::from_millis(50),
+        Duration::from_secs(1),
+        |error| matches!(error, StatelessError::Transient(_)),
+        || async {
+            let attempt = tries.fetch_add(1, Ordering::Relaxed) + 1;
+            let mut client = inner.stateless.clone();
+            let error = match tokio::time::timeout(inner.config.event_timeout, client.execute(event.clone())).await {
+                Ok(Ok(response)) => return Ok(response.into_inner()),
+                Ok(Err(status))
+                    if status.code() == tonic::Code::NotFound || status.code() == tonic::Code::InvalidArgument =>
+                {
+                    return Err(StatelessError::Answer(status.message().to_owned()));
+                }
+                Ok(Err(status)) => format!("stateless service: {}", status.message()),
+                Err(_) => "stateless service timed out".to_owned(),
+            };
+            tracing::debug!(attempt, %error, "stateless attempt failed");
+            Err(StatelessError::Transient(error))
+        },
+    )
+    .await;
+    let tries = tries.load(Ordering::Relaxed).max(1);
+    let result = match outcome {
+        Ok(result) => result,
+        Err(StatelessError::Answer(error)) => EventResult::failed(event, error),
+        Err(StatelessError::Transient(last)) => {
+            EventResult::failed(event, format!("gave up after {tries} attempts: {last}"))
         }
-        tracing::debug!(attempt, error = %last_error, "stateless attempt failed");
-        tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
-    }
-    EventResult::failed(event, format!("gave up after {} attempts: {last_error}", inner.config.max_attempts))
+    };
+    (result, tries)
 }
 
 /// Picks the least-loaded healthy link, preferring one other than `avoid`.
@@ -168,50 +312,84 @@ fn pick(inner: &Inner, avoid: Option<usize>) -> Option<usize> {
         .or_else(|| candidates.first().copied())
 }
 
-async fn dispatch(inner: &Arc<Inner>, event: Event, attempt: u32, avoid: Option<usize>) {
+async fn dispatch(inner: &Arc<Inner>, event: Event, attempt: u32, avoid: Option<usize>, ticket: Ticket) {
     let mut avoid = avoid;
-    let mut wait = Duration::from_millis(10);
+    let mut event = event;
+    let mut ticket = ticket;
+    let mut no_worker = Backoff::new(Duration::from_millis(10), Duration::from_millis(500));
+    let timeout = inner.config.event_timeout;
     loop {
         let Some(index) = pick(inner, avoid) else {
             // No healthy worker: hold the event (back-pressure) until one is.
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(Duration::from_millis(500));
+            no_worker.wait().await;
             continue;
         };
         let link = &inner.links[index];
-        let Some(sender) = link.sender() else {
+        let Some(tx) = link.sender() else {
             avoid = None;
             tokio::task::yield_now().await;
             continue;
         };
         let dispatch_id = inner.next_dispatch.fetch_add(1, Ordering::Relaxed);
-        lock(&link.in_flight).insert(
+        let item = WorkItem {
             dispatch_id,
-            InFlight { event: event.clone(), attempt, deadline: Instant::now() + inner.config.event_timeout },
-        );
-        let item = WorkItem { dispatch_id, event: Some(event.clone()), attempt };
-        if sender.send(item).await.is_ok() {
+            event: Some(event.clone()),
+            attempt,
+            timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            max_attempts: inner.config.max_attempts,
+            cancel: false,
+        };
+        // In the table before it is sent: an ack may come back at once. The
+        // clock already runs while the link queue is full, so a worker that
+        // stopped reading (frozen) still times its events out.
+        lock(&link.in_flight)
+            .insert(dispatch_id, InFlight { event, attempt, deadline: Instant::now() + timeout, ticket });
+        let sent = tx.items.send(item).await.is_ok();
+        let mut in_flight = lock(&link.in_flight);
+        if sent {
+            // Handed over: the attempt's time starts now, as on the worker.
+            if let Some(flight) = in_flight.get_mut(&dispatch_id) {
+                flight.deadline = Instant::now() + timeout;
+            }
             return;
         }
-        // The link went down under us; it did not take the item.
-        lock(&link.in_flight).remove(&dispatch_id);
+        // The link went down under us; it did not take the item. Unless the
+        // link's own clean-up (or the timeout sweep) already took the event
+        // to re-dispatch it, try another link.
+        let Some(flight) = in_flight.remove(&dispatch_id) else { return };
+        drop(in_flight);
+        (event, ticket) = (flight.event, flight.ticket);
         avoid = Some(index);
     }
 }
 
 /// Dispatches again after a failed attempt, or records FAILED in its place.
-async fn retry(inner: Arc<Inner>, flight: InFlight, from: usize, reason: &str) {
-    let stream = flight.event.stream_id.clone();
-    let sequence = flight.event.sequence;
-    if flight.attempt >= inner.config.max_attempts {
-        tracing::warn!(stream, sequence, attempts = flight.attempt, reason, "giving up; releasing FAILED in its place");
-        let result =
-            EventResult::failed(&flight.event, format!("no result after {} attempts (last: {reason})", flight.attempt));
-        let _ = inner.sink.deliver(Completed { result: Some(result), mode: flight.event.mode }).await;
+async fn retry(inner: Arc<Inner>, flight: InFlight, from: usize, reason: String) {
+    let InFlight { event, attempt, ticket, .. } = flight;
+    let stream = event.stream_id.clone();
+    let sequence = event.sequence;
+    if attempt >= inner.config.max_attempts {
+        tracing::warn!(stream, sequence, attempts = attempt, reason, "giving up; releasing FAILED in its place");
+        let completed = failed(&event, attempt, format!("no result after {attempt} attempts (last: {reason})"));
+        let _ = inner.sink.deliver(completed).await;
+        // Settled only once FAILED is durable.
+        drop(ticket);
         return;
     }
-    tracing::info!(stream, sequence, attempt = flight.attempt + 1, reason, "re-dispatching");
-    dispatch(&inner, flight.event, flight.attempt + 1, Some(from)).await;
+    tracing::info!(stream, sequence, attempt = attempt + 1, reason, "re-dispatching");
+    dispatch(&inner, event, attempt + 1, Some(from), ticket).await;
+}
+
+/// The request stream of one `Work` call: cancels first, then queued items.
+fn outbound(items: mpsc::Receiver<WorkItem>, cancels: mpsc::Receiver<WorkItem>) -> impl Stream<Item = WorkItem> {
+    futures::stream::unfold((items, cancels), |(mut items, mut cancels)| async move {
+        let next = tokio::select! {
+            biased;
+            Some(cancel) = cancels.recv() => Some(cancel),
+            item = items.recv() => item,
+        };
+        next.map(|item| (item, (items, cancels)))
+    })
 }
 
 async fn drive_link(
@@ -220,24 +398,25 @@ async fn drive_link(
     client: StatefulWorkerClient<TracedChannel>,
     shutdown: ordo_runtime::Shutdown,
 ) {
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
     loop {
         let Some(pool) = inner.upgrade() else { return };
         let link = &pool.links[index];
         let endpoint = link.endpoint.clone();
-        let (tx, rx) = mpsc::channel(LINK_QUEUE);
+        let (items, items_rx) = mpsc::channel(LINK_QUEUE);
+        let (cancels, cancels_rx) = mpsc::channel(CANCEL_QUEUE);
         let mut client = client.clone();
         let opened = tokio::select! {
             _ = shutdown.cancelled() => return,
-            opened = client.work(ReceiverStream::new(rx)) => opened,
+            opened = client.work(outbound(items_rx, cancels_rx)) => opened,
         };
         match opened {
             Ok(response) => {
                 let mut acks = response.into_inner();
-                *lock(&link.sender) = Some(tx);
+                *lock(&link.sender) = Some(LinkTx { items, cancels });
                 link.healthy.store(true, Ordering::Relaxed);
                 tracing::info!(%endpoint, "worker connected");
-                backoff = Duration::from_millis(50);
+                backoff.reset();
                 drop(pool);
                 loop {
                     let ack = tokio::select! {
@@ -247,7 +426,15 @@ async fn drive_link(
                     let Some(pool) = inner.upgrade() else { return };
                     match ack {
                         Ok(Some(ack)) => {
-                            lock(&pool.links[index].in_flight).remove(&ack.dispatch_id);
+                            let flight = lock(&pool.links[index].in_flight).remove(&ack.dispatch_id);
+                            // A delivered ack settles the event (dropping its
+                            // ticket); anything else is handed back to retry.
+                            if let Some(flight) = flight
+                                && !ack.delivered
+                            {
+                                let reason = format!("worker: {}", limits::echo(&ack.error));
+                                tokio::spawn(retry(pool.clone(), flight, index, reason));
+                            }
                         }
                         Ok(None) => {
                             tracing::warn!(%endpoint, "worker ended its work stream");
@@ -275,14 +462,13 @@ async fn drive_link(
             tracing::warn!(%endpoint, events = orphans.len(), "re-dispatching the events of a lost worker");
         }
         for flight in orphans {
-            tokio::spawn(retry(pool.clone(), flight, index, "worker lost"));
+            tokio::spawn(retry(pool.clone(), flight, index, "worker lost".to_owned()));
         }
         drop(pool);
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
+            _ = backoff.wait() => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(1));
     }
 }
 
@@ -300,13 +486,15 @@ async fn sweep_timeouts(inner: Weak<Inner>, shutdown: ordo_runtime::Shutdown) {
         let Some(pool) = inner.upgrade() else { return };
         let now = Instant::now();
         for (index, link) in pool.links.iter().enumerate() {
-            let expired: Vec<InFlight> = {
+            let expired: Vec<(u64, InFlight)> = {
                 let mut in_flight = lock(&link.in_flight);
                 let ids: Vec<u64> = in_flight.iter().filter(|(_, f)| f.deadline <= now).map(|(id, _)| *id).collect();
-                ids.into_iter().filter_map(|id| in_flight.remove(&id)).collect()
+                ids.into_iter().filter_map(|id| in_flight.remove(&id).map(|f| (id, f))).collect()
             };
-            for flight in expired {
-                tokio::spawn(retry(pool.clone(), flight, index, "event timeout"));
+            for (dispatch_id, flight) in expired {
+                // Abandoned here, so stop it there: it would hold a slot.
+                link.cancel(dispatch_id);
+                tokio::spawn(retry(pool.clone(), flight, index, "event timeout".to_owned()));
             }
         }
     }

@@ -18,6 +18,7 @@ use std::{
 };
 
 use ordo_proto::v1::{Completed, DeliverBatch, reassembler_client::ReassemblerClient};
+use ordo_runtime::backoff::Backoff;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -133,7 +134,9 @@ async fn drive(
     client: ReassemblerClient<ordo_runtime::client::TracedChannel>,
 ) {
     let mut backlog: VecDeque<Pending> = VecDeque::new();
-    let mut backoff = Duration::from_millis(50);
+    // Reconnect pacing, jittered so workers that lost the same replica do not
+    // come back in step.
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
     let mut next_id: u64 = 0;
     loop {
         // Don't open a call for nothing: wait for the first result.
@@ -165,7 +168,7 @@ async fn drive(
             Ok(response) => {
                 let mut acks = response.into_inner();
                 set_health(&inner, me, true);
-                backoff = Duration::from_millis(50);
+                backoff.reset();
                 loop {
                     if closed && backlog.is_empty() && unacked.is_empty() {
                         return;
@@ -221,8 +224,7 @@ async fn drive(
         if closed && backlog.is_empty() {
             return;
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(1));
+        backoff.wait().await;
     }
 }
 

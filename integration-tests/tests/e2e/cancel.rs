@@ -1,0 +1,148 @@
+//! What the worker does with attempts the harmonizer no longer waits for,
+//! and with attempts that fail transiently:
+//! - an attempt the harmonizer abandoned (event timeout, given up) is
+//!   cancelled on the worker and frees its concurrency slot, so slow events
+//!   that time out cannot starve later fast ones (issue 7, finding 6);
+//! - `callback` rides out a brief outage of the stateless service by
+//!   retrying within its attempt and handing the attempt back for another
+//!   one, instead of releasing FAILED at once (finding 10);
+//! - after SIGTERM a worker lets short operations finish and deliver, cancels
+//!   long ones at its drain timeout and exits 0 in time (finding 7).
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    Cluster, ProcessCall,
+    client::{LINGER, by_stream, check_all_ok, check_in_order_exactly_once, event, with_attr},
+};
+use ordo_proto::{ResultStatus, v1::Event};
+
+use crate::{DEADLINE, assert_ok, numbered_events};
+
+fn slow_events(stream: &str, n: u64, operation: &str, latency: &str) -> Vec<Event> {
+    (0..n)
+        .map(|seq| with_attr(event(stream, seq, operation, format!("{seq}").into_bytes()), "latency", latency))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn abandoned_attempts_free_their_worker_slots() {
+    // 25 slow events × 2 attempts want 50 slots of 32: without cancellation
+    // the abandoned attempts hold every slot for 10 minutes, so the fast
+    // events sent afterwards queue behind them and time out as well.
+    const SLOW: u64 = 25;
+    const FAST: u64 = 20;
+    let cluster = Cluster::builder()
+        .worker_args(["--concurrency", "32"])
+        .harmonizer_args(["--event-timeout", "1s", "--max-attempts", "2"])
+        .start()
+        .await;
+    let mut call = ProcessCall::open(&cluster.harmonizer());
+    call.feed(slow_events("slow", SLOW, "async-echo", "fixed:600s"), None);
+    call.wait_for_counts(&BTreeMap::from([("slow".to_owned(), SLOW as usize)]), DEADLINE)
+        .await
+        .expect("the slow events are given up after their attempts");
+
+    call.feed(numbered_events("fast", FAST, "async-echo", "fixed:1ms"), None);
+    call.wait_for_counts(&BTreeMap::from([("fast".to_owned(), FAST as usize)]), DEADLINE)
+        .await
+        .expect("the fast events come back");
+    let results = call.finish(LINGER).await.expect("the call ends cleanly");
+
+    let streams = by_stream(&results);
+    let fast = streams.get("fast").map(Vec::as_slice).unwrap_or_default();
+    assert_ok(check_in_order_exactly_once(fast, FAST).and_then(|()| check_all_ok(fast)), "fast events after slow ones");
+    let slow = streams.get("slow").map(Vec::as_slice).unwrap_or_default();
+    assert_ok(check_in_order_exactly_once(slow, SLOW), "slow events");
+    assert!(
+        slow.iter().all(|r| r.status() == ResultStatus::Failed && r.error.contains("2 attempts")),
+        "every slow event is FAILED after its 2 attempts: {:?}",
+        slow.iter().find(|r| r.status() != ResultStatus::Failed)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn callback_survives_a_brief_stateless_outage() {
+    const N: u64 = 10;
+    // Attempts of 1 s: the outage outlasts the first attempts, so they must
+    // be handed back and tried again, not released FAILED.
+    let mut cluster =
+        Cluster::builder().harmonizer_args(["--event-timeout", "1s", "--max-attempts", "8"]).start().await;
+    let stream = "callback-outage";
+    cluster.stateless_process().kill();
+
+    let mut call = ProcessCall::open(&cluster.harmonizer());
+    let events = (0..N)
+        .map(|seq| {
+            let e = with_attr(event(stream, seq, "callback", format!("{stream}:{seq}").into_bytes()), "call", "upper");
+            with_attr(e, "latency", "fixed:1ms")
+        })
+        .collect();
+    call.feed(events, None);
+    // The fault itself: the stateless service stays down for a while.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        call.received().iter().all(|r| r.status() == ResultStatus::Processing),
+        "results before the stateless service is back: {:?}",
+        call.received()
+    );
+    cluster.stateless_process().restart(Duration::from_secs(30)).await.expect("the stateless service restarts");
+
+    call.wait_for_counts(&BTreeMap::from([(stream.to_owned(), N as usize)]), DEADLINE)
+        .await
+        .expect("every callback completes once the stateless service is back");
+    let results = call.finish(LINGER).await.expect("the call ends cleanly");
+    assert_ok(check_in_order_exactly_once(&results, N).and_then(|()| check_all_ok(&results)), "callbacks");
+    for result in &results {
+        assert_eq!(result.payload, format!("{stream}:{}", result.sequence).to_uppercase().into_bytes(), "{result:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn worker_drains_then_cancels_and_exits_in_time() {
+    const SHORT: u64 = 5;
+    let drain = Duration::from_secs(2);
+    let mut cluster = Cluster::builder()
+        .worker_args(["--drain-timeout", "2s"])
+        // A PROCESSING result tells the test the events were admitted.
+        .harmonizer_args(["--stream-processing-threshold", "100ms"])
+        .start()
+        .await;
+    let mut call = ProcessCall::open(&cluster.harmonizer());
+    call.feed(slow_events("long", 5, "async-echo", "fixed:600s"), None);
+    call.feed(numbered_events("short", SHORT, "async-echo", "fixed:1500ms"), None);
+    call.wait_until(DEADLINE, |received| {
+        ["long", "short"]
+            .iter()
+            .all(|s| received.iter().any(|r| r.stream_id == *s && r.status() == ResultStatus::Processing))
+    })
+    .await
+    .expect("both streams are admitted");
+    // Let the dispatches reach the worker (the short ones still run 1 s+).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let start = Instant::now();
+    let status = cluster.worker_process(0).terminate(Duration::from_secs(15)).await;
+    let took = start.elapsed();
+    let status = status.expect("the worker exits after SIGTERM");
+    assert!(status.success(), "the worker exits 0: {status}");
+    assert!(took <= drain + Duration::from_secs(1), "the worker exited {took:?} after SIGTERM; drain is {drain:?}");
+
+    // What was running and could finish within the drain was delivered.
+    call.wait_until(DEADLINE, |received| {
+        received.iter().filter(|r| r.stream_id == "short" && r.status() != ResultStatus::Processing).count()
+            >= SHORT as usize
+    })
+    .await
+    .expect("the short operations finished during the drain are delivered");
+    let short: Vec<_> = call
+        .received()
+        .iter()
+        .filter(|r| r.stream_id == "short" && r.status() != ResultStatus::Processing)
+        .cloned()
+        .collect();
+    assert_ok(check_in_order_exactly_once(&short, SHORT).and_then(|()| check_all_ok(&short)), "short events");
+}
