@@ -61,3 +61,18 @@ experiment *ARGS: deps
 bench *ARGS: deps
     cargo build --release --workspace --bins
     ORDO_BIN_DIR=target/release target/release/ordo-bench {{ARGS}}
+
+# Ordo's fault suite (docs/reliability.md): release build, then 6 runs of each
+# of the 19 fault kinds (`just chaos --quick`: each kind once; `--faults
+# sigkill,redis`, `--skip rabbitmq`, `--runs N`). Writes results/chaos/;
+# exits 1 if anything was lost, duplicated, reordered or hung.
+chaos *ARGS: deps
+    cargo build --release --workspace --bins
+    ORDO_BIN_DIR=target/release target/release/ordo-chaos {{ARGS}}
+
+# Soak (docs/reliability.md): release build, then 10 minutes at half the
+# saturation rate (`just soak --minutes 2 --rate 10000`), sampling RSS and
+# open descriptors of every process. Writes results/soak/.
+soak *ARGS: deps
+    cargo build --release --workspace --bins
+    ORDO_BIN_DIR=target/release target/release/ordo-soak {{ARGS}}

@@ -161,6 +161,19 @@ impl ServiceProcess {
         }
     }
 
+    /// SIGSTOP: the process freezes with its sockets open (peers see a hang,
+    /// not a reset) until [`ServiceProcess::resume`].
+    pub fn freeze(&self) -> anyhow::Result<()> {
+        let pid = self.pid().with_context(|| format!("{} is not running", self.spec.name))?;
+        send_signal(pid, "STOP")
+    }
+
+    /// SIGCONT after [`ServiceProcess::freeze`].
+    pub fn resume(&self) -> anyhow::Result<()> {
+        let pid = self.pid().with_context(|| format!("{} is not running", self.spec.name))?;
+        send_signal(pid, "CONT")
+    }
+
     /// SIGKILL, and reap the process. Harmless when it is not running.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -280,6 +293,19 @@ impl Drop for ServiceProcess {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Sends `signal` (a name `kill(1)` knows: `STOP`, `CONT`, `TERM`, …) to
+/// `pid`. Through `kill(1)` rather than libc, as the crate forbids unsafe code.
+pub fn send_signal(pid: u32, signal: &str) -> anyhow::Result<()> {
+    let sent = Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .with_context(|| format!("cannot run `kill -{signal}`"))?;
+    if !sent.success() {
+        bail!("`kill -{signal} {pid}` failed: {sent}");
+    }
+    Ok(())
 }
 
 /// `grpc.health.v1.Health/Check` of the whole server (`service: ""`), or

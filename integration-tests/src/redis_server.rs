@@ -19,7 +19,7 @@ use tokio::{
 
 use crate::{
     ports::free_port,
-    process::{indent, open_log, tail},
+    process::{indent, open_log, send_signal, tail},
 };
 
 /// How long a start may take before it counts as failed.
@@ -91,6 +91,16 @@ impl RedisServer {
 
     pub fn log_path(&self) -> &Path {
         &self.log_path
+    }
+
+    /// SIGSTOP: Redis freezes with its connections open until [`RedisServer::resume`].
+    pub fn freeze(&self) -> anyhow::Result<()> {
+        send_signal(self.pid().context("redis-server is not running")?, "STOP")
+    }
+
+    /// SIGCONT after [`RedisServer::freeze`].
+    pub fn resume(&self) -> anyhow::Result<()> {
+        send_signal(self.pid().context("redis-server is not running")?, "CONT")
     }
 
     /// SIGKILL. Harmless when it is not running.

@@ -200,7 +200,7 @@ pub struct Machine {
 }
 
 impl Machine {
-    fn detect() -> Self {
+    pub fn detect() -> Self {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let cpu_model = cpuinfo
             .lines()

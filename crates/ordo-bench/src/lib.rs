@@ -12,14 +12,19 @@
 //!   outstanding events; [`inprocess`]: the in-process baselines;
 //!   [`procstat`]: CPU time and peak RSS from `/proc`; [`stats`]:
 //!   histograms and confidence intervals; [`chart`]: the PNG.
+//! - [`chaos`]: the fault suite (`ordo-chaos`, `just chaos`); [`soak`]:
+//!   a long run at a fixed rate sampling memory and descriptors
+//!   (`ordo-soak`, `just soak`). See `docs/reliability.md`.
 //!
 //! See `docs/benchmarks.md` for the method and the measured numbers.
 
 pub mod bench;
+pub mod chaos;
 pub mod chart;
 pub mod cli;
 pub mod driver;
 pub mod experiment;
 pub mod inprocess;
 pub mod procstat;
+pub mod soak;
 pub mod stats;

@@ -1,6 +1,7 @@
 //! What a process costs, read from Linux's `/proc`: CPU time (`utime` +
-//! `stime` of `/proc/<pid>/stat`, in clock ticks) and peak resident memory
-//! (`VmHWM` of `/proc/<pid>/status`). The peak can be reset between
+//! `stime` of `/proc/<pid>/stat`, in clock ticks), peak and current resident
+//! memory (`VmHWM`, `VmRSS` of `/proc/<pid>/status`) and open descriptors
+//! (`/proc/<pid>/fd`). The peak can be reset between
 //! measurements by writing `5` to `/proc/<pid>/clear_refs` (our own children
 //! only), so each variant of a benchmark gets its own peak.
 //!
@@ -51,6 +52,20 @@ pub fn peak_rss_bytes(pid: Option<u32>) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// Current resident set size in bytes (`VmRSS`); `None` is this process.
+pub fn rss_bytes(pid: Option<u32>) -> Option<u64> {
+    let status = std::fs::read_to_string(proc_path(pid, "status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Open file descriptors (entries of `/proc/<pid>/fd`: files, sockets,
+/// pipes); `None` is this process.
+pub fn open_fds(pid: Option<u32>) -> Option<usize> {
+    Some(std::fs::read_dir(proc_path(pid, "fd")).ok()?.count())
 }
 
 /// Resets the peak RSS of `pid` to its current RSS. False if the kernel refused.
@@ -127,6 +142,8 @@ mod tests {
         let cpu = cpu_seconds(None).expect("own /proc/self/stat");
         assert!(cpu >= 0.0);
         let rss = peak_rss_bytes(None).expect("own VmHWM");
+        assert!(rss_bytes(None).is_some_and(|now| now > 0 && now <= rss), "VmRSS is at most VmHWM");
+        assert!(open_fds(None).is_some_and(|n| n >= 3), "stdin, stdout, stderr at least");
         assert!(rss > 1024 * 1024, "a test binary uses more than 1 MiB: {rss}");
         // Burn a little CPU and see the counter move (ticks are 10 ms).
         let meter = Meter::start(vec![Watched { name: "self".into(), pid: None }]);
