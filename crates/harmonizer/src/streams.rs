@@ -74,7 +74,10 @@ pub enum Outgoing {
     Result(EventResult),
     /// The awaited event's sequence was settled as a gap before it arrived:
     /// refuse it (FAILED_PRECONDITION).
-    GapSettled { stream: String, sequence: u64 },
+    GapSettled {
+        stream: String,
+        sequence: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -343,7 +346,13 @@ mod tests {
     }
 
     fn result(stream: &str, sequence: u64, status: ResultStatus) -> EventResult {
-        EventResult { stream_id: stream.into(), sequence, position: sequence, status: status as i32, ..Default::default() }
+        EventResult {
+            stream_id: stream.into(),
+            sequence,
+            position: sequence,
+            status: status as i32,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -357,7 +366,8 @@ mod tests {
         assert_eq!(streams.admit("s", 0, t0), Admission::Duplicate);
         assert_eq!(streams.admit("s", 6, t0), Admission::BeyondWindow { next: 2, limit: 6 });
         assert_eq!(streams.owed(), 2);
-        let out = streams.released("s", 3, vec![result("s", 0, ResultStatus::Ok), result("s", 2, ResultStatus::Ok)], t0);
+        let out =
+            streams.released("s", 3, vec![result("s", 0, ResultStatus::Ok), result("s", 2, ResultStatus::Ok)], t0);
         assert_eq!(out.len(), 2);
         assert!(streams.settled());
         assert_eq!(streams.window_of("s"), (3, 7));
@@ -391,7 +401,11 @@ mod tests {
         let out = streams.released(
             "s",
             4,
-            vec![result("s", 1, ResultStatus::Gap), result("s", 2, ResultStatus::Gap), result("s", 3, ResultStatus::Ok)],
+            vec![
+                result("s", 1, ResultStatus::Gap),
+                result("s", 2, ResultStatus::Gap),
+                result("s", 3, ResultStatus::Ok),
+            ],
             t1 + GAP,
         );
         assert!(out.iter().all(|o| matches!(o, Outgoing::Result(_))), "declared gaps are forwarded as GAP: {out:?}");

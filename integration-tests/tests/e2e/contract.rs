@@ -102,7 +102,11 @@ impl Decoder for RawCodec {
 }
 
 fn slow_echo(stream: &str, sequence: u64) -> Event {
-    with_attr(event(stream, sequence, "async-echo", format!("{stream}:{sequence}").into_bytes()), "latency", "fixed:300ms")
+    with_attr(
+        event(stream, sequence, "async-echo", format!("{stream}:{sequence}").into_bytes()),
+        "latency",
+        "fixed:300ms",
+    )
 }
 
 async fn channel(cluster: &Cluster) -> Channel {
@@ -122,7 +126,13 @@ async fn resending_released_events_returns_each_result_once_and_the_call_ends() 
     let cluster = Cluster::start().await;
     let stream = "resend";
     let events: Vec<Event> = (0..N)
-        .map(|seq| with_attr(event(stream, seq, "async-echo", format!("{stream}:{seq}").into_bytes()), "latency", "uniform:0ms-3ms"))
+        .map(|seq| {
+            with_attr(
+                event(stream, seq, "async-echo", format!("{stream}:{seq}").into_bytes()),
+                "latency",
+                "uniform:0ms-3ms",
+            )
+        })
         .collect();
     let first = process_raw(channel(&cluster).await, events.iter().take(N as usize).map(encode).collect()).await;
     assert!(first.end.is_ok(), "first call: {:?}", first.end);
@@ -177,7 +187,7 @@ async fn an_oversized_frame_ends_the_call_with_resource_exhausted_after_owed_res
     huge.stream_id = "huge".into();
     let frames = vec![encode(&slow_echo("huge", 0)), encode(&slow_echo("huge", 1)), encode(&huge)];
     let outcome = process_raw(channel(&cluster).await, frames).await;
-    let status = outcome.end.as_ref().err().expect("the call must not end OK");
+    let status = outcome.end.as_ref().expect_err("the call must not end OK");
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(status.message().contains("limit"), "{status:?}");
     assert_ok(check_in_order_exactly_once(&outcome.results, 2));
@@ -225,14 +235,18 @@ async fn an_oversized_submit_is_resource_exhausted_with_the_limit() {
 async fn a_repeated_stateless_submit_answers_the_first_result() {
     let cluster = Cluster::start().await;
     let mut client = cluster.harmonizer();
-    let first = client.submit(event("repeat", 0, "upper", Bytes::from_static(b"first"))).await.expect("submit").into_inner();
+    let first =
+        client.submit(event("repeat", 0, "upper", Bytes::from_static(b"first"))).await.expect("submit").into_inner();
     assert_eq!(first.payload.as_ref(), b"FIRST");
-    let again = client.submit(event("repeat", 0, "upper", Bytes::from_static(b"second"))).await.expect("submit").into_inner();
+    let again =
+        client.submit(event("repeat", 0, "upper", Bytes::from_static(b"second"))).await.expect("submit").into_inner();
     assert_eq!(again.payload.as_ref(), b"FIRST", "the released result, not a new computation");
     // The same while the result still waits for a predecessor (stored, not released).
-    let held = client.submit(event("held", 1, "upper", Bytes::from_static(b"first"))).await.expect("submit").into_inner();
+    let held =
+        client.submit(event("held", 1, "upper", Bytes::from_static(b"first"))).await.expect("submit").into_inner();
     assert_eq!(held.payload.as_ref(), b"FIRST");
-    let again = client.submit(event("held", 1, "lower", Bytes::from_static(b"SECOND"))).await.expect("submit").into_inner();
+    let again =
+        client.submit(event("held", 1, "lower", Bytes::from_static(b"SECOND"))).await.expect("submit").into_inner();
     assert_eq!(again.payload.as_ref(), b"FIRST", "the stored result, not a new computation");
 }
 
