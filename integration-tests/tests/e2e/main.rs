@@ -8,6 +8,7 @@
 //! the machine's RabbitMQ and run one at a time (`.config/nextest.toml`).
 
 mod bad_input;
+mod dead_letters;
 mod contract;
 mod cancel;
 mod failover;
