@@ -292,9 +292,10 @@ impl Report {
             self.wall_seconds
         );
         t.push_str(
-            "| fault | runs | events | lost (client/log) | duplicated (client/log) | reordered (client/log) | wrong payload | hung calls | FAILED | GAP | rejected (resent) | call breaks | events resent | unclean stops | fault errors | bad runs |\n",
+            "| fault | runs | events | lost (client/log) | duplicated (client/log) | reordered (client/log) | wrong payload | hung calls | FAILED | GAP | rejected (resent) | call breaks | events resent | AMQP lost | unclean stops | fault errors | bad runs |\n",
         );
-        t.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        t.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        let amqp_on = self.runs.iter().any(|r| r.amqp_lost.is_some());
         for row in self.by_fault.iter().chain(std::iter::once(&self.totals)) {
             let bold = row.fault == "total";
             let name = if bold { "**total**".to_owned() } else { format!("`{}`", row.fault) };
@@ -302,7 +303,7 @@ impl Report {
                 if row.skipped > 0 { format!("{} (+{} skipped)", row.runs, row.skipped) } else { row.runs.to_string() };
             let _ = writeln!(
                 t,
-                "| {name} | {runs} | {} | {}/{} | {}/{} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {name} | {runs} | {} | {}/{} | {}/{} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 row.events,
                 row.client_lost,
                 row.log_lost,
@@ -317,6 +318,7 @@ impl Report {
                 row.rejected,
                 row.call_breaks,
                 row.resent,
+                if amqp_on { row.amqp_lost.to_string() } else { "n/a".into() },
                 row.unclean_stops,
                 row.fault_errors,
                 row.bad_runs,
