@@ -12,7 +12,7 @@ use integration_tests::{
 };
 use ordo_proto::{
     ResultStatus,
-    v1::{Event, EventResult},
+    v1::{Event, EventResult, ListDeadLettersRequest},
 };
 use prost::Message;
 use tokio::time::timeout;
@@ -274,4 +274,16 @@ async fn a_gap_is_released_after_its_timeout_and_a_late_event_is_refused() {
     assert!(late.results[0].error.contains("gap"), "{:?}", late.results[0].error);
     let status = cluster.harmonizer().submit(send(1)).await.expect_err("a settled gap is refused");
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+
+    // The gap is a dead letter, once.
+    let letters = cluster
+        .reassembler(0)
+        .list_dead_letters(ListDeadLettersRequest { stream_id: stream.into(), ..Default::default() })
+        .await
+        .expect("list dead letters")
+        .into_inner()
+        .dead_letters;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].status(), ResultStatus::Gap);
+    assert_eq!(letters[0].event.as_ref().map(|e| e.sequence), Some(1));
 }
