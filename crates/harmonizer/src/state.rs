@@ -1,4 +1,6 @@
 //! Reads of a stream's reorder state (written only by the reassembler).
+//! A read that fails because Redis just restarted (the connection broke) is
+//! retried, bounded and jittered, before the event is rejected.
 
 use ordo_core::keys;
 use ordo_proto::v1::OrderingMode;
@@ -15,9 +17,14 @@ pub struct StreamMeta {
 }
 
 pub async fn read(conn: &ConnectionManager, stream: &str) -> redis::RedisResult<StreamMeta> {
-    let mut conn = conn.clone();
-    let (next, released, mode): (Option<u64>, Option<u64>, Option<u8>) =
-        redis::cmd("HMGET").arg(keys::meta(stream)).arg(&["next", "released", "mode"]).query_async(&mut conn).await?;
+    let mut command = redis::cmd("HMGET");
+    command.arg(keys::meta(stream)).arg(&["next", "released", "mode"]);
+    let (next, released, mode): (Option<u64>, Option<u64>, Option<u8>) = ordo_runtime::redis_conn::call(|| {
+        let mut conn = conn.clone();
+        let command = &command;
+        async move { command.query_async(&mut conn).await }
+    })
+    .await?;
     Ok(StreamMeta {
         next: next.unwrap_or(0),
         released: released.unwrap_or(0),

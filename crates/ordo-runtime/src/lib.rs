@@ -1,15 +1,18 @@
 //! What every Ordo binary shares, designed once: start-up and exit codes
 //! ([`app`]), telemetry and W3C trace propagation ([`telemetry`]), the gRPC
 //! server builder with health, reflection and tracing ([`server`]), client
-//! channels ([`client`]), shutdown and drain ([`shutdown`]) and Redis
-//! connections ([`redis_conn`]).
+//! channels ([`client`]), shutdown and drain ([`shutdown`]), Redis
+//! connections and retries ([`redis_conn`]), and health that follows the
+//! required dependencies ([`readiness`]).
 //!
 //! Service crates must not read env vars or bind sockets themselves: their
 //! `main.rs` hands a parsed config, a bound listener and a shutdown token to
 //! the library's `run`.
 
 pub mod app;
+pub mod backoff;
 pub mod client;
+pub mod readiness;
 pub mod redis_conn;
 pub mod server;
 pub mod shutdown;

@@ -2,6 +2,10 @@
 //! reflection v1 and v1alpha (grpcurl 1.8.6 speaks only v1alpha), a span per
 //! call that continues the caller's trace, message-size limits, and graceful
 //! shutdown with a drain deadline.
+//!
+//! Health tells the truth from the first moment: it is served as soon as the
+//! listener is, NOT_SERVING while a required dependency is unreachable
+//! ([`Readiness`]) and once shutdown starts, SERVING otherwise.
 
 use std::{convert::Infallible, time::Duration};
 
@@ -9,7 +13,7 @@ use tokio::net::TcpListener;
 use tonic::{body::Body, server::NamedService, service::RoutesBuilder, transport::Server};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
-use crate::{Shutdown, shutdown, telemetry};
+use crate::{Shutdown, readiness::Readiness, shutdown, telemetry};
 
 /// Largest gRPC message any Ordo server accepts (events are checked against
 /// their own, smaller payload limit first).
@@ -19,6 +23,7 @@ pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 pub struct GrpcServer {
     routes: RoutesBuilder,
     names: Vec<&'static str>,
+    readiness: Readiness,
 }
 
 impl Default for GrpcServer {
@@ -29,7 +34,14 @@ impl Default for GrpcServer {
 
 impl GrpcServer {
     pub fn new() -> Self {
-        Self { routes: RoutesBuilder::default(), names: Vec::new() }
+        Self { routes: RoutesBuilder::default(), names: Vec::new(), readiness: Readiness::always() }
+    }
+
+    /// Health follows `readiness` (SERVING only while every required
+    /// dependency answers) instead of being SERVING from the start.
+    pub fn with_readiness(mut self, readiness: Readiness) -> Self {
+        self.readiness = readiness;
+        self
     }
 
     /// Adds a generated tonic server; its name is reported as SERVING by health.
@@ -53,10 +65,8 @@ impl GrpcServer {
     /// load balancer stops sending new work while old work drains.
     pub async fn serve(self, listener: TcpListener, shutdown: Shutdown, drain: Duration) -> anyhow::Result<()> {
         let (health, health_service) = tonic_health::server::health_reporter();
-        for name in &self.names {
-            health.set_service_status(*name, ServingStatus::Serving).await;
-        }
-        health.set_service_status("", ServingStatus::Serving).await;
+        let status = |ready: bool| if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
+        set_all(&health, &self.names, status(self.readiness.is_ready())).await;
 
         // List only what this server serves, not every service in the descriptor set.
         let reflection = || {
@@ -76,9 +86,19 @@ impl GrpcServer {
 
         let names = self.names.clone();
         let stop = shutdown.clone();
-        // Owned here and aborted below: flips health as soon as shutdown starts.
+        let mut readiness = self.readiness.clone();
+        // Owned here and aborted below: health follows the dependencies, and
+        // turns NOT_SERVING for good as soon as shutdown starts.
         let mark_down = tokio::spawn(async move {
-            stop.cancelled().await;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    changed = readiness.changed() => match changed {
+                        Some(ready) => set_all(&health, &names, status(ready)).await,
+                        None => stop.cancelled().await,
+                    },
+                }
+            }
             set_all(&health, &names, ServingStatus::NotServing).await;
         });
 

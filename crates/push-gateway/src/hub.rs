@@ -160,7 +160,7 @@ impl Hub {
 
     /// Listens on the release channel until `shutdown`, reconnecting forever.
     pub async fn listen(self: Arc<Self>, client: redis::Client, shutdown: Shutdown) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = ordo_runtime::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         loop {
             let connected = async {
                 let mut pubsub = client.get_async_pubsub().await?;
@@ -174,7 +174,7 @@ impl Hub {
             match pubsub {
                 Ok(mut pubsub) => {
                     tracing::info!("tailing released results");
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                     // Anything released while we were away is only in the logs.
                     self.all_lagged();
                     let mut messages = pubsub.on_message();
@@ -196,9 +196,8 @@ impl Hub {
             self.all_lagged();
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
+                () = backoff.wait() => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(2));
         }
     }
 }

@@ -27,7 +27,11 @@ use std::{net::SocketAddr, time::Duration};
 
 use anyhow::Context as _;
 pub use ordo_runtime::Shutdown;
-use ordo_runtime::{app::CommonArgs, server::GrpcServer};
+use ordo_runtime::{
+    app::CommonArgs,
+    readiness::{Dependency, Readiness},
+    server::GrpcServer,
+};
 use tokio::{net::TcpListener, task::JoinHandle};
 
 /// The broker a bare `--amqp` connects to.
@@ -178,7 +182,9 @@ pub async fn run_with(
     sse_listener: Option<TcpListener>,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let conn = ordo_runtime::redis_conn::connect(&config.redis_url, &shutdown).await?;
+    // Lazy: health is served (NOT_SERVING) at once, even while Redis is down.
+    let conn = ordo_runtime::redis_conn::lazy(&config.redis_url)?;
+    let (readiness, _watcher) = Readiness::watch(vec![Dependency::redis(conn.clone())], shutdown.clone());
     let hub = hub::Hub::new(config.subscriber_buffer);
     let log = log::Log::new(conn, config.retention_age);
     let drain = config.common.drain_timeout;
@@ -197,6 +203,7 @@ pub async fn run_with(
             log: log.clone(),
             shutdown: stop.clone(),
             keep_alive: config.sse_keep_alive,
+            readiness: readiness.clone(),
         };
         let router = sse::router(state, &config.sse_allow_origin);
         let stop = stop.clone();
@@ -209,8 +216,12 @@ pub async fn run_with(
         }))
     });
 
-    let service = service::PushGatewayService::new(hub, log, stop.clone());
-    let served = GrpcServer::new().with_service(service.into_server()).serve(listener, stop.clone(), drain).await;
+    let service = service::PushGatewayService::new(hub, log, stop.clone(), readiness.clone());
+    let served = GrpcServer::new()
+        .with_readiness(readiness)
+        .with_service(service.into_server())
+        .serve(listener, stop.clone(), drain)
+        .await;
     stop.cancel();
     // The helpers saw the cancellation: each gets the drain time to finish.
     let sse_served = match sse {

@@ -123,7 +123,15 @@ impl Log {
     }
 
     async fn fetch(&self, stream: &str, from: u64, count: usize) -> Result<Fetched, LogError> {
-        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.hget(keys::meta(stream), "next")
+            .hget(keys::meta(stream), "released")
+            .exists(keys::meta(stream))
+            .xrange_count(keys::log(stream), "-", "+", 1)
+            .xrange_count(keys::log(stream), keys::log_id(from), "+", count.max(1))
+            .cmd("TIME");
+        // A Redis restart breaks the connection once: retried (bounded,
+        // jittered) so a reader sees a short delay, not an error.
         let (next, released, exists, first, page, time): (
             Option<u64>,
             Option<u64>,
@@ -131,15 +139,12 @@ impl Log {
             StreamRangeReply,
             StreamRangeReply,
             (u64, u64),
-        ) = redis::pipe()
-            .hget(keys::meta(stream), "next")
-            .hget(keys::meta(stream), "released")
-            .exists(keys::meta(stream))
-            .xrange_count(keys::log(stream), "-", "+", 1)
-            .xrange_count(keys::log(stream), keys::log_id(from), "+", count.max(1))
-            .cmd("TIME")
-            .query_async(&mut conn)
-            .await?;
+        ) = ordo_runtime::redis_conn::call(|| {
+            let mut conn = self.conn.clone();
+            let pipe = &pipe;
+            async move { pipe.query_async(&mut conn).await }
+        })
+        .await?;
         let mut entries = Vec::with_capacity(page.ids.len());
         for entry in page.ids {
             let corrupt = || LogError::Corrupt { stream: stream.to_owned(), id: entry.id.clone() };
@@ -177,13 +182,13 @@ impl Log {
     async fn oldest_of(&self, stream: &str, fetched: &Fetched) -> Result<u64, LogError> {
         let Some(first) = fetched.first else { return Ok(fetched.released) };
         let Some(age) = self.max_age else { return Ok(first) };
-        let mut conn = self.conn.clone();
-        let oldest: i64 = self
-            .oldest_by_age
-            .key(keys::log(stream))
-            .arg(u64::try_from(age.as_millis()).unwrap_or(u64::MAX))
-            .invoke_async(&mut conn)
-            .await?;
+        let age_ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+        let oldest: i64 = ordo_runtime::redis_conn::call(|| {
+            let mut conn = self.conn.clone();
+            let log = keys::log(stream);
+            async move { self.oldest_by_age.key(log).arg(age_ms).invoke_async(&mut conn).await }
+        })
+        .await?;
         Ok(u64::try_from(oldest).unwrap_or(fetched.released))
     }
 

@@ -89,13 +89,13 @@ async fn catch_up(log: &Log, stream: &str, next: &mut u64, out: &mpsc::Sender<Fo
 /// Reads a page, riding out Redis outages: a subscriber must see a delay
 /// while Redis restarts, never an error (its results are still coming).
 async fn read_retrying(log: &Log, stream: &str, from: u64) -> Result<crate::log::Page, LogError> {
-    let mut backoff = std::time::Duration::from_millis(50);
+    let mut backoff =
+        ordo_runtime::backoff::Backoff::new(std::time::Duration::from_millis(50), std::time::Duration::from_secs(1));
     loop {
         match log.read_from(stream, from).await {
             Err(LogError::Redis(error)) => {
                 tracing::warn!(stream, %error, "release log unreadable; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+                backoff.wait().await;
             }
             other => return other,
         }

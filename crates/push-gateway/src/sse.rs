@@ -19,6 +19,9 @@
 //! Subscribe, with the same bounded buffers — so a slow reader falls back to
 //! the release log instead of growing memory. This module owns the HTTP
 //! listener and maps errors to HTTP statuses in one place ([`SseError`]).
+//!
+//! `GET /healthz` answers `200 ok` while Redis answers and the gateway is not
+//! shutting down, `503` otherwise (the same truth as gRPC health).
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
 
@@ -32,6 +35,7 @@ use axum::{
     },
     routing::get,
 };
+use ordo_runtime::readiness::Readiness;
 use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
@@ -51,6 +55,8 @@ pub struct SseState {
     pub log: Log,
     pub shutdown: Shutdown,
     pub keep_alive: Duration,
+    /// Whether Redis answers (see [`ordo_runtime::readiness`]).
+    pub readiness: Readiness,
 }
 
 /// Every way a request can fail, and its HTTP status.
@@ -60,12 +66,19 @@ pub enum SseError {
     BadRequest(String),
     #[error(transparent)]
     Log(#[from] LogError),
+    #[error("release log unreachable; retry with Last-Event-ID")]
+    Unavailable,
 }
+
+/// A Redis outage shorter than this is ridden out by retries (a restart);
+/// once it lasts longer, requests are refused at once instead of waiting.
+const REFUSE_AFTER: Duration = Duration::from_secs(1);
 
 impl IntoResponse for SseError {
     fn into_response(self) -> Response {
         let status = match &self {
             SseError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            SseError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             SseError::Log(LogError::Expired { .. }) => StatusCode::GONE,
             SseError::Log(LogError::Redis(cause)) => {
                 tracing::warn!(error = %cause, "redis unavailable");
@@ -98,9 +111,19 @@ pub fn router(state: SseState, allow_origin: &str) -> Router {
         .allow_headers([header::HeaderName::from_static("last-event-id"), header::CACHE_CONTROL]);
     Router::new()
         .route("/streams/{stream_id}/events", get(events))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .layer(cors)
         .with_state(state)
+}
+
+async fn healthz(State(state): State<SseState>) -> Response {
+    if state.shutdown.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+    } else if state.readiness.is_ready() {
+        "ok\n".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "release log (redis) unreachable\n").into_response()
+    }
 }
 
 /// Serves `router` on `listener` until `shutdown`; open event streams end as
@@ -155,6 +178,9 @@ async fn events(
         return Err(SseError::BadRequest(format!("the stream id must be 1 to {MAX_STREAM_ID_BYTES} bytes")));
     }
     let from = start_position(&headers, query.as_deref())?;
+    if state.readiness.down_for(REFUSE_AFTER) {
+        return Err(SseError::Unavailable);
+    }
     state.log.check(&stream_id, from).await?;
 
     // One batch in flight: the session's live buffer is the hub's, bounded,

@@ -2,10 +2,17 @@
 //! calls: whatever arrived while the previous calls ran goes into the next
 //! one (up to `max_batch` results), with a few calls in flight at once so the
 //! Redis round trip overlaps with collecting the next batch.
+//!
+//! On shutdown the loop closes its queue (new submits fail with [`Closed`],
+//! so senders redeliver elsewhere), stores what was already queued, waits for
+//! the script calls in flight, and ends: it does not wait for every handle to
+//! be dropped, since Deliver streams that workers keep open hold them.
 
 use std::sync::Arc;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use ordo_runtime::Shutdown;
 
 use crate::store::{Item, Store};
 
@@ -29,10 +36,11 @@ pub struct Batcher {
 pub struct Closed;
 
 impl Batcher {
-    /// Starts the loop; it ends when every handle is dropped.
-    pub fn start(store: Store, max_batch: usize) -> (Self, tokio::task::JoinHandle<()>) {
+    /// Starts the loop; it ends when every handle is dropped, or after
+    /// `shutdown` once what was queued is stored.
+    pub fn start(store: Store, max_batch: usize, shutdown: Shutdown) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(1024);
-        let task = tokio::spawn(run(store, rx, max_batch.max(1)));
+        let task = tokio::spawn(run(store, rx, max_batch.max(1), shutdown));
         (Self { tx }, task)
     }
 
@@ -44,12 +52,22 @@ impl Batcher {
     }
 }
 
-async fn run(store: Store, mut rx: mpsc::Receiver<(Vec<Item>, Reply)>, max_batch: usize) {
+async fn run(store: Store, mut rx: mpsc::Receiver<(Vec<Item>, Reply)>, max_batch: usize, shutdown: Shutdown) {
     let permits = Arc::new(Semaphore::new(MAX_CALLS_IN_FLIGHT));
     let mut calls = tokio::task::JoinSet::new();
+    let mut closing = false;
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else { break };
-        let Some(first) = rx.recv().await else { break };
+        let first = tokio::select! {
+            _ = shutdown.cancelled(), if !closing => {
+                // Queued parts are still received (and stored); new sends fail.
+                closing = true;
+                rx.close();
+                continue;
+            }
+            first = rx.recv() => first,
+        };
+        let Some(first) = first else { break };
         let mut parts = vec![first];
         let mut size = parts[0].0.len();
         while size < max_batch {
@@ -70,7 +88,9 @@ async fn run(store: Store, mut rx: mpsc::Receiver<(Vec<Item>, Reply)>, max_batch
                 replies.push((part.len(), reply));
                 items.extend(part);
             }
-            let result = store.apply(&items).await.map_err(Arc::new);
+            // A Redis restart breaks the connection once: retried here, so the
+            // senders see an ack, not an error, when Redis is back in time.
+            let result = ordo_runtime::redis_conn::call(|| store.apply(&items)).await.map_err(Arc::new);
             if let Err(error) = &result {
                 tracing::warn!(%error, results = items.len(), "release script failed; senders will redeliver");
             }

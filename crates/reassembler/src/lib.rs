@@ -16,11 +16,19 @@ pub mod store;
 use tokio::net::TcpListener;
 
 pub use config::Config;
-use ordo_runtime::{Shutdown, server::GrpcServer};
+use ordo_runtime::{
+    Shutdown,
+    readiness::{Dependency, Readiness},
+    server::GrpcServer,
+};
 
 /// Runs the reassembler until `shutdown`, then drains open batches.
 pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
-    let conn = ordo_runtime::redis_conn::connect(&config.redis_url, &shutdown).await?;
+    // Lazy: health is served (NOT_SERVING) at once, even while Redis is down.
+    let conn = ordo_runtime::redis_conn::lazy(&config.redis_url)?;
+    let (readiness, _watcher) = Readiness::watch(vec![Dependency::redis(conn.clone())], shutdown.clone());
+    // The hard end of draining, counted from the signal.
+    let deadline = tokio::spawn(ordo_runtime::shutdown::drain_deadline(shutdown.clone(), config.common.drain_timeout));
     let store = store::Store::new(
         conn,
         store::StoreConfig {
@@ -29,13 +37,25 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
             dead_letter_retention: config.dead_letter_retention,
         },
     );
-    let (batcher, batch_loop) = batcher::Batcher::start(store.clone(), config.max_batch);
-    let service = service::ReassemblerService::new(batcher, store);
-    GrpcServer::new()
+    let (batcher, batch_loop) = batcher::Batcher::start(store.clone(), config.max_batch, shutdown.clone());
+    let service = service::ReassemblerService::new(batcher, store, readiness.clone(), shutdown.clone());
+    let served = GrpcServer::new()
+        .with_readiness(readiness)
         .with_service(service.into_server())
-        .serve(listener, shutdown, config.common.drain_timeout)
-        .await?;
-    // Every handle is gone once the server is; the loop finishes open calls.
-    batch_loop.await?;
-    Ok(())
+        .serve(listener, shutdown.clone(), config.common.drain_timeout)
+        .await;
+    // Also when the server failed: the batching loop must end either way.
+    shutdown.cancel();
+    // The loop stores what was queued and finishes its script calls; past the
+    // drain deadline (plus a little) whatever is left is unacked, and its
+    // senders redeliver it elsewhere.
+    let hard_stop = async {
+        let _ = deadline.await;
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    };
+    tokio::select! {
+        finished = batch_loop => finished?,
+        () = hard_stop => tracing::warn!("script calls still running at the drain deadline; their senders redeliver"),
+    }
+    served
 }

@@ -8,6 +8,7 @@ use ordo_proto::v1::{
     ListDeadLettersResponse, OrderingMode, StreamState,
     reassembler_server::{Reassembler, ReassemblerServer},
 };
+use ordo_runtime::{Shutdown, readiness::Readiness};
 use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -19,6 +20,10 @@ use crate::{
 
 /// Batches of one Deliver call stored concurrently (acks still go out in order).
 const BATCHES_IN_FLIGHT_PER_CALL: usize = 64;
+
+/// A Redis outage shorter than this is ridden out by retries (a restart);
+/// once it lasts longer, calls are refused at once instead of waiting.
+const REFUSE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Everything that can go wrong serving a request; the one place it becomes a
 /// gRPC status.
@@ -52,11 +57,21 @@ impl From<Error> for Status {
 pub struct ReassemblerService {
     batcher: Batcher,
     store: Store,
+    readiness: Readiness,
+    shutdown: Shutdown,
 }
 
 impl ReassemblerService {
-    pub fn new(batcher: Batcher, store: Store) -> Self {
-        Self { batcher, store }
+    pub fn new(batcher: Batcher, store: Store, readiness: Readiness, shutdown: Shutdown) -> Self {
+        Self { batcher, store, readiness, shutdown }
+    }
+
+    /// UNAVAILABLE at once while Redis has been unreachable for a while.
+    fn check_ready(&self) -> Result<(), Status> {
+        if self.readiness.down_for(REFUSE_AFTER) {
+            return Err(Status::unavailable("reorder state store unreachable; deliver elsewhere or later"));
+        }
+        Ok(())
     }
 
     pub fn into_server(self) -> ReassemblerServer<Self> {
@@ -110,12 +125,20 @@ impl Reassembler for ReassemblerService {
         request: Request<Streaming<DeliverBatch>>,
     ) -> Result<Response<Self::DeliverStream>, Status> {
         let batcher = self.batcher.clone();
+        let service = self.clone();
+        let shutdown = self.shutdown.clone();
         let acks = request
             .into_inner()
+            // On shutdown, stop taking batches: those already taken are stored
+            // and acked, then the call ends with UNAVAILABLE (below) so the
+            // sender redelivers the rest to another reassembler.
+            .take_until(self.shutdown.clone().cancelled_owned())
             .map(move |batch| {
                 let batcher = batcher.clone();
+                let ready = service.check_ready();
                 async move {
                     let batch = batch?;
+                    ready?;
                     let batch_id = batch.batch_id;
                     let total = batch.results.len() as u32;
                     let items = to_items(batch);
@@ -129,6 +152,14 @@ impl Reassembler for ReassemblerService {
                 }
             })
             .buffered(BATCHES_IN_FLIGHT_PER_CALL)
+            .chain(
+                futures::stream::once(async move {
+                    shutdown
+                        .is_cancelled()
+                        .then(|| Err(Status::unavailable("reassembler shutting down; deliver elsewhere")))
+                })
+                .filter_map(futures::future::ready),
+            )
             // End the call at the first failure: the sender redelivers what is unacked.
             .scan(false, |failed, ack: Result<DeliverAck, Status>| {
                 let out = if *failed { None } else { Some(ack) };
@@ -145,7 +176,10 @@ impl Reassembler for ReassemblerService {
         if stream_id.is_empty() {
             return Err(Error::Invalid("stream_id is required".into()).into());
         }
-        let state = self.store.stream_state(&stream_id).await.map_err(|e| Error::Redis(std::sync::Arc::new(e)))?;
+        self.check_ready()?;
+        let state = ordo_runtime::redis_conn::call(|| self.store.stream_state(&stream_id))
+            .await
+            .map_err(|e| Error::Redis(std::sync::Arc::new(e)))?;
         Ok(Response::new(state))
     }
 

@@ -1,0 +1,349 @@
+//! Services that stop and health that tells the truth (issue 7, findings 7,
+//! 9 and 11).
+//!
+//! - SIGTERM under load: each service exits 0 within its drain timeout plus
+//!   one second, and every accepted event's result still arrives (after the
+//!   stopped service is started again, where the topology needs it).
+//! - A Redis restart does not cost the next call's first event.
+//! - Health (gRPC and the push-gateway's `/healthz`) is served at once and
+//!   follows Redis: NOT_SERVING / 503 while it is unreachable or frozen,
+//!   SERVING / 200 when it is back; calls made meanwhile fail promptly.
+
+use std::{
+    collections::BTreeMap,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    Cluster, ProcessCall, RedisServer, ServiceProcess,
+    client::{LINGER, by_stream, check_all_ok, check_in_order_exactly_once, event},
+    eventually,
+    ports::free_port,
+    process::{binary, health_status},
+};
+use ordo_proto::v1::{ResultStatus, SubscribeRequest, push_gateway_client::PushGatewayClient};
+use tonic_health::pb::health_check_response::ServingStatus;
+
+use crate::{DEADLINE, assert_ok, check_numbered_payloads, interleave, numbered_events};
+
+/// Drain timeout of every service in these tests.
+const DRAIN: Duration = Duration::from_secs(2);
+/// How long after SIGTERM a service may take to exit.
+const EXIT_WITHIN: Duration = Duration::from_secs(3);
+/// How soon health must notice that Redis came or went.
+const HEALTH_NOTICES: Duration = Duration::from_secs(5);
+
+fn cluster() -> integration_tests::ClusterBuilder {
+    Cluster::builder().env("ORDO_DRAIN_TIMEOUT", "2s")
+}
+
+/// SIGTERM, then asserts the process exited 0 within [`EXIT_WITHIN`] (drain + 1 s).
+async fn sigterm_exits_cleanly(process: &mut ServiceProcess) {
+    let name = process.name().to_owned();
+    let started = Instant::now();
+    let status = process.terminate(EXIT_WITHIN).await;
+    let took = started.elapsed();
+    eprintln!("{name} exited after {took:?}: {status:?}");
+    match status {
+        Ok(status) => assert!(status.success(), "{name} exited with {status} after SIGTERM (want 0)"),
+        Err(error) => panic!("{name}: {error:#} (drain {DRAIN:?} + 1 s)"),
+    }
+}
+
+/// Streams of numbered events fed at a steady pace on one call.
+fn paced_call(cluster: &Cluster, prefix: &str, streams: usize, n: u64, operation: &str) -> (ProcessCall, Vec<String>) {
+    let names: Vec<String> = (0..streams).map(|i| format!("{prefix}-{i}")).collect();
+    let events = interleave(names.iter().map(|s| numbered_events(s, n, operation, "exp:5ms")).collect());
+    let mut call = ProcessCall::open(&cluster.harmonizer());
+    call.feed(events, Some(Duration::from_millis(2)));
+    (call, names)
+}
+
+/// Waits until every stream has all `n` results, ends the call and checks
+/// them: exactly once, in order, OK, the right payloads.
+async fn all_results_arrive(mut call: ProcessCall, streams: &[String], n: u64) {
+    let expected: BTreeMap<String, usize> = streams.iter().map(|s| (s.clone(), n as usize)).collect();
+    call.wait_for_counts(&expected, DEADLINE).await.expect("every accepted event gets its result");
+    let results = call.finish(LINGER).await.expect("the call ends cleanly");
+    assert_ok(check_all_ok(&results).and_then(|()| check_numbered_payloads(&results)), "results");
+    let grouped = by_stream(&results);
+    for stream in streams {
+        let got = grouped.get(stream).map(Vec::as_slice).unwrap_or_default();
+        assert_ok(check_in_order_exactly_once(got, n), stream);
+    }
+}
+
+async fn mid_stream(call: &mut ProcessCall, n: usize) {
+    call.wait_for_total(n, DEADLINE).await.expect("the first results arrive");
+    assert!(!call.fed(), "the feed finished before the signal; the test would prove nothing");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reassembler_exits_on_sigterm_under_load_and_nothing_is_lost() {
+    const N: u64 = 400;
+    let mut cluster = cluster().start().await;
+    let (mut call, streams) = paced_call(&cluster, "reassembler-term", 2, N, "async-echo");
+    mid_stream(&mut call, 100).await;
+    sigterm_exits_cleanly(cluster.reassembler_process(0)).await;
+    // Workers redeliver what the stopped reassembler did not acknowledge.
+    cluster.reassembler_process(0).restart(Duration::from_secs(30)).await.expect("the reassembler restarts");
+    all_results_arrive(call, &streams, N).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn push_gateway_exits_on_sigterm_while_a_harmonizer_follows_it() {
+    const N: u64 = 400;
+    let mut cluster = cluster().start().await;
+    let (mut call, streams) = paced_call(&cluster, "push-term", 2, N, "async-echo");
+    // The harmonizer's Follow call on the gateway is open from here on.
+    mid_stream(&mut call, 100).await;
+    sigterm_exits_cleanly(cluster.push_gateway_process()).await;
+    // The harmonizer's follower resumes from its last position + 1.
+    cluster.push_gateway_process().restart(Duration::from_secs(30)).await.expect("the push-gateway restarts");
+    all_results_arrive(call, &streams, N).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stateless_exits_on_sigterm_under_load_and_nothing_is_lost() {
+    const N: u64 = 300;
+    let mut cluster = cluster().start().await;
+    let names: Vec<String> = (0..2).map(|i| format!("stateless-term-{i}")).collect();
+    // `echo` is stateless: every event is a call to the stateless service.
+    let events = interleave(names.iter().map(|s| numbered_events(s, N, "echo", "fixed:0ms")).collect());
+    let mut call = ProcessCall::open(&cluster.harmonizer());
+    call.feed(events, Some(Duration::from_millis(3)));
+    mid_stream(&mut call, 100).await;
+    sigterm_exits_cleanly(cluster.stateless_process()).await;
+    // The harmonizer retries a stateless event while the service is away.
+    cluster.stateless_process().restart(Duration::from_secs(30)).await.expect("stateless restarts");
+    all_results_arrive(call, &names, N).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn harmonizer_drains_open_calls_on_sigterm_and_exits_in_time() {
+    const N: u64 = 12;
+    let mut cluster = cluster().start().await;
+    let stream = "harmonizer-term".to_owned();
+    // Events whose results come one by one over ~1.5 s, all sent and
+    // accepted before the signal: the rest must still come back on the open
+    // call while the harmonizer drains.
+    let mut call = ProcessCall::open(&cluster.harmonizer());
+    for (seq, mut e) in numbered_events(&stream, N, "async-echo", "fixed:1ms").into_iter().enumerate() {
+        e.attributes.insert("latency".into(), format!("fixed:{}ms", 300 + 100 * seq));
+        call.send(e).await.expect("sent");
+    }
+    call.wait_for_total(1, DEADLINE).await.expect("the first result arrives");
+    assert!(call.received().len() < N as usize, "all results came before the signal; the test would prove nothing");
+    let pid = cluster.harmonizer_process().pid().expect("the harmonizer runs");
+    let sent = Command::new("kill").args(["-TERM", &pid.to_string()]).status().expect("kill runs");
+    assert!(sent.success(), "kill -TERM {pid}");
+    let sent_at = Instant::now();
+    let pending = N as usize - call.received().len();
+    call.wait_for_counts(&BTreeMap::from([(stream.clone(), N as usize)]), EXIT_WITHIN)
+        .await
+        .expect("every accepted event's result arrives while the harmonizer drains");
+    let results = call.finish(LINGER).await.expect("the call ends");
+    assert_ok(check_in_order_exactly_once(&results, N).and_then(|()| check_all_ok(&results)), "results");
+    eprintln!("{pending} results arrived while the harmonizer drained ({:?})", sent_at.elapsed());
+    // Exit 0 within drain + 1 s of the signal.
+    let harmonizer = cluster.harmonizer_process();
+    let left = EXIT_WITHIN.saturating_sub(sent_at.elapsed()).max(Duration::from_millis(100));
+    let status = harmonizer.terminate(left).await.map_err(|e| format!("{e:#}"));
+    eprintln!("harmonizer exited {:?} after SIGTERM: {status:?}", sent_at.elapsed());
+    assert!(status.is_ok_and(|s| s.success()), "the harmonizer must exit 0 within drain + 1 s");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn harmonizer_exits_by_the_drain_deadline_with_events_still_running() {
+    let mut cluster = cluster().start().await;
+    let call = ProcessCall::open(&cluster.harmonizer());
+    // Results that cannot come within the drain timeout: the harmonizer stops
+    // waiting for them at the deadline (the client resends elsewhere).
+    for seq in 0..5 {
+        let e = integration_tests::client::with_attr(
+            event("harmonizer-slow", seq, "async-echo", "x"),
+            "latency",
+            "fixed:60s",
+        );
+        call.send(e).await.expect("sent");
+    }
+    // Set-up, not an assertion: let the events reach the worker, so the
+    // harmonizer has calls and dispatches open when the signal arrives.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sigterm_exits_cleanly(cluster.harmonizer_process()).await;
+    drop(call);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn first_event_after_a_redis_restart_is_answered() {
+    let mut cluster = cluster().durable_redis().start().await;
+    let before = numbered_events("redis-restart-before", 3, "async-echo", "fixed:1ms");
+    let mut call = ProcessCall::open(&cluster.harmonizer());
+    for e in before {
+        call.send(e).await.expect("sent");
+    }
+    call.wait_for_total(3, DEADLINE).await.expect("results before the restart");
+    drop(call);
+
+    cluster.redis().restart().await.expect("redis restarts on its port");
+    // Redis is back; the services' connections to the old process are broken.
+    for stream in ["redis-restart-after", "redis-restart-again"] {
+        let mut call = ProcessCall::open(&cluster.harmonizer());
+        for e in numbered_events(stream, 3, "async-echo", "fixed:1ms") {
+            call.send(e).await.expect("sent");
+        }
+        call.wait_for_total(3, DEADLINE).await.expect("results after the restart");
+        let results = call.finish(LINGER).await.expect("the call ends");
+        let rejected: Vec<String> = results
+            .iter()
+            .filter(|r| r.status() != ResultStatus::Ok)
+            .map(|r| format!("#{} {:?} {}", r.sequence, r.status(), r.error))
+            .collect();
+        assert!(rejected.is_empty(), "{stream}: events after a Redis restart were not answered OK: {rejected:?}");
+        assert_ok(check_in_order_exactly_once(&results, 3), stream);
+    }
+}
+
+/// A service binary started by hand (the testkit waits for SERVING, which is
+/// what these tests check), killed on drop.
+struct Bare {
+    child: Child,
+    addr: String,
+}
+
+impl Bare {
+    fn start(name: &str, args: &[String]) -> Self {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(binary(name))
+            .arg("--listen")
+            .arg(&addr)
+            .args(args)
+            .env("NO_COLOR", "1")
+            .env_remove("ORDO_REDIS_URL")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Self { child, addr }
+    }
+}
+
+impl Drop for Bare {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn wait_health(addr: &str, want: ServingStatus, within: Duration) {
+    eventually(within, || async move {
+        let got = health_status(addr).await;
+        if got == Some(want) { Ok(()) } else { Err(format!("{addr}: health {got:?}, want {want:?}")) }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_answers_at_once_while_redis_is_down_at_start() {
+    let mut redis = RedisServer::start().await.expect("redis-server");
+    let url = redis.url();
+    redis.kill();
+    let sse = format!("127.0.0.1:{}", free_port());
+    let reassembler = Bare::start("reassembler", &["--redis-url".into(), url.clone()]);
+    let push_gateway =
+        Bare::start("push-gateway", &["--redis-url".into(), url.clone(), "--sse-listen".into(), sse.clone()]);
+    let harmonizer = Bare::start(
+        "harmonizer",
+        &[
+            "--redis-url".into(),
+            url.clone(),
+            "--workers".into(),
+            format!("127.0.0.1:{}", free_port()),
+            "--reassemblers".into(),
+            format!("127.0.0.1:{}", free_port()),
+            "--stateless".into(),
+            format!("127.0.0.1:{}", free_port()),
+            "--push-gateway".into(),
+            push_gateway.addr.clone(),
+        ],
+    );
+    for service in [&reassembler, &push_gateway, &harmonizer] {
+        // Answered (not hanging) and honest: Redis is down.
+        wait_health(&service.addr, ServingStatus::NotServing, HEALTH_NOTICES).await;
+    }
+    assert_eq!(healthz(&sse).await, Some(503), "/healthz while Redis is down");
+    // A call made meanwhile is refused promptly, not left hanging.
+    let mut client = PushGatewayClient::connect(format!("http://{}", push_gateway.addr)).await.expect("connects");
+    let started = Instant::now();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.subscribe(SubscribeRequest { stream_id: "s".into(), ..Default::default() }),
+    )
+    .await
+    .expect("Subscribe answers within 5 s while Redis is down");
+    let status = answer.expect_err("Subscribe cannot be served without Redis");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?} after {:?}", started.elapsed());
+
+    redis.restart().await.expect("redis starts");
+    for service in [&reassembler, &push_gateway, &harmonizer] {
+        wait_health(&service.addr, ServingStatus::Serving, HEALTH_NOTICES).await;
+    }
+    assert_eq!(healthz(&sse).await, Some(200), "/healthz once Redis is up");
+}
+
+/// The status code of `GET /healthz` on the push-gateway's SSE port.
+async fn healthz(addr: &str) -> Option<u16> {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().ok()?;
+    let response = client.get(format!("http://{addr}/healthz")).send().await.ok()?;
+    Some(response.status().as_u16())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_follows_a_frozen_redis() {
+    let mut cluster = cluster().start().await;
+    let sse = cluster.sse_url().trim_start_matches("http://").to_owned();
+    let addrs: Vec<(String, String)> = cluster
+        .processes_mut()
+        .filter(|p| ["harmonizer", "push-gateway", "reassembler-0"].contains(&p.name()))
+        .map(|p| (p.name().to_owned(), p.addr()))
+        .collect();
+    assert_eq!(addrs.len(), 3);
+    assert_eq!(healthz(&sse).await, Some(200), "/healthz with Redis up");
+
+    let pid = cluster.redis().pid().expect("redis runs");
+    let signal = |name: &str| {
+        let sent = Command::new("kill").args([format!("-{name}"), pid.to_string()]).status().expect("kill runs");
+        assert!(sent.success(), "kill -{name} {pid}");
+    };
+    signal("STOP");
+    // Resume Redis whatever happens below, or the cluster's teardown would hang on it.
+    struct Resume(u32);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            let _ = Command::new("kill").args(["-CONT".to_owned(), self.0.to_string()]).status();
+        }
+    }
+    let resume = Resume(pid);
+    for (_, addr) in &addrs {
+        wait_health(addr, ServingStatus::NotServing, HEALTH_NOTICES).await;
+    }
+    eventually(HEALTH_NOTICES, || async { healthz(&sse).await == Some(503) }).await;
+    // A new subscription is refused promptly while Redis is frozen.
+    let mut client = cluster.push_gateway();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.subscribe(SubscribeRequest { stream_id: "frozen".into(), ..Default::default() }),
+    )
+    .await
+    .expect("Subscribe answers within 5 s while Redis is frozen");
+    assert_eq!(answer.err().map(|s| s.code()), Some(tonic::Code::Unavailable));
+
+    signal("CONT");
+    drop(resume);
+    for (_, addr) in &addrs {
+        wait_health(addr, ServingStatus::Serving, HEALTH_NOTICES).await;
+    }
+    eventually(HEALTH_NOTICES, || async { healthz(&sse).await == Some(200) }).await;
+}
