@@ -154,6 +154,13 @@ async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
         let all: Vec<Value> = letters.iter().map(letter_json).collect();
         println!("{}", json!({ "dead_letters": all, "next": next }));
     } else {
+        if letters.is_empty() {
+            // On stderr: stdout stays one line per dead letter.
+            eprintln!(
+                "no dead letters{}",
+                args.stream.as_deref().map(|s| format!(" of stream {s:?}")).unwrap_or_default()
+            );
+        }
         for letter in &letters {
             println!("{}", letter_line(letter));
         }
