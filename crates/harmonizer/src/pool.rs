@@ -499,3 +499,53 @@ async fn sweep_timeouts(inner: Weak<Inner>, shutdown: ordo_runtime::Shutdown) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(stream_id: &str, sequence: u64) -> Event {
+        Event { stream_id: stream_id.into(), sequence, ..Default::default() }
+    }
+
+    fn held(index: &Arc<Index>, stream_id: &str, sequence: u64) -> bool {
+        lock(index).get(stream_id).is_some_and(|stream| stream.contains_key(&sequence))
+    }
+
+    #[test]
+    fn an_event_is_in_flight_until_its_last_ticket_is_dropped() {
+        let index: Arc<Index> = Arc::default();
+        let first = Ticket::new(&index, &event("s", 3));
+        // The same event dispatched twice at once (e.g. Process and Submit).
+        let second = Ticket::new(&index, &event("s", 3));
+        let other = Ticket::new(&index, &event("s", 4));
+        assert!(held(&index, "s", 3) && held(&index, "s", 4));
+        assert!(!held(&index, "s", 5) && !held(&index, "t", 3));
+        drop(first);
+        assert!(held(&index, "s", 3), "one dispatch of s#3 is still unsettled");
+        drop(second);
+        assert!(!held(&index, "s", 3));
+        drop(other);
+        assert!(lock(&index).is_empty(), "settled streams leave nothing behind");
+    }
+
+    #[test]
+    fn a_failed_placeholder_carries_its_dead_letter() {
+        let mut e = event("s", 7);
+        e.payload = b"input".to_vec().into();
+        let completed = failed(&e, 3, "no result after 3 attempts".into());
+        let result = completed.result.as_ref().map(EventResult::status);
+        assert_eq!(result, Some(ResultStatus::Failed));
+        let letter = completed.dead_letter.expect("a dead letter");
+        assert_eq!(
+            (letter.status(), letter.attempts, letter.error.as_str()),
+            (ResultStatus::Failed, 3, "no result after 3 attempts")
+        );
+        assert_eq!(letter.event.map(|e| e.payload), Some(e.payload.clone()));
+        assert!(letter.id.is_empty() && letter.at_unix_ms > 0);
+
+        let mut ok = Completed { result: Some(EventResult::ok(&e, "out")), mode: 0, dead_letter: None };
+        attach_dead_letter(&mut ok, &e, 1);
+        assert!(ok.dead_letter.is_none(), "only FAILED results are dead letters");
+    }
+}

@@ -472,3 +472,36 @@ impl StatefulWorker for WorkerService {
         Ok(Response::new(ListOperationsResponse { operations }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn early_cancels_are_remembered_once_and_bounded() {
+        let mut early = EarlyCancels::default();
+        early.insert(7);
+        assert!(early.take(7));
+        assert!(!early.take(7), "a cancel applies to one arrival");
+        for id in 0..(EarlyCancels::MAX as u64 + 10) {
+            early.insert(id);
+        }
+        assert!(!early.take(0), "the oldest are forgotten past the bound");
+        assert!(early.take(EarlyCancels::MAX as u64 + 9));
+        assert!(early.ids.len() <= EarlyCancels::MAX && early.order.len() <= EarlyCancels::MAX);
+    }
+
+    #[test]
+    fn an_absurd_timeout_means_no_deadline_not_a_panic() {
+        let token = CancellationToken::new();
+        let attempt = Attempt::new(WorkItem { timeout_ms: u64::MAX, ..Default::default() }, &token);
+        assert!(attempt.deadline.is_none() || attempt.deadline.is_some_and(|d| d > Instant::now()));
+        let attempt = Attempt::new(WorkItem { timeout_ms: 0, ..Default::default() }, &token);
+        assert!(attempt.deadline.is_none() && attempt.budget.is_none() && !attempt.is_over(Instant::now()));
+        let attempt = Attempt::new(WorkItem { timeout_ms: 1000, ..Default::default() }, &token);
+        let (Some(deadline), Some(budget)) = (attempt.deadline, attempt.budget) else { panic!("a deadline") };
+        assert!(budget < deadline, "the budget leaves time to hand the attempt back");
+        token.cancel();
+        assert!(attempt.is_over(Instant::now()), "the drain deadline ends queued attempts too");
+    }
+}

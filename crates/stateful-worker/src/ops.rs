@@ -226,3 +226,36 @@ impl Operation for Callback {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn callback_reports_an_unreachable_service_as_transient_within_its_budget() {
+        // A port nothing listens on: every try is a connect error.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        drop(listener);
+        let stateless = StatelessClient::new(ordo_runtime::client::traced(&addr).expect("endpoint"));
+        let budget = Duration::from_millis(600);
+        let ctx = OpContext { stateless, budget: Some(Instant::now() + budget) };
+        let event = Event { stream_id: "s".into(), operation: "callback".into(), ..Default::default() };
+        let start = Instant::now();
+        let error = Callback.call(&ctx, &event).await.expect_err("nothing answers");
+        assert!(error.transient, "{error}");
+        assert!(error.message.contains("tries"), "it tried more than once: {error}");
+        assert!(
+            start.elapsed() < budget + Duration::from_millis(500),
+            "it stopped within its budget: {:?}",
+            start.elapsed()
+        );
+    }
+
+    #[test]
+    fn plain_messages_are_permanent_errors() {
+        assert!(!OpError::from("bad input").transient);
+        assert!(OpError::transient("down").transient);
+        assert!(is_transient(tonic::Code::Unavailable) && !is_transient(tonic::Code::NotFound));
+    }
+}
