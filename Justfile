@@ -28,7 +28,9 @@ test: deps
     cargo build --workspace --bins
     cargo nextest run --workspace --no-fail-fast
 
-# Run the five services locally (release build) on their default ports; Ctrl-C stops them.
+# Run the five services locally (release build) on their default ports; Ctrl-C
+# stops them in order (front door first, so in-flight events still get their
+# results), like `just down`.
 up:
     bash scripts/up.sh
 
@@ -36,7 +38,7 @@ up:
 down:
     #!/usr/bin/env bash
     set -euo pipefail
-    pid_file=target/ordo-up.pid
+    pid_file="${ORDO_UP_PID_FILE:-target/ordo-up.pid}"
     if [[ ! -f "$pid_file" ]] || ! pid="$(cat "$pid_file")" || ! kill -0 "$pid" 2>/dev/null; then
         echo "ordo is not running (no live pid in $pid_file)"
         exit 0

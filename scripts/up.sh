@@ -5,14 +5,29 @@
 # service's name, and stops everything on Ctrl-C or SIGTERM. If a service
 # exits on its own, the others are stopped and the script exits non-zero.
 #
+# Ctrl-C stops things the way `just down` does. Each service runs in its own
+# session (setsid), so the terminal's SIGINT reaches only this script, not
+# every service at once; the script then stops them in order: the front door
+# first (it drains: accepted events still get their results, which needs
+# everything behind it), then the workers, the reassembler, the push-gateway,
+# the stateless service, and last a Redis it started. It exits 0 when every
+# service stopped cleanly, 1 when one failed, exited early or had to be killed.
+#
 # Usage: scripts/up.sh   (or `just up`; `just down` stops it from elsewhere)
 # Environment:
 #   ORDO_REDIS_URL               Redis to use (default redis://127.0.0.1:6379)
 #   OTEL_EXPORTER_OTLP_ENDPOINT  export spans over OTLP/gRPC, e.g. http://localhost:4317
 #   ORDO_UP_PROFILE              cargo profile to build and run (default release)
+#   ORDO_UP_BIN_DIR              run the binaries in this directory instead,
+#                                without building (e.g. target/debug, for tests)
+#   ORDO_UP_PID_FILE             where the pid of this script is kept for
+#                                `just down` (default target/ordo-up.pid)
 #   ORDO_UP_GRACE                seconds a service may take to stop (default 15)
 #   Every service flag's environment variable (docs/configuration.md) is
-#   passed through unchanged.
+#   passed through unchanged; ports, for instance: HARMONIZER_LISTEN,
+#   STATELESS_LISTEN, WORKER_LISTEN, REASSEMBLER_LISTEN, PUSH_GATEWAY_LISTEN,
+#   PUSH_GATEWAY_SSE_LISTEN, with ORDO_STATELESS, ORDO_WORKERS,
+#   ORDO_REASSEMBLERS, ORDO_PUSH_GATEWAY pointing the services at each other.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -23,13 +38,17 @@ export ORDO_REDIS_URL="${ORDO_REDIS_URL:-redis://127.0.0.1:6379}"
 # Start order: the back end first, so the harmonizer's lazy channels find
 # their peers on the first try (any order works, only the first calls differ).
 SERVICES=(stateless reassembler push-gateway stateful-worker harmonizer)
-PID_FILE="$ROOT/target/ordo-up.pid"
+PID_FILE="${ORDO_UP_PID_FILE:-$ROOT/target/ordo-up.pid}"
+# The order services are stopped in (see the header); Redis goes after them.
+STOP_ORDER=(harmonizer stateful-worker reassembler push-gateway stateless)
 
 NAMES=()
 PIDS=()
 REDIS_PID=""
 STOP_REQUESTED=0
 SLEEP_PID=""
+# Set when a service did not stop cleanly (non-zero exit, or killed).
+STOP_FAILED=0
 
 log() { printf '[%-15s] %s\n' "up" "$*" >&2; }
 die() {
@@ -48,66 +67,90 @@ prefix() {
   done
 }
 
-# Starts "$@" in the background with prefixed output. `$!` is the program
-# itself (not the prefixer): the process substitution is not a pipeline.
+# Starts "$@" in the background, in a session of its own (so a Ctrl-C in
+# the terminal does not reach it: this script stops it, in order), with
+# prefixed output. `$!` is the program itself: not the prefixer (the process
+# substitution is not a pipeline), and not a setsid parent (a background job
+# of a script is no process group leader, so setsid execs in place).
 spawn() {
   local name="$1"
   shift
-  "$@" > >(prefix "$name") 2>&1 &
+  setsid "$@" > >(prefix "$name") 2>&1 &
   NAMES+=("$name")
   PIDS+=("$!")
 }
 
 # shellcheck disable=SC2317 # reached through the EXIT trap
-# Sends SIGTERM to the given pids and waits up to GRACE seconds, then kills.
-stop_pids() {
-  local pid deadline
-  for pid in "$@"; do
+# Sends SIGTERM to the processes named "$1" and waits up to GRACE seconds for
+# each, then kills it. Logs how each one ended.
+stop_named() {
+  local want="$1" i pid code deadline
+  local pids=() names=()
+  for i in "${!PIDS[@]}"; do
+    if [[ "${NAMES[$i]}" == "$want" ]]; then
+      pids+=("${PIDS[$i]}")
+      names+=("${NAMES[$i]}")
+    fi
+  done
+  ((${#pids[@]} > 0)) || return 0
+  for pid in "${pids[@]}"; do
     kill -TERM "$pid" 2>/dev/null || true
   done
   deadline=$((SECONDS + GRACE))
-  for pid in "$@"; do
+  for i in "${!pids[@]}"; do
+    pid="${pids[$i]}"
     while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do
-      sleep 0.2
+      sleep 0.1
     done
     if kill -0 "$pid" 2>/dev/null; then
-      log "pid $pid did not stop within ${GRACE}s; killing it"
+      log "${names[$i]} (pid $pid) did not stop within ${GRACE}s; killing it"
       kill -KILL "$pid" 2>/dev/null || true
+      STOP_FAILED=1
     fi
-    wait "$pid" 2>/dev/null || true
+    code=0
+    wait "$pid" 2>/dev/null || code=$?
+    if ((code == 0)); then
+      log "${names[$i]} stopped"
+    else
+      log "${names[$i]} exited with code $code"
+      STOP_FAILED=1
+    fi
   done
 }
 
 # shellcheck disable=SC2317 # reached through the EXIT trap
-# The harmonizer stops first and alone: while it drains, in-flight events
-# still need the workers, reassembler and push-gateway behind it. Redis goes
-# last, after everything that writes to it.
+# One stage at a time, in STOP_ORDER: while the harmonizer drains, its
+# in-flight events still need the workers, reassembler and push-gateway
+# behind it; a worker's results still need the reassembler. Redis goes last,
+# after everything that writes to it.
 stop_all() {
-  local i front=() rest=()
-  for i in "${!PIDS[@]}"; do
-    case "${NAMES[$i]}" in
-      harmonizer) front+=("${PIDS[$i]}") ;;
-      redis) ;;
-      *) rest+=("${PIDS[$i]}") ;;
-    esac
+  local name
+  for name in "${STOP_ORDER[@]}"; do
+    stop_named "$name"
   done
-  if ((${#front[@]} > 0)); then stop_pids "${front[@]}"; fi
-  if ((${#rest[@]} > 0)); then stop_pids "${rest[@]}"; fi
   if [[ -n "$REDIS_PID" ]]; then
     log "stopping the Redis started by up.sh"
-    stop_pids "$REDIS_PID"
+    stop_named redis
   fi
 }
 
 # shellcheck disable=SC2317 # reached through the EXIT trap
 cleanup() {
   local status=$?
-  trap - EXIT INT TERM
+  trap - EXIT
+  # The services are in sessions of their own: this script must outlive
+  # them. A second Ctrl-C stops waiting for the drains (kills what is left).
+  trap 'GRACE=0; log "stopping without waiting"' INT TERM
   if [[ -n "$SLEEP_PID" ]]; then kill "$SLEEP_PID" 2>/dev/null || true; fi
   if ((${#PIDS[@]} > 0)) || [[ -n "$REDIS_PID" ]]; then
-    log "stopping services"
+    log "stopping services (Ctrl-C again to kill them at once)"
     stop_all
-    log "all stopped"
+    if ((STOP_FAILED)); then
+      log "stopped; some did not stop cleanly"
+      ((status != 0)) || status=1
+    else
+      log "all stopped"
+    fi
   fi
   if [[ -f "$PID_FILE" && "$(cat "$PID_FILE" 2>/dev/null)" == "$$" ]]; then rm -f "$PID_FILE"; fi
   exit "$status"
@@ -121,15 +164,20 @@ if [[ -f "$PID_FILE" ]] && kill -0 "$(cat "$PID_FILE" 2>/dev/null)" 2>/dev/null;
 fi
 
 # ---------------------------------------------------------------------- build
-case "$PROFILE" in
-  release) cargo build --release --bins ;;
-  dev | debug)
-    PROFILE=debug
-    cargo build --bins
-    ;;
-  *) cargo build --profile "$PROFILE" --bins ;;
-esac
-BIN_DIR="$ROOT/target/$PROFILE"
+if [[ -n "${ORDO_UP_BIN_DIR:-}" ]]; then
+  BIN_DIR="$(cd "$ORDO_UP_BIN_DIR" && pwd)" || die "ORDO_UP_BIN_DIR=$ORDO_UP_BIN_DIR is not a directory"
+  PROFILE="prebuilt, $BIN_DIR"
+else
+  case "$PROFILE" in
+    release) cargo build --release --bins ;;
+    dev | debug)
+      PROFILE=debug
+      cargo build --bins
+      ;;
+    *) cargo build --profile "$PROFILE" --bins ;;
+  esac
+  BIN_DIR="$ROOT/target/$PROFILE"
+fi
 for name in "${SERVICES[@]}" ordo; do
   [[ -x "$BIN_DIR/$name" ]] || die "$BIN_DIR/$name was not built"
 done
@@ -231,8 +279,8 @@ cat >&2 <<EOF
   Try:
     grpcurl -plaintext localhost:$HARMONIZER_PORT list
     grpcurl -plaintext localhost:$HARMONIZER_PORT ordo.v1.Harmonizer/ListOperations
-    target/$(basename "$BIN_DIR")/ordo send --addr localhost:$HARMONIZER_PORT --text 'hello, ordered world' --latency exp:10ms
-    target/$(basename "$BIN_DIR")/ordo send --addr localhost:$HARMONIZER_PORT --text 'hello, ordered world' --latency exp:10ms --unordered
+    $BIN_DIR/ordo send --addr localhost:$HARMONIZER_PORT --text 'hello, ordered world' --latency exp:10ms
+    $BIN_DIR/ordo send --addr localhost:$HARMONIZER_PORT --text 'hello, ordered world' --latency exp:10ms --unordered
 
   Ctrl-C (or 'just down') stops everything.
 

@@ -8,6 +8,8 @@
 //! - Health (gRPC and the push-gateway's `/healthz`) is served at once and
 //!   follows Redis: NOT_SERVING / 503 while it is unreachable or frozen,
 //!   SERVING / 200 when it is back; calls made meanwhile fail promptly.
+//! - Ctrl-C on `scripts/up.sh` (`just up`) stops the services in order, as
+//!   `just down` does, and every in-flight result still arrives (finding 8).
 
 use std::{
     collections::BTreeMap,
@@ -346,4 +348,143 @@ async fn health_follows_a_frozen_redis() {
         wait_health(addr, ServingStatus::Serving, HEALTH_NOTICES).await;
     }
     eventually(HEALTH_NOTICES, || async { healthz(&sse).await == Some(200) }).await;
+}
+
+/// `scripts/up.sh` running the prebuilt binaries on free ports, in a process
+/// group of its own (as a terminal's foreground job is). Dropping it stops it
+/// (SIGTERM, then SIGKILL of the group).
+struct Up {
+    child: Child,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Up {
+    fn start(env: &[(&str, String)]) -> Self {
+        use std::os::unix::process::CommandExt as _;
+        let dir = tempfile::Builder::new().prefix("ordo-up-").tempdir().expect("a temp dir");
+        let log = dir.path().join("up.log");
+        let out = std::fs::File::create(&log).expect("the log file");
+        let err = out.try_clone().expect("the log file");
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/up.sh");
+        let mut command = Command::new("bash");
+        command.arg(script);
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy().into_owned();
+            if ["ORDO_", "HARMONIZER_", "STATELESS_", "WORKER_", "REASSEMBLER_", "PUSH_GATEWAY_", "OTEL_"]
+                .iter()
+                .any(|p| key.starts_with(p))
+            {
+                command.env_remove(key);
+            }
+        }
+        command
+            .env("ORDO_UP_BIN_DIR", integration_tests::process::bin_dir())
+            .env("ORDO_UP_PID_FILE", dir.path().join("up.pid"))
+            .env("NO_COLOR", "1")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        let child = command.spawn().expect("bash runs scripts/up.sh");
+        Self { child, log, _dir: dir }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for up.sh to exit (at most `within`).
+    async fn wait(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let started = Instant::now();
+        while started.elapsed() < within {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let pid = self.child.id().to_string();
+            let _ = Command::new("kill").args(["-TERM", &pid]).status();
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(30) {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = Command::new("kill").args(["-KILL", &format!("-{pid}")]).status();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("---- up.sh output ----\n{}", self.log());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ctrl_c_on_up_sh_stops_like_just_down_and_delivers_in_flight_results() {
+    const EVENTS: u64 = 8;
+    let port = |_| format!("127.0.0.1:{}", free_port());
+    let [harmonizer, stateless, worker, reassembler, push_gateway, sse]: [String; 6] = std::array::from_fn(port);
+    let mut up = Up::start(&[
+        ("ORDO_REDIS_URL", format!("redis://127.0.0.1:{}", free_port())),
+        ("HARMONIZER_LISTEN", harmonizer.clone()),
+        ("STATELESS_LISTEN", stateless.clone()),
+        ("WORKER_LISTEN", worker.clone()),
+        ("REASSEMBLER_LISTEN", reassembler.clone()),
+        ("PUSH_GATEWAY_LISTEN", push_gateway.clone()),
+        ("PUSH_GATEWAY_SSE_LISTEN", sse),
+        ("ORDO_STATELESS", stateless),
+        ("ORDO_WORKERS", worker),
+        ("ORDO_REASSEMBLERS", reassembler),
+        ("ORDO_PUSH_GATEWAY", push_gateway),
+        ("ORDO_DRAIN_TIMEOUT", "5s".into()),
+        ("ORDO_UP_GRACE", "10".into()),
+    ]);
+    wait_health(&harmonizer, ServingStatus::Serving, Duration::from_secs(60)).await;
+
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{harmonizer}")).expect("a valid uri").connect_lazy();
+    let client = ordo_proto::v1::harmonizer_client::HarmonizerClient::new(channel);
+    let mut call = ProcessCall::open(&client);
+    let streams: Vec<String> = (0..EVENTS).map(|i| format!("ctrl-c-{i}")).collect();
+    for stream in &streams {
+        for e in numbered_events(stream, 1, "async-echo", "fixed:1500ms") {
+            call.send(e).await.expect("sent");
+        }
+    }
+    // Set-up, not an assertion: let the events be accepted and dispatched,
+    // so they are in flight when Ctrl-C comes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(call.received().is_empty(), "results came before Ctrl-C; the test would prove nothing");
+
+    // What a terminal does on Ctrl-C: SIGINT to the foreground process group.
+    let group = format!("-{}", up.child.id());
+    let sent = Command::new("kill").args(["-INT", "--", &group]).status().expect("kill runs");
+    assert!(sent.success(), "kill -INT -- {group}");
+
+    let expected: BTreeMap<String, usize> = streams.iter().map(|s| (s.clone(), 1)).collect();
+    call.wait_for_counts(&expected, Duration::from_secs(20)).await.expect("every in-flight result arrives");
+    let results = call.finish(LINGER).await.expect("the call ends");
+    assert_ok(check_all_ok(&results), "in-flight results");
+    assert_eq!(results.len(), EVENTS as usize, "exactly one result per event");
+
+    let status = up.wait(Duration::from_secs(60)).await;
+    let log = up.log();
+    assert!(status.is_some_and(|s| s.success()), "up.sh must exit 0 after Ctrl-C, got {status:?}; output:\n{log}");
+    for name in ["harmonizer", "stateful-worker", "reassembler", "push-gateway", "stateless", "redis"] {
+        assert!(log.contains(&format!("] {name} stopped")), "{name} did not stop cleanly; output:\n{log}");
+    }
+    // In order: the front door first, Redis last.
+    let at = |name: &str| log.find(&format!("] {name} stopped")).unwrap_or(usize::MAX);
+    assert!(at("harmonizer") < at("stateful-worker") && at("stateful-worker") < at("reassembler"), "{log}");
+    assert!(at("stateless") < at("redis"), "{log}");
 }
