@@ -14,6 +14,7 @@ use ordo_core::limits::{self, MAX_STREAM_ID_BYTES};
 use ordo_proto::v1::{
     DeadLetter, Event, EventResult, GetDeadLetterRequest, ListDeadLettersRequest, ListDeadLettersResponse, ResultStatus,
 };
+use ordo_runtime::redis_conn;
 use prost::Message;
 
 use crate::{
@@ -84,7 +85,7 @@ pub async fn list(store: &Store, request: ListDeadLettersRequest) -> Result<List
     let redis = |e| Error::Redis(std::sync::Arc::new(e));
 
     if request.stream_id.is_empty() {
-        let entries = store.dead_letters_after(after.as_deref(), limit).await.map_err(redis)?;
+        let entries = redis_conn::call(|| store.dead_letters_after(after.as_deref(), limit)).await.map_err(redis)?;
         let next = if entries.len() == limit {
             entries.last().map(|e| e.id.clone()).unwrap_or_default()
         } else {
@@ -96,7 +97,7 @@ pub async fn list(store: &Store, request: ListDeadLettersRequest) -> Result<List
     let mut found = Vec::new();
     let mut scanned = 0;
     while scanned < SCAN_BUDGET {
-        let chunk = store.dead_letters_after(after.as_deref(), SCAN_CHUNK).await.map_err(redis)?;
+        let chunk = redis_conn::call(|| store.dead_letters_after(after.as_deref(), SCAN_CHUNK)).await.map_err(redis)?;
         let exhausted = chunk.len() < SCAN_CHUNK;
         scanned += chunk.len();
         for entry in chunk {
@@ -131,7 +132,8 @@ pub async fn get(store: &Store, request: GetDeadLetterRequest) -> Result<DeadLet
         return Err(Error::Invalid("id is required (a dead letter's id, as listed by ListDeadLetters)".into()));
     }
     let id = valid_id(&request.id, "id")?;
-    match store.dead_letter(id).await.map_err(|e| Error::Redis(std::sync::Arc::new(e)))? {
+    // Transient Redis errors (a restart) are retried briefly before answering UNAVAILABLE.
+    match redis_conn::call(|| store.dead_letter(id)).await.map_err(|e| Error::Redis(std::sync::Arc::new(e)))? {
         Some(entry) => Ok(decode(entry)),
         None => Err(Error::NotFound(format!(
             "no dead letter {id}: unknown, or trimmed past the reassembler's --dead-letter-retention"
