@@ -32,7 +32,6 @@ use std::{
 };
 
 use futures::Stream;
-use ordo_core::limits;
 use ordo_proto::v1::{
     Completed, DeadLetter, Event, EventResult, ResultStatus, WorkItem, stateful_worker_client::StatefulWorkerClient,
     stateless_client::StatelessClient,
@@ -134,6 +133,21 @@ impl Link {
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Critical sections are plain map operations; a poisoned lock is still consistent.
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Longest worker error kept in a reason (it ends up in a FAILED result).
+const MAX_REASON_BYTES: usize = 1024;
+
+/// `text` cut to at most [`MAX_REASON_BYTES`] on a char boundary.
+fn bounded(text: &str) -> &str {
+    if text.len() <= MAX_REASON_BYTES {
+        return text;
+    }
+    let mut end = MAX_REASON_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// A FAILED result the pool records in an event's place, with its dead letter.
@@ -432,7 +446,7 @@ async fn drive_link(
                             if let Some(flight) = flight
                                 && !ack.delivered
                             {
-                                let reason = format!("worker: {}", limits::echo(&ack.error));
+                                let reason = format!("worker: {}", bounded(&ack.error));
                                 tokio::spawn(retry(pool.clone(), flight, index, reason));
                             }
                         }

@@ -149,6 +149,8 @@ impl Operation for AsyncUpper {
 
 /// First and longest pause between two tries of a stateless call.
 const CALLBACK_BACKOFF: (Duration, Duration) = (Duration::from_millis(20), Duration::from_millis(500));
+/// Shortest time worth another try of a stateless call (connect + answer).
+const CALLBACK_MIN_TRY: Duration = Duration::from_millis(100);
 /// Tries of a stateless call when the attempt has no deadline.
 const CALLBACK_TRIES_WITHOUT_DEADLINE: usize = 8;
 
@@ -212,9 +214,17 @@ impl Operation for Callback {
                 if !is_transient(status.code()) {
                     return Err(OpError::permanent(message));
                 }
-                let delay = backoff.next_delay();
+                let mut delay = backoff.next_delay();
                 let out_of_time = match ctx.remaining() {
-                    Some(left) => delay >= left,
+                    // Use the budget to its end: the last pause is shortened
+                    // so that one more try of at least CALLBACK_MIN_TRY fits.
+                    Some(left) => match left.checked_sub(CALLBACK_MIN_TRY) {
+                        Some(spare) if !spare.is_zero() => {
+                            delay = delay.min(spare);
+                            false
+                        }
+                        _ => true,
+                    },
                     None => tries >= CALLBACK_TRIES_WITHOUT_DEADLINE,
                 };
                 if out_of_time {
