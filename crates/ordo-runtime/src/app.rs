@@ -1,6 +1,11 @@
 //! The body of every binary's `main`: parse the config (clap, env vars),
 //! validate it (exit code 64 on bad config, like linkerd and sysexits.h),
 //! start telemetry, bind the listener and run the service until shutdown.
+//!
+//! Exit is bounded: after SIGTERM/Ctrl-C a service's `run` has its drain
+//! timeout to return (servers drop what is still open at that deadline); if
+//! something still holds it a moment later, the process exits anyway, so an
+//! orchestrator never needs SIGKILL. The bound is drain + [`EXIT_GRACE`].
 
 use std::{future::Future, net::SocketAddr, process::ExitCode, time::Duration};
 
@@ -56,6 +61,13 @@ macro_rules! service_config {
 /// Exit code for a configuration error (EX_CONFIG).
 pub const EXIT_CONFIG: u8 = 64;
 
+/// How long after the drain timeout a service may still take to return
+/// before the process exits without it (well within drain + 1 s, leaving time
+/// to flush telemetry and stop the runtime).
+pub const EXIT_GRACE: Duration = Duration::from_millis(500);
+/// How long the runtime may take to stop its tasks once `run` returned.
+const RUNTIME_STOP: Duration = Duration::from_millis(200);
+
 /// Runs a service binary: `service` is its name in logs and traces; `run`
 /// gets the config, the bound listener and the shutdown token.
 pub fn run<C, F, Fut>(service: &'static str, run: F) -> ExitCode
@@ -76,7 +88,8 @@ where
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    let drain = config.common().drain_timeout;
+    let code = runtime.block_on(async move {
         let _telemetry = match telemetry::init(service, config.common().log_format) {
             Ok(guard) => guard,
             Err(error) => {
@@ -95,15 +108,33 @@ where
         let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!(service, listen = %local, "listening");
         let token = shutdown::on_signals();
-        match run(config, listener, token).await {
-            Ok(()) => {
-                tracing::info!(service, "stopped");
+        let overdue = {
+            let token = token.clone();
+            async move {
+                shutdown::drain_deadline(token, drain).await;
+                tokio::time::sleep(EXIT_GRACE).await;
+            }
+        };
+        tokio::select! {
+            result = run(config, listener, token) => match result {
+                Ok(()) => {
+                    tracing::info!(service, "stopped");
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    tracing::error!(service, error = format!("{error:#}"), "failed");
+                    ExitCode::FAILURE
+                }
+            },
+            // Draining is over by definition at the deadline: what is still
+            // open was given up on, as the servers do, so this is a clean stop.
+            () = overdue => {
+                tracing::warn!(service, ?drain, "still stopping after the drain timeout; exiting anyway");
                 ExitCode::SUCCESS
             }
-            Err(error) => {
-                tracing::error!(service, error = format!("{error:#}"), "failed");
-                ExitCode::FAILURE
-            }
         }
-    })
+    });
+    // Tasks still running (and blocking threads) must not hold the exit.
+    runtime.shutdown_timeout(RUNTIME_STOP);
+    code
 }

@@ -1,5 +1,7 @@
-//! SIGTERM: every service stops by itself within its drain timeout and exits
-//! successfully, as an orchestrator stopping the deployment expects.
+//! SIGTERM: every service stops by itself within its drain timeout plus one
+//! second and exits successfully, as an orchestrator stopping the deployment
+//! expects (finding 7 of issue 7; per-service tests under load are in
+//! `lifecycle`).
 
 use std::time::Duration;
 
@@ -31,11 +33,11 @@ async fn every_service_exits_cleanly_on_sigterm() {
     .expect("results before the shutdown");
     assert_ok(check_in_order_exactly_once(&results, 5).and_then(|()| check_all_ok(&results)), "results");
 
-    let exits = cluster.terminate_all(drain + Duration::from_secs(5)).await;
+    let exits = cluster.terminate_all(drain + Duration::from_secs(1)).await;
     let bad: Vec<String> = exits
         .iter()
         .filter(|(_, status)| !status.as_ref().is_ok_and(|s| s.success()))
         .map(|(name, status)| format!("{name}: {status:?}"))
         .collect();
-    assert!(bad.is_empty(), "services that did not exit 0 within drain + 5 s after SIGTERM: {bad:?}");
+    assert!(bad.is_empty(), "services that did not exit 0 within drain + 1 s after SIGTERM: {bad:?}");
 }
