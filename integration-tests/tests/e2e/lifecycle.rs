@@ -96,11 +96,35 @@ async fn reassembler_exits_on_sigterm_under_load_and_nothing_is_lost() {
 #[tokio::test(flavor = "multi_thread")]
 async fn push_gateway_exits_on_sigterm_while_a_harmonizer_follows_it() {
     const N: u64 = 400;
-    let mut cluster = cluster().start().await;
+    // A long drain: the gateway must end its Follow and Subscribe calls at
+    // once on SIGTERM, not hold them open until the deadline.
+    let mut cluster = cluster().push_gateway_args(["--drain-timeout", "20s"]).start().await;
     let (mut call, streams) = paced_call(&cluster, "push-term", 2, N, "async-echo");
+    // A plain subscriber too: it must be told to resubscribe, not left hanging.
+    let mut subscriber = cluster
+        .push_gateway()
+        .subscribe(SubscribeRequest { stream_id: streams[0].clone(), ..Default::default() })
+        .await
+        .expect("subscribed")
+        .into_inner();
     // The harmonizer's Follow call on the gateway is open from here on.
     mid_stream(&mut call, 100).await;
     sigterm_exits_cleanly(cluster.push_gateway_process()).await;
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match subscriber.message().await {
+                Ok(Some(_)) => continue,
+                other => return other.map(|_| ()),
+            }
+        }
+    })
+    .await
+    .expect("the Subscribe call ended with the gateway");
+    let code = ended.err().map(|s| s.code());
+    assert!(
+        matches!(code, Some(tonic::Code::Unavailable) | Some(tonic::Code::Unknown) | Some(tonic::Code::Internal)),
+        "Subscribe must end with an error (resubscribe), not OK: {code:?}"
+    );
     // The harmonizer's follower resumes from its last position + 1.
     cluster.push_gateway_process().restart(Duration::from_secs(30)).await.expect("the push-gateway restarts");
     all_results_arrive(call, &streams, N).await;
