@@ -24,7 +24,10 @@ use integration_tests::{
     ports::free_port,
     process::{binary, health_status},
 };
-use ordo_proto::v1::{ResultStatus, SubscribeRequest, push_gateway_client::PushGatewayClient};
+use ordo_proto::v1::{
+    GetStreamRequest, ResultStatus, SubscribeRequest, push_gateway_client::PushGatewayClient,
+    reassembler_client::ReassemblerClient,
+};
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::{DEADLINE, assert_ok, check_numbered_payloads, interleave, numbered_events};
@@ -311,6 +314,12 @@ async fn health_answers_at_once_while_redis_is_down_at_start() {
     .expect("Subscribe answers within 5 s while Redis is down");
     let status = answer.expect_err("Subscribe cannot be served without Redis");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?} after {:?}", started.elapsed());
+    let mut client = ReassemblerClient::connect(format!("http://{}", reassembler.addr)).await.expect("connects");
+    let answer =
+        tokio::time::timeout(Duration::from_secs(5), client.get_stream(GetStreamRequest { stream_id: "s".into() }))
+            .await
+            .expect("GetStream answers within 5 s while Redis is down");
+    assert_eq!(answer.err().map(|s| s.code()), Some(tonic::Code::Unavailable));
 
     redis.restart().await.expect("redis starts");
     for service in [&reassembler, &push_gateway, &harmonizer] {
@@ -364,6 +373,13 @@ async fn health_follows_a_frozen_redis() {
     )
     .await
     .expect("Subscribe answers within 5 s while Redis is frozen");
+    assert_eq!(answer.err().map(|s| s.code()), Some(tonic::Code::Unavailable));
+    let answer = tokio::time::timeout(
+        Duration::from_secs(5),
+        cluster.reassembler(0).get_stream(GetStreamRequest { stream_id: "frozen".into() }),
+    )
+    .await
+    .expect("GetStream answers within 5 s while Redis is frozen");
     assert_eq!(answer.err().map(|s| s.code()), Some(tonic::Code::Unavailable));
 
     signal("CONT");
