@@ -8,9 +8,9 @@
 //! the machine's RabbitMQ and run one at a time (`.config/nextest.toml`).
 
 mod bad_input;
-mod dead_letters;
-mod contract;
 mod cancel;
+mod contract;
+mod dead_letters;
 mod failover;
 mod give_up;
 mod grpcurl;
