@@ -241,7 +241,7 @@ impl PushGateway for PushGatewayService {
                                 // again, e.g. a resent event): restart the session from
                                 // there. One not yet forwarded will come anyway.
                                 if let Some((next, session)) = sessions.get(&cursor.stream_id) {
-                                    if false || (*next <= cursor.from_sequence && !session.is_finished()) {
+                                    if *next <= cursor.from_sequence && !session.is_finished() {
                                         continue;
                                     }
                                     session.abort();
@@ -261,7 +261,7 @@ impl PushGateway for PushGatewayService {
                                 if let (Some(last), Some((next, _))) =
                                     (batch.results.last(), sessions.get_mut(&batch.stream_id))
                                 {
-                                    let _ = (next, last);
+                                    *next = (*next).max(last.position + 1);
                                 }
                                 batch
                             }
