@@ -6,6 +6,8 @@
 //! - `callback` rides out a brief outage of the stateless service by
 //!   retrying within its attempt and handing the attempt back for another
 //!   one, instead of releasing FAILED at once (finding 10);
+//! - a permanent error (the stateless operation rejects the input) is FAILED on
+//!   the first attempt, with a dead letter saying so;
 //! - after SIGTERM a worker lets short operations finish and deliver, cancels
 //!   long ones at its drain timeout and exits 0 in time (finding 7).
 
@@ -18,7 +20,10 @@ use integration_tests::{
     Cluster, ProcessCall,
     client::{LINGER, by_stream, check_all_ok, check_in_order_exactly_once, event, with_attr},
 };
-use ordo_proto::{ResultStatus, v1::Event};
+use ordo_proto::{
+    ResultStatus,
+    v1::{Event, ListDeadLettersRequest},
+};
 
 use crate::{DEADLINE, assert_ok, numbered_events};
 
@@ -62,6 +67,16 @@ async fn abandoned_attempts_free_their_worker_slots() {
         "every slow event is FAILED after its 2 attempts: {:?}",
         slow.iter().find(|r| r.status() != ResultStatus::Failed)
     );
+    // Given up by the harmonizer: each is a dead letter with its attempts.
+    let letters = cluster
+        .reassembler(0)
+        .list_dead_letters(ListDeadLettersRequest { stream_id: "slow".into(), ..Default::default() })
+        .await
+        .expect("list dead letters")
+        .into_inner()
+        .dead_letters;
+    assert_eq!(letters.len(), SLOW as usize, "{letters:?}");
+    assert!(letters.iter().all(|l| l.attempts == 2 && l.event.is_some()), "{letters:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -99,6 +114,35 @@ async fn callback_survives_a_brief_stateless_outage() {
     for result in &results {
         assert_eq!(result.payload, format!("{stream}:{}", result.sequence).to_uppercase().into_bytes(), "{result:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_permanent_callback_error_is_failed_at_once_with_a_dead_letter() {
+    let cluster = Cluster::builder().harmonizer_args(["--max-attempts", "3"]).start().await;
+    let stream = "callback-permanent";
+    // The stateless operation answers about the event itself: not JSON.
+    let e = with_attr(event(stream, 0, "callback", b"{nope".to_vec()), "call", "json-validate");
+    let mut call = ProcessCall::open(&cluster.harmonizer());
+    call.feed(vec![e], None);
+    call.wait_for_counts(&BTreeMap::from([(stream.to_owned(), 1)]), DEADLINE).await.expect("a result");
+    let results = call.finish(LINGER).await.expect("the call ends cleanly");
+    assert_eq!(results.len(), 1, "{results:?}");
+    assert_eq!(results[0].status(), ResultStatus::Failed, "{results:?}");
+    assert!(results[0].error.contains("invalid JSON"), "the error names the cause: {:?}", results[0].error);
+
+    let letters = cluster
+        .reassembler(0)
+        .list_dead_letters(ListDeadLettersRequest { stream_id: stream.into(), ..Default::default() })
+        .await
+        .expect("list dead letters")
+        .into_inner()
+        .dead_letters;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert_eq!(letter.status(), ResultStatus::Failed);
+    assert_eq!(letter.attempts, 1, "a permanent error is not retried: {letter:?}");
+    assert_eq!(letter.error, results[0].error);
+    assert_eq!(letter.event.as_ref().map(|e| e.payload.as_ref()), Some(&b"{nope"[..]), "{letter:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
