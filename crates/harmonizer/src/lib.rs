@@ -40,6 +40,10 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+/// How long Redis may be unreachable before events that need it are refused
+/// at once (shorter outages are ridden out by the retries in `state::read`).
+pub const REDIS_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// State shared by every call.
 pub struct Shared {
     pub config: Config,
@@ -49,6 +53,9 @@ pub struct Shared {
     pub sink: ResultSink,
     pub push_gateway: PushGatewayClient<TracedChannel>,
     pub redis: redis::aio::ConnectionManager,
+    /// Whether Redis answers: events that need it are refused at once while
+    /// it has been down a while, instead of each waiting out the retries.
+    pub readiness: Readiness,
     pub shutdown: Shutdown,
 }
 
@@ -73,7 +80,16 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     let push_gateway = PushGatewayClient::new(ordo_runtime::client::traced(&config.push_gateway)?)
         .max_decoding_message_size(ordo_runtime::server::MAX_MESSAGE_BYTES);
     let drain = config.common.drain_timeout;
-    let shared = Arc::new(Shared { config, registry, pool, sink, push_gateway, redis, shutdown: shutdown.clone() });
+    let shared = Arc::new(Shared {
+        config,
+        registry,
+        pool,
+        sink,
+        push_gateway,
+        redis,
+        readiness: readiness.clone(),
+        shutdown: shutdown.clone(),
+    });
     let server = HarmonizerServer::new(HarmonizerService { shared })
         .max_decoding_message_size(ordo_runtime::server::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(ordo_runtime::server::MAX_MESSAGE_BYTES);

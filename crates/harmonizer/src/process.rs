@@ -191,6 +191,10 @@ impl Call {
         };
         let stream = event.stream_id.as_str();
         if !self.streams.knows(stream) {
+            if self.shared.readiness.down_for(crate::REDIS_GRACE) {
+                self.reject(&event, Error::Unavailable("reorder state (Redis)")).await;
+                return None;
+            }
             match state::read(&self.shared.redis, stream).await {
                 Ok(meta) => {
                     let mode = state::effective_mode(meta.mode, event.mode());

@@ -20,6 +20,9 @@ pub async fn submit(shared: &Shared, mut event: Event) -> Result<EventResult, Er
         return Err(Error::ShuttingDown);
     }
     let route = shared.registry.validate(&event)?;
+    if shared.readiness.down_for(crate::REDIS_GRACE) {
+        return Err(Error::Unavailable("reorder state (Redis)"));
+    }
     let meta = state::read(&shared.redis, &event.stream_id).await?;
     let mode = state::effective_mode(meta.mode, event.mode());
     event.mode = mode as i32;
