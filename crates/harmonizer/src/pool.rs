@@ -358,7 +358,9 @@ async fn dispatch(inner: &Arc<Inner>, event: Event, attempt: u32, avoid: Option<
         // stopped reading (frozen) still times its events out.
         lock(&link.in_flight)
             .insert(dispatch_id, InFlight { event, attempt, deadline: Instant::now() + timeout, ticket });
-        let sent = tx.items.send(item).await.is_ok();
+        // A worker that stopped reading (frozen) must not hold this call
+        // forever: after the event timeout the item goes elsewhere.
+        let sent = matches!(tokio::time::timeout(timeout, tx.items.send(item)).await, Ok(Ok(())));
         let mut in_flight = lock(&link.in_flight);
         if sent {
             // Handed over: the attempt's time starts now, as on the worker.
@@ -367,9 +369,9 @@ async fn dispatch(inner: &Arc<Inner>, event: Event, attempt: u32, avoid: Option<
             }
             return;
         }
-        // The link went down under us; it did not take the item. Unless the
-        // link's own clean-up (or the timeout sweep) already took the event
-        // to re-dispatch it, try another link.
+        // The link went down under us, or did not take the item in time.
+        // Unless the link's own clean-up (or the timeout sweep) already took
+        // the event to re-dispatch it, try another link.
         let Some(flight) = in_flight.remove(&dispatch_id) else { return };
         drop(in_flight);
         (event, ticket) = (flight.event, flight.ticket);
