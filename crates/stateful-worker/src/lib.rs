@@ -22,10 +22,10 @@
 //! may re-dispatch them (a `Submit` that answered PROCESSING relies on it).
 //!
 //! On SIGTERM the worker stops taking new events (queued and newly arriving
-//! ones are handed back unstarted, `WorkAck.retry`, so the harmonizer
-//! dispatches them to another worker at once), lets running operations
-//! finish and deliver until `--drain-timeout`, then cancels what is left
-//! (unacked: the harmonizer re-dispatches it when the call ends) and exits.
+//! ones are left unstarted and unacked), lets running operations finish and
+//! deliver until `--drain-timeout`, then cancels what is left (unacked too)
+//! and exits; the harmonizer re-dispatches everything unacked when the call
+//! ends.
 
 pub mod ops;
 
@@ -377,14 +377,14 @@ impl Inner {
             }
         }
         if !queue.is_empty() {
-            // Shutting down: never started; handed back at once so the
-            // harmonizer dispatches them elsewhere now, not at the end of
-            // the drain when this call closes.
-            tracing::info!(events = queue.len(), "shutting down: handing queued events back unstarted");
+            // Shutting down: never started, never acked; the harmonizer
+            // re-dispatches them when this call ends. (Not handed back with
+            // `WorkAck.retry`: the harmonizer would count an attempt each
+            // time, and with this worker its only one, burn them all at once.)
+            tracing::info!(events = queue.len(), "shutting down: leaving queued events unstarted");
             let mut cancels = lock(&cancels);
             for attempt in queue.drain(..) {
                 cancels.remove(&attempt.item.dispatch_id);
-                refuse(&acks, &attempt.item);
             }
         }
         // Draining: no new work, but cancels are still honoured until every
@@ -397,28 +397,14 @@ impl Inner {
                     Ok(Some(item)) if item.cancel => {
                         cancel(&cancels, &mut queue, item.dispatch_id);
                     }
-                    Ok(Some(item)) => refuse(&acks, &item),
+                    Ok(Some(item)) => {
+                        tracing::debug!(dispatch_id = item.dispatch_id, "shutting down: event not taken");
+                    }
                     Ok(None) | Err(_) => reading = false,
                 },
             }
         }
     }
-}
-
-/// Hands an event back unstarted while shutting down. Best effort: if the
-/// ack cannot be queued, the harmonizer re-dispatches the event when this
-/// call ends.
-fn refuse(acks: &mpsc::Sender<Result<WorkAck, Status>>, item: &WorkItem) {
-    let Some(event) = item.event.as_ref() else { return };
-    let ack = WorkAck {
-        dispatch_id: item.dispatch_id,
-        stream_id: event.stream_id.clone(),
-        sequence: event.sequence,
-        delivered: false,
-        retry: true,
-        error: "worker shutting down".into(),
-    };
-    let _ = acks.try_send(Ok(ack));
 }
 
 /// Acts on a cancel item: a queued attempt is dropped, a running one

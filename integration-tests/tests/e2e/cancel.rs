@@ -190,3 +190,33 @@ async fn worker_drains_then_cancels_and_exits_in_time() {
         .collect();
     assert_ok(check_in_order_exactly_once(&short, SHORT).and_then(|()| check_all_ok(&short)), "short events");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_only_worker_restarted_with_sigterm_mid_stream_loses_nothing() {
+    // A rolling restart of a one-worker deployment: events arrive while the
+    // worker drains and while it is down; each still gets its OK result,
+    // in order, once.
+    const N: u64 = 60;
+    let mut cluster = Cluster::builder().worker_args(["--drain-timeout", "2s"]).start().await;
+    let stream = "worker-rolling-restart";
+    let mut call = ProcessCall::open(&cluster.harmonizer());
+    call.feed(numbered_events(stream, N, "async-echo", "fixed:200ms"), Some(Duration::from_millis(20)));
+    call.wait_for_total(5, DEADLINE).await.expect("the first results arrive");
+    assert!(!call.fed(), "the feed is still going when the worker stops");
+
+    let worker = cluster.worker_process(0);
+    let status = worker.terminate(Duration::from_secs(10)).await.expect("the worker exits after SIGTERM");
+    assert!(status.success(), "the worker exits 0: {status}");
+    worker.restart(Duration::from_secs(30)).await.expect("the worker restarts on its port");
+
+    call.wait_for_counts(&BTreeMap::from([(stream.to_owned(), N as usize)]), DEADLINE)
+        .await
+        .expect("every event completes after the restart");
+    let results = call.finish(LINGER).await.expect("the call ends cleanly");
+    assert_ok(
+        check_in_order_exactly_once(&results, N)
+            .and_then(|()| check_all_ok(&results))
+            .and_then(|()| crate::check_numbered_payloads(&results)),
+        "results across the worker's restart",
+    );
+}
