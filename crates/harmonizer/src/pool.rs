@@ -545,6 +545,20 @@ mod tests {
         assert!(lock(&index).is_empty(), "settled streams leave nothing behind");
     }
 
+    #[tokio::test]
+    async fn cancels_overtake_queued_items() {
+        use futures::StreamExt as _;
+        let (items, items_rx) = mpsc::channel(8);
+        let (cancels, cancels_rx) = mpsc::channel(8);
+        for dispatch_id in 1..=3 {
+            items.try_send(WorkItem { dispatch_id, ..Default::default() }).expect("room");
+        }
+        cancels.try_send(WorkItem { dispatch_id: 2, cancel: true, ..Default::default() }).expect("room");
+        drop((items, cancels));
+        let sent: Vec<(u64, bool)> = outbound(items_rx, cancels_rx).map(|i| (i.dispatch_id, i.cancel)).collect().await;
+        assert_eq!(sent, vec![(2, true), (1, false), (2, false), (3, false)]);
+    }
+
     #[test]
     fn a_failed_placeholder_carries_its_dead_letter() {
         let mut e = event("s", 7);
