@@ -164,14 +164,7 @@ fn attach_dead_letter(completed: &mut Completed, event: &Event, attempts: u32) {
     if result.status() != ResultStatus::Failed {
         return;
     }
-    completed.dead_letter = Some(DeadLetter {
-        id: String::new(),
-        event: Some(event.clone()),
-        status: ResultStatus::Failed as i32,
-        attempts,
-        error: result.error.clone(),
-        at_unix_ms: ordo_proto::unix_nanos() / 1_000_000,
-    });
+    completed.dead_letter = Some(DeadLetter::of(event.clone(), ResultStatus::Failed, attempts, result.error.clone()));
 }
 
 struct Inner {
@@ -248,13 +241,9 @@ impl Pool {
         execute_stateless(&self.inner, event).await.0
     }
 
-    /// Stores a result the harmonizer produced itself; resolves once durable.
-    pub async fn record(&self, result: EventResult, mode: i32) -> bool {
-        self.inner.sink.deliver(Completed { result: Some(result), mode, dead_letter: None }).await.is_ok()
-    }
-
-    /// Like [`Pool::record`] for `event`'s own result: a FAILED one is
-    /// recorded as a dead letter too.
+    /// Stores `event`'s result that the harmonizer produced itself (a
+    /// stateless one); resolves once durable. A FAILED one is recorded as a
+    /// dead letter too.
     pub async fn record_for(&self, event: &Event, result: EventResult) -> bool {
         let mut completed = Completed { result: Some(result), mode: event.mode, dead_letter: None };
         attach_dead_letter(&mut completed, event, 1);

@@ -355,13 +355,7 @@ fn gap_result(stream: &str, sequence: u64, error: &str) -> (EventResult, ordo_pr
         completed_unix_nanos: ordo_proto::unix_nanos(),
         ..Default::default()
     };
-    let dead_letter = ordo_proto::v1::DeadLetter {
-        event: Some(Event { stream_id: stream.to_owned(), sequence, ..Default::default() }),
-        status: ordo_proto::ResultStatus::Gap as i32,
-        attempts: 0,
-        error: error.to_owned(),
-        at_unix_ms: ordo_proto::unix_nanos() / 1_000_000,
-        id: String::new(),
-    };
+    let event = Event { stream_id: stream.to_owned(), sequence, ..Default::default() };
+    let dead_letter = ordo_proto::v1::DeadLetter::of(event, ordo_proto::ResultStatus::Gap, 0, error);
     (result, dead_letter)
 }

@@ -58,7 +58,7 @@ pub async fn submit(shared: &Shared, mut event: Event) -> Result<EventResult, Er
         if event.sequence < meta.next {
             return answer(result); // released, but already trimmed from the log
         }
-        if !shared.pool.record(result.clone(), event.mode).await {
+        if !shared.pool.record_for(&event, result.clone()).await {
             return Err(Error::Unavailable("reassembler"));
         }
         // A concurrent Submit of the same sequence may have been stored first.

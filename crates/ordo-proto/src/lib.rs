@@ -74,6 +74,21 @@ impl EventResult {
     }
 }
 
+impl v1::DeadLetter {
+    /// The dead letter of `event` settled with `status` (FAILED or GAP) after
+    /// `attempts`, stamped now; its id is assigned when stored.
+    pub fn of(event: Event, status: ResultStatus, attempts: u32, error: impl Into<String>) -> Self {
+        Self {
+            id: String::new(),
+            event: Some(event),
+            status: status as i32,
+            attempts,
+            error: error.into(),
+            at_unix_ms: unix_nanos() / 1_000_000,
+        }
+    }
+}
+
 /// Nanoseconds since the Unix epoch (0 if the clock is before it).
 pub fn unix_nanos() -> u64 {
     std::time::SystemTime::now()

@@ -92,30 +92,44 @@ mod tests {
     #[tokio::test]
     async fn retry_stops_at_success_or_after_attempts() {
         let calls = AtomicUsize::new(0);
-        let result: Result<u32, &str> =
-            retry(5, Duration::from_millis(1), Duration::from_millis(4), |_| true, || async {
-                if calls.fetch_add(1, Ordering::SeqCst) < 2 { Err("not yet") } else { Ok(7) }
-            })
-            .await;
+        let result: Result<u32, &str> = retry(
+            5,
+            Duration::from_millis(1),
+            Duration::from_millis(4),
+            |_| true,
+            || async { if calls.fetch_add(1, Ordering::SeqCst) < 2 { Err("not yet") } else { Ok(7) } },
+        )
+        .await;
         assert_eq!(result, Ok(7));
         assert_eq!(calls.load(Ordering::SeqCst), 3);
 
         let calls = AtomicUsize::new(0);
-        let result: Result<u32, &str> = retry(3, Duration::from_millis(1), Duration::from_millis(4), |_| true, || async {
-            calls.fetch_add(1, Ordering::SeqCst);
-            Err("never")
-        })
+        let result: Result<u32, &str> = retry(
+            3,
+            Duration::from_millis(1),
+            Duration::from_millis(4),
+            |_| true,
+            || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err("never")
+            },
+        )
         .await;
         assert_eq!(result, Err("never"));
         assert_eq!(calls.load(Ordering::SeqCst), 3, "3 attempts in all");
 
         let calls = AtomicUsize::new(0);
-        let result: Result<u32, &str> =
-            retry(3, Duration::from_millis(1), Duration::from_millis(4), |e| *e != "fatal", || async {
+        let result: Result<u32, &str> = retry(
+            3,
+            Duration::from_millis(1),
+            Duration::from_millis(4),
+            |e| *e != "fatal",
+            || async {
                 calls.fetch_add(1, Ordering::SeqCst);
                 Err("fatal")
-            })
-            .await;
+            },
+        )
+        .await;
         assert_eq!(result, Err("fatal"));
         assert_eq!(calls.load(Ordering::SeqCst), 1, "a permanent error is not retried");
     }

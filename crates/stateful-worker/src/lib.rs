@@ -214,14 +214,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// A final FAILED result, recorded as a dead letter too.
 fn failed(event: &Event, attempts: u32, error: String) -> Completed {
-    let dead_letter = DeadLetter {
-        id: String::new(),
-        event: Some(event.clone()),
-        status: ResultStatus::Failed as i32,
-        attempts,
-        error: error.clone(),
-        at_unix_ms: ordo_proto::unix_nanos() / 1_000_000,
-    };
+    let dead_letter = DeadLetter::of(event.clone(), ResultStatus::Failed, attempts, error.clone());
     Completed { result: Some(EventResult::failed(event, error)), mode: event.mode, dead_letter: Some(dead_letter) }
 }
 
