@@ -385,6 +385,16 @@ async fn retry(inner: Arc<Inner>, flight: InFlight, from: usize, reason: String)
     dispatch(&inner, event, attempt + 1, Some(from), ticket).await;
 }
 
+/// The pause before re-dispatching an attempt a worker handed back: 50 ms
+/// after the first, about doubling, at most 2 s, jittered.
+fn hand_back_pause(attempt: u32) -> Duration {
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+    (1..attempt).for_each(|_| {
+        backoff.next_delay();
+    });
+    backoff.next_delay()
+}
+
 /// The request stream of one `Work` call: cancels first, then queued items.
 fn outbound(items: mpsc::Receiver<WorkItem>, cancels: mpsc::Receiver<WorkItem>) -> impl Stream<Item = WorkItem> {
     futures::stream::unfold((items, cancels), |(mut items, mut cancels)| async move {
@@ -438,7 +448,15 @@ async fn drive_link(
                                 && !ack.delivered
                             {
                                 let reason = format!("worker: {}", bounded(&ack.error));
-                                tokio::spawn(retry(pool.clone(), flight, index, reason));
+                                let pool = pool.clone();
+                                // A transient failure: pause before the next attempt (growing
+                                // with attempts, jittered), so an operation that fails at once
+                                // does not use up its attempts in milliseconds.
+                                let pause = hand_back_pause(flight.attempt);
+                                tokio::spawn(async move {
+                                    tokio::time::sleep(pause).await;
+                                    retry(pool, flight, index, reason).await;
+                                });
                             }
                         }
                         Ok(None) => {
