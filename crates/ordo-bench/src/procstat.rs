@@ -141,8 +141,11 @@ mod tests {
         assert!(clock_ticks() > 0);
         let cpu = cpu_seconds(None).expect("own /proc/self/stat");
         assert!(cpu >= 0.0);
+        // RSS first: the peak, read after, can only be as high or higher
+        // (other tests in this process allocate meanwhile).
+        let now = rss_bytes(None).expect("own VmRSS");
         let rss = peak_rss_bytes(None).expect("own VmHWM");
-        assert!(rss_bytes(None).is_some_and(|now| now > 0 && now <= rss), "VmRSS is at most VmHWM");
+        assert!(now > 0 && now <= rss, "VmRSS {now} is at most VmHWM {rss}");
         assert!(open_fds(None).is_some_and(|n| n >= 3), "stdin, stdout, stderr at least");
         assert!(rss > 1024 * 1024, "a test binary uses more than 1 MiB: {rss}");
         // Burn a little CPU and see the counter move (ticks are 10 ms).
