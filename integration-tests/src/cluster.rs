@@ -317,6 +317,21 @@ impl Cluster {
         ReassemblerClient::new(self.reassembler_channels[i].clone())
     }
 
+    /// Every dead letter of `stream` (oldest first), following `next` to the end.
+    pub async fn dead_letters(&self, stream: &str) -> anyhow::Result<Vec<ordo_proto::v1::DeadLetter>> {
+        let mut all = Vec::new();
+        let mut after = String::new();
+        loop {
+            let request = ordo_proto::v1::ListDeadLettersRequest { stream_id: stream.to_owned(), after, limit: 0 };
+            let page = self.reassembler(0).list_dead_letters(request).await?.into_inner();
+            all.extend(page.dead_letters);
+            if page.next.is_empty() {
+                return Ok(all);
+            }
+            after = page.next;
+        }
+    }
+
     /// `redis://127.0.0.1:<port>` of the private redis-server.
     pub fn redis_url(&self) -> String {
         self.redis.url()

@@ -20,10 +20,7 @@ use integration_tests::{
     Cluster, ProcessCall,
     client::{LINGER, by_stream, check_all_ok, check_in_order_exactly_once, event, with_attr},
 };
-use ordo_proto::{
-    ResultStatus,
-    v1::{Event, ListDeadLettersRequest},
-};
+use ordo_proto::{ResultStatus, v1::Event};
 
 use crate::{DEADLINE, assert_ok, numbered_events};
 
@@ -68,13 +65,7 @@ async fn abandoned_attempts_free_their_worker_slots() {
         slow.iter().find(|r| r.status() != ResultStatus::Failed)
     );
     // Given up by the harmonizer: each is a dead letter with its attempts.
-    let letters = cluster
-        .reassembler(0)
-        .list_dead_letters(ListDeadLettersRequest { stream_id: "slow".into(), ..Default::default() })
-        .await
-        .expect("list dead letters")
-        .into_inner()
-        .dead_letters;
+    let letters = cluster.dead_letters("slow").await.expect("list dead letters");
     assert_eq!(letters.len(), SLOW as usize, "{letters:?}");
     assert!(letters.iter().all(|l| l.attempts == 2 && l.event.is_some()), "{letters:?}");
 }
@@ -130,13 +121,7 @@ async fn a_permanent_callback_error_is_failed_at_once_with_a_dead_letter() {
     assert_eq!(results[0].status(), ResultStatus::Failed, "{results:?}");
     assert!(results[0].error.contains("invalid JSON"), "the error names the cause: {:?}", results[0].error);
 
-    let letters = cluster
-        .reassembler(0)
-        .list_dead_letters(ListDeadLettersRequest { stream_id: stream.into(), ..Default::default() })
-        .await
-        .expect("list dead letters")
-        .into_inner()
-        .dead_letters;
+    let letters = cluster.dead_letters(stream).await.expect("list dead letters");
     assert_eq!(letters.len(), 1, "{letters:?}");
     let letter = &letters[0];
     assert_eq!(letter.status(), ResultStatus::Failed);

@@ -12,7 +12,7 @@ use integration_tests::{
 };
 use ordo_proto::{
     ResultStatus,
-    v1::{Event, EventResult, ListDeadLettersRequest},
+    v1::{Event, EventResult},
 };
 use prost::Message;
 use tokio::time::timeout;
@@ -276,13 +276,7 @@ async fn a_gap_is_released_after_its_timeout_and_a_late_event_is_refused() {
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
 
     // The gap is a dead letter, once.
-    let letters = cluster
-        .reassembler(0)
-        .list_dead_letters(ListDeadLettersRequest { stream_id: stream.into(), ..Default::default() })
-        .await
-        .expect("list dead letters")
-        .into_inner()
-        .dead_letters;
+    let letters = cluster.dead_letters(stream).await.expect("list dead letters");
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert_eq!(letters[0].status(), ResultStatus::Gap);
     assert_eq!(letters[0].event.as_ref().map(|e| e.sequence), Some(1));

@@ -43,25 +43,6 @@ fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-/// Every dead letter of `stream`, following `next` to the end.
-async fn dead_letters_of(cluster: &Cluster, stream: &str) -> Vec<DeadLetter> {
-    let mut all = Vec::new();
-    let mut after = String::new();
-    loop {
-        let page = cluster
-            .reassembler(0)
-            .list_dead_letters(ListDeadLettersRequest { stream_id: stream.to_owned(), after, limit: 0 })
-            .await
-            .expect("ListDeadLetters answers")
-            .into_inner();
-        all.extend(page.dead_letters);
-        if page.next.is_empty() {
-            return all;
-        }
-        after = page.next;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_event_becomes_a_dead_letter_that_ordo_dlq_lists_shows_and_replays() {
     let mut cluster =
@@ -86,7 +67,7 @@ async fn a_failed_event_becomes_a_dead_letter_that_ordo_dlq_lists_shows_and_repl
     );
 
     // Exactly one dead letter: the failed event, recorded whole; OK results leave none.
-    let letters = dead_letters_of(&cluster, stream).await;
+    let letters = cluster.dead_letters(stream).await.expect("ListDeadLetters answers");
     assert_eq!(letters.len(), 1, "{letters:#?}");
     let letter = &letters[0];
     let recorded = letter.event.clone().unwrap_or_default();
@@ -151,7 +132,10 @@ async fn a_failed_event_becomes_a_dead_letter_that_ordo_dlq_lists_shows_and_repl
     .await;
     assert_eq!(stdout(&replayed).trim(), "0 OK RETRY ME", "the replayed event's result");
     assert!(replayed.status.success());
-    assert!(dead_letters_of(&cluster, &retry_stream).await.is_empty(), "a successful replay leaves no dead letter");
+    assert!(
+        cluster.dead_letters(&retry_stream).await.expect("ListDeadLetters answers").is_empty(),
+        "a successful replay leaves no dead letter"
+    );
 }
 
 /// A result as a producer would deliver it, with a dead letter when FAILED.
@@ -211,7 +195,7 @@ async fn only_a_stored_failed_or_gap_result_leaves_a_dead_letter_once() {
     let both = vec![completed(stream, 3, ResultStatus::Ok, false), completed(stream, 3, ResultStatus::Failed, true)];
     assert_eq!(deliver(&cluster, 5, both).await, 1);
 
-    let letters = dead_letters_of(&cluster, stream).await;
+    let letters = cluster.dead_letters(stream).await.expect("ListDeadLetters answers");
     let summary: Vec<(u64, ResultStatus)> =
         letters.iter().map(|l| (l.event.as_ref().map_or(u64::MAX, |e| e.sequence), l.status())).collect();
     assert_eq!(summary, [(1, ResultStatus::Failed), (2, ResultStatus::Gap)], "{letters:#?}");
