@@ -61,6 +61,9 @@ pub struct Config {
     /// After the sending stopped, how long the last results may take.
     #[serde(with = "crate::chaos::serde_duration")]
     pub drain: Duration,
+    /// The reassembler's `--retention` (released results kept per stream);
+    /// `None` keeps its default (100,000).
+    pub retention: Option<u64>,
     #[serde(skip)]
     pub out_dir: PathBuf,
 }
@@ -75,6 +78,7 @@ impl Default for Config {
             max_in_flight: 4096,
             sample_every: Duration::from_secs(5),
             drain: Duration::from_secs(60),
+            retention: None,
             out_dir: PathBuf::from("results/soak"),
         }
     }
@@ -169,7 +173,11 @@ pub struct Report {
 /// Runs the soak on a fresh cluster.
 pub async fn run(config: &Config) -> anyhow::Result<Report> {
     anyhow::ensure!(config.rate > 0.0 && config.calls > 0 && config.streams_per_call > 0, "nothing to send");
-    let cluster = Cluster::builder().try_start().await.context("cannot start the Ordo cluster")?;
+    let mut builder = Cluster::builder();
+    if let Some(retention) = config.retention {
+        builder = builder.reassembler_args(["--retention".to_owned(), retention.to_string()]);
+    }
+    let cluster = builder.try_start().await.context("cannot start the Ordo cluster")?;
     let mut watched: Vec<(String, Option<u32>)> = cluster.pids();
     watched.push(("client".into(), Some(std::process::id())));
     let sent = Arc::new(AtomicU64::new(0));
@@ -417,8 +425,15 @@ impl Report {
         let c = &self.config;
         let _ = writeln!(
             t,
-            "ordo-soak: {:.0} s at {:.0} events/s asked ({:.0} achieved), {} calls × {} streams, ≤{} outstanding per call, a sample every {:?}\n",
-            self.seconds, c.rate, self.achieved_rate, c.calls, c.streams_per_call, c.max_in_flight, c.sample_every
+            "ordo-soak: {:.0} s at {:.0} events/s asked ({:.0} achieved), {} calls × {} streams, ≤{} outstanding per call, a sample every {:?}, reassembler retention {}\n",
+            self.seconds,
+            c.rate,
+            self.achieved_rate,
+            c.calls,
+            c.streams_per_call,
+            c.max_in_flight,
+            c.sample_every,
+            c.retention.map_or_else(|| "100000 (default)".to_owned(), |r| r.to_string())
         );
         let sum = |f: fn(&CallOutcome) -> u64| self.calls.iter().map(f).sum::<u64>();
         let _ = writeln!(
@@ -528,6 +543,11 @@ pub mod cli {
         /// Time between two samples of RSS and descriptors.
         #[arg(long, default_value = "5s", value_parser = duration::parse)]
         pub sample_every: Duration,
+        /// The reassembler's `--retention` (released results kept per
+        /// stream, default 100,000): Redis grows until every stream's log
+        /// reaches it, so a short soak needs a small value to show the plateau.
+        #[arg(long)]
+        pub retention: Option<u64>,
         /// Where the JSON and the table go.
         #[arg(long, default_value = "results/soak")]
         pub out: PathBuf,
@@ -545,6 +565,7 @@ pub mod cli {
             streams_per_call: args.streams,
             max_in_flight: args.max_in_flight,
             sample_every: args.sample_every,
+            retention: args.retention,
             out_dir: args.out,
             ..Config::default()
         };

@@ -46,6 +46,10 @@ pub struct ChaosArgs {
     /// Time between two events of one call.
     #[arg(long, value_parser = duration::parse)]
     pub pace: Option<Duration>,
+    /// The `latency` attribute of the stateful events (more latency, more
+    /// events in flight when the fault hits).
+    #[arg(long)]
+    pub latency: Option<String>,
     /// Where the JSON, the table and the logs of failed runs go.
     #[arg(long, default_value = "results/chaos")]
     pub out: PathBuf,
@@ -67,6 +71,9 @@ impl ChaosArgs {
         }
         if let Some(calls) = self.calls {
             config.workload.calls = calls;
+        }
+        if let Some(latency) = &self.latency {
+            config.workload.latency = latency.clone();
         }
         if let Some(pace) = self.pace {
             config.workload.pace = pace;
