@@ -457,7 +457,11 @@ fn handle_result(
             }
             if seq != st.next_expected {
                 out.reordered += 1;
-                out.example(format!("reordered: {}#{seq} arrived when #{} was next", st.id, st.next_expected));
+                let call = out.calls_opened;
+                out.example(format!(
+                    "reordered: {}#{seq} arrived when #{} was next (call {call})",
+                    st.id, st.next_expected
+                ));
             }
             st.next_expected = st.next_expected.max(seq + 1);
             st.delivered[slot] = Some(status);
