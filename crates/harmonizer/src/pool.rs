@@ -26,7 +26,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc, Mutex, Weak,
-        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -36,10 +36,7 @@ use ordo_proto::v1::{
     Completed, DeadLetter, Event, EventResult, ResultStatus, WorkItem, stateful_worker_client::StatefulWorkerClient,
     stateless_client::StatelessClient,
 };
-use ordo_runtime::{
-    backoff::{self, Backoff},
-    client::TracedChannel,
-};
+use ordo_runtime::{backoff::Backoff, client::TracedChannel};
 use reassembler::client::ResultSink;
 use tokio::sync::mpsc;
 
@@ -255,52 +252,43 @@ impl Pool {
     }
 }
 
-/// Why a stateless try failed.
-enum StatelessError {
-    /// The service answered about the event (NOT_FOUND, INVALID_ARGUMENT).
-    Answer(String),
-    /// Unavailable or slow: worth another try.
-    Transient(String),
-}
-
-/// Executes a stateless event: up to `--max-attempts` tries, each within
-/// `--event-timeout`, with the shared jittered backoff between them.
+/// Executes a stateless event. A transient failure (the service down or
+/// restarting, UNAVAILABLE) is retried with the shared jittered backoff for
+/// as long as the event's attempt budget lasts (`--max-attempts` ×
+/// `--event-timeout`); a try that times out uses up one attempt. An answer
+/// about the event itself (NOT_FOUND, INVALID_ARGUMENT) is final at once.
 /// Returns the result and the tries made.
 async fn execute_stateless(inner: &Inner, event: &Event) -> (EventResult, u32) {
-    let tries = AtomicU32::new(0);
     let max_attempts = inner.config.max_attempts;
-    let outcome = backoff::retry(
-        max_attempts as usize,
-        Duration::from_millis(50),
-        Duration::from_secs(1),
-        |error| matches!(error, StatelessError::Transient(_)),
-        || async {
-            let attempt = tries.fetch_add(1, Ordering::Relaxed) + 1;
-            let mut client = inner.stateless.clone();
-            let error = match tokio::time::timeout(inner.config.event_timeout, client.execute(event.clone())).await {
-                Ok(Ok(response)) => return Ok(response.into_inner()),
-                Ok(Err(status))
-                    if status.code() == tonic::Code::NotFound || status.code() == tonic::Code::InvalidArgument =>
-                {
-                    return Err(StatelessError::Answer(status.message().to_owned()));
-                }
-                Ok(Err(status)) => format!("stateless service: {}", status.message()),
-                Err(_) => "stateless service timed out".to_owned(),
-            };
-            tracing::debug!(attempt, %error, "stateless attempt failed");
-            Err(StatelessError::Transient(error))
-        },
-    )
-    .await;
-    let tries = tries.load(Ordering::Relaxed).max(1);
-    let result = match outcome {
-        Ok(result) => result,
-        Err(StatelessError::Answer(error)) => EventResult::failed(event, error),
-        Err(StatelessError::Transient(last)) => {
-            EventResult::failed(event, format!("gave up after {tries} attempts: {last}"))
+    let timeout = inner.config.event_timeout;
+    let deadline = tokio::time::Instant::now() + timeout * max_attempts;
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+    let (mut tries, mut timeouts) = (0u32, 0u32);
+    loop {
+        tries += 1;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let mut client = inner.stateless.clone();
+        let error = match tokio::time::timeout(timeout.min(left), client.execute(event.clone())).await {
+            Ok(Ok(response)) => return (response.into_inner(), tries),
+            Ok(Err(status))
+                if status.code() == tonic::Code::NotFound || status.code() == tonic::Code::InvalidArgument =>
+            {
+                return (EventResult::failed(event, status.message()), tries);
+            }
+            Ok(Err(status)) => format!("stateless service: {}", status.message()),
+            Err(_) => {
+                timeouts += 1;
+                "stateless service timed out".to_owned()
+            }
+        };
+        tracing::debug!(tries, %error, "stateless try failed");
+        let pause = backoff.next_delay();
+        if timeouts >= max_attempts || tokio::time::Instant::now() + pause >= deadline {
+            let error = format!("gave up after {tries} tries within the attempt budget: {error}");
+            return (EventResult::failed(event, error), tries);
         }
-    };
-    (result, tries)
+        tokio::time::sleep(pause).await;
+    }
 }
 
 /// Picks the least-loaded healthy link, preferring one other than `avoid`.

@@ -18,7 +18,10 @@
 //!   (RESOURCE_EXHAUSTED for size) naming the problem;
 //! - the client goes away: the call ends at once; accepted events still run
 //!   and are released (read them from the push-gateway);
-//! - shutdown: no new events; owed results are sent until the drain timeout.
+//! - shutdown: no new events; owed results are sent until the drain
+//!   timeout, then the call ends with UNAVAILABLE (unless the client had
+//!   half-closed already): events sent after the shutdown began were not
+//!   accepted and must be resent elsewhere.
 
 use std::sync::Arc;
 
@@ -49,8 +52,12 @@ type Out = mpsc::Sender<Result<EventResult, Status>>;
 /// Why the client's side of the call stopped delivering events.
 enum Inbound {
     Open,
-    /// Half-closed by the client, or no longer read (shutdown).
+    /// Half-closed by the client.
     Closed,
+    /// No longer read because the harmonizer shuts down: events the client
+    /// sent after that were never accepted, so the call ends with
+    /// UNAVAILABLE (resend what has no result), not OK.
+    Draining,
     /// A frame could not be decoded: the call ends with this status once
     /// every owed result is sent.
     Broken(Status),
@@ -108,7 +115,7 @@ pub async fn run(shared: Arc<Shared>, mut inbound: Streaming<Event>, out: Out, c
             }
             _ = shared.shutdown.cancelled(), if reading => {
                 // Drain: no new events, but every accepted one still gets its result.
-                state = Inbound::Closed;
+                state = Inbound::Draining;
                 if let Some(b) = blocked.take() {
                     call.reject(&b.event, Error::ShuttingDown).await;
                 }
@@ -116,8 +123,17 @@ pub async fn run(shared: Arc<Shared>, mut inbound: Streaming<Event>, out: Out, c
             _ = call.out.closed() => break,
         }
     }
-    if let Inbound::Broken(status) = state {
-        let _ = call.out.send(Err(status)).await;
+    match state {
+        Inbound::Broken(status) => {
+            let _ = call.out.send(Err(status)).await;
+        }
+        Inbound::Draining => {
+            let status = Status::unavailable(
+                "harmonizer shutting down: every result owed on this call was sent; resend events that have no result on a new call",
+            );
+            let _ = call.out.send(Err(status)).await;
+        }
+        Inbound::Open | Inbound::Closed => {}
     }
 }
 
@@ -266,35 +282,42 @@ impl Call {
         if !batch.error.is_empty() {
             // The cursor can't be served (older than retention): say so for each awaited event.
             let status = Status::out_of_range(batch.error);
-            for sequence in self.streams.unservable(&batch.stream_id) {
-                if !self.send(EventResult::rejected(&batch.stream_id, sequence, &status)).await {
+            for out in self.streams.unservable(&batch.stream_id) {
+                if !self.send_outgoing(out, &status).await {
                     return false;
                 }
             }
             return true;
         }
         let outgoing = self.streams.released(&batch.stream_id, batch.next_sequence, batch.results, Instant::now());
+        let unservable = Status::out_of_range("");
         for out in outgoing {
-            let result = match out {
-                Outgoing::Result(result) => {
-                    let _span = telemetry::event_span(
-                        "harmonizer.respond",
-                        &result.stream_id,
-                        result.sequence,
-                        &result.trace_context,
-                    );
-                    result
-                }
-                Outgoing::GapSettled { stream, sequence } => {
-                    let status = Status::from(Error::GapSettled { stream: stream.clone(), sequence });
-                    EventResult::rejected(&stream, sequence, &status)
-                }
-            };
-            if !self.send(result).await {
+            if !self.send_outgoing(out, &unservable).await {
                 return false;
             }
         }
         true
+    }
+
+    /// Sends one answer. False if the client is gone.
+    async fn send_outgoing(&self, out: Outgoing, unservable: &Status) -> bool {
+        let result = match out {
+            Outgoing::Result(result) => {
+                let _span = telemetry::event_span(
+                    "harmonizer.respond",
+                    &result.stream_id,
+                    result.sequence,
+                    &result.trace_context,
+                );
+                result
+            }
+            Outgoing::GapSettled { stream, sequence } => {
+                let status = Status::from(Error::GapSettled { stream: stream.clone(), sequence });
+                EventResult::rejected(&stream, sequence, &status)
+            }
+            Outgoing::Unservable { stream, sequence } => EventResult::rejected(&stream, sequence, unservable),
+        };
+        self.send(result).await
     }
 
     /// Executes due timers: PROCESSING tickets and gaps. False if the client is gone.

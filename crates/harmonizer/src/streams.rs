@@ -78,6 +78,12 @@ pub enum Outgoing {
         stream: String,
         sequence: u64,
     },
+    /// The awaited event's released result can no longer be read (older
+    /// than retention): refuse it (OUT_OF_RANGE).
+    Unservable {
+        stream: String,
+        sequence: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +101,10 @@ struct Awaited {
     since: Instant,
     why: Why,
     processing_sent: bool,
+    /// Its answer, held while a lower sequence of the call still waits:
+    /// a call answers each stream in sequence order (a resent event's
+    /// result, re-read from the log, may come after a later one's).
+    ready: Option<Outgoing>,
 }
 
 #[derive(Debug)]
@@ -181,12 +191,13 @@ impl Streams {
             if s.mode == OrderingMode::Unordered {
                 return Admission::ReleasedUnordered;
             }
-            s.awaiting.insert(sequence, Awaited { since: now, why: Why::Resent, processing_sent: false });
+            s.awaiting.insert(sequence, Awaited { since: now, why: Why::Resent, processing_sent: false, ready: None });
             Admission::FromLog { from: sequence }
         } else if sequence >= s.next.saturating_add(window) {
             return Admission::BeyondWindow { next: s.next, limit: s.next.saturating_add(window) };
         } else {
-            s.awaiting.insert(sequence, Awaited { since: now, why: Why::Dispatched, processing_sent: false });
+            s.awaiting
+                .insert(sequence, Awaited { since: now, why: Why::Dispatched, processing_sent: false, ready: None });
             Admission::Dispatch
         };
         s.accepted.insert(sequence);
@@ -205,26 +216,33 @@ impl Streams {
     pub fn released(&mut self, stream: &str, next: u64, results: Vec<EventResult>, now: Instant) -> Vec<Outgoing> {
         let Some(s) = self.streams.get_mut(stream) else { return Vec::new() };
         s.next = s.next.max(next);
-        let mut out = Vec::new();
         for result in results {
-            let Some(awaited) = s.awaiting.remove(&result.sequence) else { continue };
-            if result.status() == ResultStatus::Gap && awaited.why != Why::Gap {
-                out.push(Outgoing::GapSettled { stream: stream.to_owned(), sequence: result.sequence });
-            } else {
-                out.push(Outgoing::Result(result));
+            let Some(awaited) = s.awaiting.get_mut(&result.sequence) else { continue };
+            if awaited.ready.is_some() {
+                continue; // a repeat (re-served from the log): the first one counts
             }
+            awaited.ready = Some(if result.status() == ResultStatus::Gap && awaited.why != Why::Gap {
+                Outgoing::GapSettled { stream: stream.to_owned(), sequence: result.sequence }
+            } else {
+                Outgoing::Result(result)
+            });
         }
+        let out = take_ready(s);
         self.arm(stream, now);
         out
     }
 
     /// The stream's released results cannot be served (e.g. older than
-    /// retention): every sequence it awaits, to be refused.
-    pub fn unservable(&mut self, stream: &str) -> Vec<u64> {
-        match self.streams.get_mut(stream) {
-            Some(s) => std::mem::take(&mut s.awaiting).into_keys().collect(),
-            None => Vec::new(),
-        }
+    /// retention): what is ready goes out, every other sequence it awaits
+    /// is to be refused ([`Outgoing::Unservable`]), in sequence order.
+    pub fn unservable(&mut self, stream: &str) -> Vec<Outgoing> {
+        let Some(s) = self.streams.get_mut(stream) else { return Vec::new() };
+        std::mem::take(&mut s.awaiting)
+            .into_iter()
+            .map(|(sequence, awaited)| {
+                awaited.ready.unwrap_or_else(|| Outgoing::Unservable { stream: stream.to_owned(), sequence })
+            })
+            .collect()
     }
 
     /// True when nothing accepted on this call still awaits its result.
@@ -283,7 +301,7 @@ impl Streams {
         let Some(s) = self.streams.get_mut(stream) else { return };
         for sequence in from..to {
             if s.accepted.insert(sequence) {
-                s.awaiting.insert(sequence, Awaited { since: now, why: Why::Gap, processing_sent: true });
+                s.awaiting.insert(sequence, Awaited { since: now, why: Why::Gap, processing_sent: true, ready: None });
             }
         }
     }
@@ -319,6 +337,18 @@ impl Streams {
             self.timers.push(Reverse((now + timeout, TimerKind::Gap, stream.to_owned(), s.next)));
         }
     }
+}
+
+/// Takes the answers at the front of the stream's awaited sequences, in
+/// order, up to the first one still without its answer.
+fn take_ready(s: &mut Stream) -> Vec<Outgoing> {
+    let mut out = Vec::new();
+    while let Some(mut entry) = s.awaiting.first_entry() {
+        let Some(ready) = entry.get_mut().ready.take() else { break };
+        entry.remove();
+        out.push(ready);
+    }
+    out
 }
 
 /// The end (exclusive) of the hole at `next`: `next` is not accepted on this
@@ -512,20 +542,31 @@ mod tests {
         streams: Streams,
         stores: Vec<Store>,
         running: Vec<(usize, u64)>,
+        /// Resent events whose stored result is being re-read from the log.
+        log_reads: Vec<(usize, u64)>,
         accepted: BTreeSet<(usize, u64)>,
         answered: BTreeMap<(usize, u64), usize>,
         last_released: Vec<Option<u64>>,
     }
 
     impl Run {
-        fn count(&mut self, i: usize, out: Vec<Outgoing>) {
+        fn count(&mut self, i: usize, out: Vec<Outgoing>) -> Result<(), TestCaseError> {
             for o in out {
                 let sequence = match o {
                     Outgoing::Result(r) => r.sequence,
-                    Outgoing::GapSettled { sequence, .. } => sequence,
+                    Outgoing::GapSettled { sequence, .. } | Outgoing::Unservable { sequence, .. } => sequence,
                 };
+                // In order: nothing lower that this call accepted still waits.
+                let waiting: Vec<u64> = self
+                    .accepted
+                    .range((i, 0)..(i, sequence))
+                    .filter(|key| !self.answered.contains_key(key))
+                    .map(|(_, q)| *q)
+                    .collect();
+                prop_assert!(waiting.is_empty(), "{} answered while {:?} still wait", sequence, waiting);
                 *self.answered.entry((i, sequence)).or_default() += 1;
             }
+            Ok(())
         }
 
         /// Releases what the store can and forwards it; checks release order.
@@ -539,11 +580,25 @@ mod tests {
             }
             let next = self.stores[i].next;
             let out = self.streams.released(NAMES[i], next, results, self.now);
-            self.count(i, out);
-            Ok(())
+            self.count(i, out)
+        }
+
+        /// The stored result of a resent event comes back from the log.
+        fn read_log(&mut self, k: usize) -> Result<(), TestCaseError> {
+            if self.log_reads.is_empty() {
+                return Ok(());
+            }
+            let (i, sequence) = self.log_reads.remove(k % self.log_reads.len());
+            let status = self.stores[i].released.get(&sequence).copied().unwrap_or(ResultStatus::Ok);
+            let again = result(NAMES[i], sequence, status);
+            let out = self.streams.released(NAMES[i], self.stores[i].next, vec![again], self.now);
+            self.count(i, out)
         }
 
         fn complete(&mut self, k: usize) -> Result<(), TestCaseError> {
+            if k.is_multiple_of(3) {
+                return self.read_log(k / 3);
+            }
             if self.running.is_empty() {
                 return Ok(());
             }
@@ -566,12 +621,13 @@ mod tests {
                 Admission::FromLog { from } => {
                     prop_assert_eq!(from, sequence);
                     prop_assert!(self.accepted.insert((i, sequence)));
-                    // Served from the log: the stored result comes again.
-                    let status = self.stores[i].released.get(&sequence).copied();
-                    prop_assert!(status.is_some(), "only released sequences are served from the log");
-                    let again = result(NAMES[i], sequence, status.unwrap_or(ResultStatus::Ok));
-                    let out = self.streams.released(NAMES[i], self.stores[i].next, vec![again], self.now);
-                    self.count(i, out);
+                    prop_assert!(
+                        self.stores[i].released.contains_key(&sequence),
+                        "only released sequences are served from the log"
+                    );
+                    // Served from the log, later: a restarted catch-up may
+                    // come after live results of later sequences.
+                    self.log_reads.push((i, sequence));
                 }
                 Admission::Duplicate => prop_assert!(self.accepted.contains(&(i, sequence))),
                 Admission::BeyondWindow { .. } | Admission::ReleasedUnordered => {}
@@ -580,6 +636,7 @@ mod tests {
         }
 
         fn tick(&mut self, ms: u64) -> Result<(), TestCaseError> {
+            self.read_log(0)?;
             // Completions keep coming while time passes (a real worker finishes).
             if let Some((i, sequence)) = self.running.pop() {
                 self.stores[i].put(sequence, ResultStatus::Ok);
@@ -611,12 +668,27 @@ mod tests {
         /// result, results of dispatched events come in sequence order per
         /// stream, and with a gap timeout every stream drains.
         #[test]
-        fn every_accepted_event_gets_one_result_in_order(steps in prop::collection::vec(step(), 1..200)) {
+        fn every_accepted_event_gets_one_result_in_order(
+            steps in prop::collection::vec(step(), 1..200),
+            before in prop::collection::vec(0u64..12, 3),
+        ) {
+            // Each stream starts with `before` results released by an earlier
+            // call (a crashed harmonizer's): the client may resend them.
+            let stores = before
+                .iter()
+                .map(|&n| {
+                    let mut store = Store::default();
+                    (0..n).for_each(|q| store.put(q, ResultStatus::Ok));
+                    store.release("earlier");
+                    store
+                })
+                .collect();
             let mut run = Run {
                 now: Instant::now(),
                 streams: Streams::new(16, Some(Duration::from_millis(500))),
-                stores: (0..3).map(|_| Store::default()).collect(),
+                stores,
                 running: Vec::new(),
+                log_reads: Vec::new(),
                 accepted: BTreeSet::new(),
                 answered: BTreeMap::new(),
                 last_released: vec![None; 3],

@@ -281,3 +281,35 @@ async fn a_gap_is_released_after_its_timeout_and_a_late_event_is_refused() {
     assert_eq!(letters[0].status(), ResultStatus::Gap);
     assert_eq!(letters[0].event.as_ref().map(|e| e.sequence), Some(1));
 }
+
+/// Chaos finding: a draining harmonizer ended open calls with OK, although
+/// events the client sent after the shutdown began were never accepted. It
+/// sends every owed result, then ends the call with UNAVAILABLE (resend
+/// elsewhere); a client that had half-closed still gets OK.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_draining_harmonizer_ends_open_calls_with_unavailable_after_owed_results() {
+    let mut cluster = Cluster::start().await;
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let mut client = cluster.harmonizer();
+    for seq in 0..3 {
+        tx.send(slow_echo("draining", seq)).await.expect("queued");
+    }
+    let mut results = client.process(tokio_stream::wrappers::ReceiverStream::new(rx)).await.expect("call").into_inner();
+    // Set-up, not an assertion: the events reach the harmonizer before the signal.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let pid = cluster.harmonizer_process().pid().expect("the harmonizer runs");
+    let killed = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().expect("kill runs");
+    assert!(killed.success());
+    let mut received = Vec::new();
+    let end = loop {
+        match timeout(DEADLINE, results.message()).await.expect("the call ends") {
+            Ok(Some(result)) => received.push(result),
+            Ok(None) => break Ok(()),
+            Err(status) => break Err(status),
+        }
+    };
+    assert_ok(check_in_order_exactly_once(&received, 3));
+    let status = end.expect_err("an open call of a draining harmonizer must not end OK");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    drop(tx);
+}
