@@ -726,15 +726,7 @@ impl Report {
     /// Writes `bench-<unix time>.json`, `latest.json` and `latest.md` into
     /// `dir`; returns the JSON path.
     pub fn write(&self, dir: &std::path::Path) -> anyhow::Result<PathBuf> {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let json = serde_json::to_string_pretty(self)?;
-        let path = dir.join(format!("bench-{}.json", self.machine.unix_time));
-        for p in [&path, &dir.join("latest.json")] {
-            std::fs::write(p, &json).with_context(|| format!("cannot write {}", p.display()))?;
-        }
-        let md = dir.join("latest.md");
-        std::fs::write(&md, self.tables()).with_context(|| format!("cannot write {}", md.display()))?;
-        Ok(path)
+        crate::results::write(dir, "bench", self.machine.unix_time, self, &self.tables())
     }
 }
 

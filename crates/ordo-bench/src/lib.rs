@@ -26,5 +26,6 @@ pub mod driver;
 pub mod experiment;
 pub mod inprocess;
 pub mod procstat;
+pub mod results;
 pub mod soak;
 pub mod stats;

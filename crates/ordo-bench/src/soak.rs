@@ -468,15 +468,7 @@ impl Report {
     }
 
     pub fn write(&self, dir: &std::path::Path) -> anyhow::Result<PathBuf> {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let json = serde_json::to_string_pretty(self)?;
-        let path = dir.join(format!("soak-{}.json", self.machine.unix_time));
-        for p in [&path, &dir.join("latest.json")] {
-            std::fs::write(p, &json).with_context(|| format!("cannot write {}", p.display()))?;
-        }
-        let md = dir.join("latest.md");
-        std::fs::write(&md, self.table()).with_context(|| format!("cannot write {}", md.display()))?;
-        Ok(path)
+        crate::results::write(dir, "soak", self.machine.unix_time, self, &self.table())
     }
 
     /// Fails when a result was lost, duplicated, reordered or not OK, or a
@@ -490,6 +482,18 @@ impl Report {
             .map(|(i, c)| format!("call {i}: {c:?}"))
             .collect();
         if bad.is_empty() { Ok(()) } else { bail!("{}", bad.join("; ")) }
+    }
+}
+
+impl crate::results::Report for Report {
+    fn table(&self) -> String {
+        Report::table(self)
+    }
+    fn write(&self, dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+        Report::write(self, dir)
+    }
+    fn check(&self) -> anyhow::Result<()> {
+        Report::check(self)
     }
 }
 
@@ -569,19 +573,6 @@ pub mod cli {
             out_dir: args.out,
             ..Config::default()
         };
-        let run = async {
-            let report = super::run(&config).await?;
-            println!("\n{}", report.table());
-            let path = report.write(&config.out_dir)?;
-            println!("JSON: {}", path.display());
-            report.check()
-        };
-        match run.await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(error) => {
-                eprintln!("ordo-soak: error: {error:#}");
-                ExitCode::FAILURE
-            }
-        }
+        crate::results::finish("ordo-soak", &config.out_dir.clone(), super::run(&config)).await
     }
 }

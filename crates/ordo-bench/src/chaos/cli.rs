@@ -89,18 +89,5 @@ pub async fn chaos_main(args: ChaosArgs) -> ExitCode {
         eprintln!("ordo-chaos: no fault kind matches --faults {:?} / --skip {:?}", args.faults, args.skip);
         return ExitCode::from(2);
     }
-    let run = async {
-        let report = super::run(&config).await?;
-        println!("\n{}", report.table());
-        let path = report.write(&config.out_dir)?;
-        println!("JSON: {}", path.display());
-        report.check()
-    };
-    match run.await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("ordo-chaos: error: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
+    crate::results::finish("ordo-chaos", &config.out_dir.clone(), super::run(&config)).await
 }

@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, fmt::Write as _, path::PathBuf, time::Duration};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use serde::Serialize;
 
 use super::{Config, Fault, FaultRecord, client::GroupOutcome, client::Workload, log_check::LogOutcome};
@@ -348,15 +348,7 @@ impl Report {
 
     /// Writes `chaos-<time>.json`, `latest.json` and `latest.md` into `dir`.
     pub fn write(&self, dir: &std::path::Path) -> anyhow::Result<PathBuf> {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let json = serde_json::to_string_pretty(self)?;
-        let path = dir.join(format!("chaos-{}.json", self.machine.unix_time));
-        for p in [&path, &dir.join("latest.json")] {
-            std::fs::write(p, &json).with_context(|| format!("cannot write {}", p.display()))?;
-        }
-        let md = dir.join("latest.md");
-        std::fs::write(&md, self.table()).with_context(|| format!("cannot write {}", md.display()))?;
-        Ok(path)
+        crate::results::write(dir, "chaos", self.machine.unix_time, self, &self.table())
     }
 
     /// Fails when any run lost, duplicated, reordered or corrupted a result,
@@ -384,5 +376,17 @@ impl Report {
             );
         }
         Ok(())
+    }
+}
+
+impl crate::results::Report for Report {
+    fn table(&self) -> String {
+        Report::table(self)
+    }
+    fn write(&self, dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+        Report::write(self, dir)
+    }
+    fn check(&self) -> anyhow::Result<()> {
+        Report::check(self)
     }
 }
