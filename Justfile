@@ -65,7 +65,7 @@ bench *ARGS: deps
     ORDO_BIN_DIR=target/release target/release/ordo-bench {{ARGS}}
 
 # Ordo's fault suite (docs/reliability.md): release build, then 6 runs of each
-# of the 19 fault kinds (`just chaos --quick`: each kind once; `--faults
+# of the 20 fault kinds (`just chaos --quick`: each kind once; `--faults
 # sigkill,redis`, `--skip rabbitmq`, `--runs N`). Writes results/chaos/;
 # exits 1 if anything was lost, duplicated, reordered or hung.
 chaos *ARGS: deps

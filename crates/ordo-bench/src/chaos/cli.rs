@@ -18,7 +18,7 @@ use super::{Config, Fault};
 #[command(name = "ordo-chaos", version)]
 pub struct ChaosArgs {
     /// Every fault kind once, with a smaller workload (the default is 6 runs
-    /// of each of the 19 kinds: 114 fault runs).
+    /// of each of the 20 kinds: 120 fault runs).
     #[arg(long)]
     pub quick: bool,
     /// Runs in all, cycling through the fault kinds.

@@ -188,7 +188,7 @@ fn fault_names<S: serde::Serializer>(faults: &[Fault], s: S) -> Result<S::Ok, S:
 }
 
 impl Config {
-    /// The long suite: 6 runs of each of the 19 fault kinds (114 runs).
+    /// The long suite: 6 runs of each of the 20 fault kinds (120 runs).
     pub fn long() -> Self {
         let faults = Fault::all();
         Self {
