@@ -108,32 +108,7 @@ impl ProcessCall {
     /// before the harmonizer answered with response headers.
     pub fn open(client: &HarmonizerClient<Channel>) -> Self {
         let (tx, rx) = mpsc::channel(SEND_BUFFER);
-        let (results_tx, results) = mpsc::unbounded_channel();
-        let mut client = client.clone();
-        let call = tokio::spawn(async move {
-            match client.process(ReceiverStream::new(rx)).await {
-                Ok(response) => {
-                    let mut stream = response.into_inner();
-                    loop {
-                        match stream.message().await {
-                            Ok(Some(result)) => {
-                                if results_tx.send(Ok(result)).is_err() {
-                                    return;
-                                }
-                            }
-                            Ok(None) => return,
-                            Err(status) => {
-                                let _ = results_tx.send(Err(status));
-                                return;
-                            }
-                        }
-                    }
-                }
-                Err(status) => {
-                    let _ = results_tx.send(Err(status));
-                }
-            }
-        });
+        let (results, call) = spawn_process(client.clone(), ReceiverStream::new(rx));
         Self { tx: Some(tx), results, received: Vec::new(), ended: None, call, feeders: Vec::new() }
     }
 
@@ -272,6 +247,45 @@ impl Drop for ProcessCall {
             feeder.abort();
         }
     }
+}
+
+/// Runs one `Harmonizer.Process` call on its own task (so a harmonizer
+/// that does not answer never blocks the caller), sending what `events`
+/// yields. Every result arrives on the returned receiver; if the call fails,
+/// its status comes last. The receiver closes when the call ends.
+pub fn spawn_process<S>(
+    mut client: HarmonizerClient<Channel>,
+    events: S,
+) -> (mpsc::UnboundedReceiver<Result<EventResult, tonic::Status>>, JoinHandle<()>)
+where
+    S: futures::Stream<Item = Event> + Send + 'static,
+{
+    let (results_tx, results) = mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        match client.process(events).await {
+            Ok(response) => {
+                let mut stream = response.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(result)) => {
+                            if results_tx.send(Ok(result)).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => return,
+                        Err(status) => {
+                            let _ = results_tx.send(Err(status));
+                            return;
+                        }
+                    }
+                }
+            }
+            Err(status) => {
+                let _ = results_tx.send(Err(status));
+            }
+        }
+    });
+    (results, task)
 }
 
 /// Number of results per stream id.

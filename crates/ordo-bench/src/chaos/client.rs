@@ -175,32 +175,8 @@ impl Call {
     /// (frozen) never blocks the client loop.
     fn open(client: &HarmonizerClient<Channel>) -> Self {
         let (tx, events) = mpsc::unbounded_channel();
-        let (results_tx, rx) = mpsc::unbounded_channel();
-        let mut client = client.clone().max_decoding_message_size(MAX_MESSAGE_BYTES);
-        let task = tokio::spawn(async move {
-            match client.process(UnboundedReceiverStream::new(events)).await {
-                Ok(response) => {
-                    let mut inbound = response.into_inner();
-                    loop {
-                        match inbound.message().await {
-                            Ok(Some(result)) => {
-                                if results_tx.send(Ok(result)).is_err() {
-                                    return;
-                                }
-                            }
-                            Ok(None) => return,
-                            Err(status) => {
-                                let _ = results_tx.send(Err(status));
-                                return;
-                            }
-                        }
-                    }
-                }
-                Err(status) => {
-                    let _ = results_tx.send(Err(status));
-                }
-            }
-        });
+        let client = client.clone().max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let (rx, task) = integration_tests::client::spawn_process(client, UnboundedReceiverStream::new(events));
         Self { tx: Some(tx), rx, task }
     }
 
