@@ -225,11 +225,15 @@ impl Pool {
     /// stateless service is unavailable.
     pub fn run_stateless(&self, event: Event) {
         let inner = self.inner.clone();
+        // In flight (for the gap timer) until its result is durable: a
+        // stateless event retrying through an outage is not a gap.
+        let ticket = Ticket::new(&inner.index, &event);
         tokio::spawn(async move {
             let (result, attempts) = execute_stateless(&inner, &event).await;
             let mut completed = Completed { result: Some(result), mode: event.mode, dead_letter: None };
             attach_dead_letter(&mut completed, &event, attempts);
             let _ = inner.sink.deliver(completed).await;
+            drop(ticket);
         });
     }
 
