@@ -227,7 +227,12 @@ impl Streams {
                 Outgoing::Result(result)
             });
         }
-        let out = take_ready(s);
+        let out = if s.mode == OrderingMode::Unordered {
+            // Completion order is the point of UNORDERED: answer as released.
+            take_all_ready(s)
+        } else {
+            take_ready(s)
+        };
         self.arm(stream, now);
         out
     }
@@ -351,6 +356,17 @@ fn take_ready(s: &mut Stream) -> Vec<Outgoing> {
     out
 }
 
+/// Takes every answer there is, in release order (UNORDERED streams).
+fn take_all_ready(s: &mut Stream) -> Vec<Outgoing> {
+    let ready: Vec<u64> = s.awaiting.iter().filter(|(_, a)| a.ready.is_some()).map(|(&q, _)| q).collect();
+    let mut out: Vec<Outgoing> = ready.iter().filter_map(|q| s.awaiting.remove(q)).filter_map(|a| a.ready).collect();
+    out.sort_by_key(|o| match o {
+        Outgoing::Result(r) => r.position,
+        Outgoing::GapSettled { .. } | Outgoing::Unservable { .. } => 0,
+    });
+    out
+}
+
 /// The end (exclusive) of the hole at `next`: `next` is not accepted on this
 /// call and a later accepted sequence awaits its result. Only ORDERED streams
 /// have holes (UNORDERED ones release in completion order).
@@ -402,6 +418,20 @@ mod tests {
         assert!(streams.settled());
         assert_eq!(streams.window_of("s"), (3, 7));
         assert_eq!(streams.admit("s", 6, t0), Admission::Dispatch, "the window moved");
+    }
+
+    #[test]
+    fn unordered_streams_answer_in_release_order() {
+        let t0 = Instant::now();
+        let mut streams = Streams::new(8, None);
+        streams.open("u", Opened { mode: OrderingMode::Unordered, gap_timeout: None, ..opened(0) });
+        for q in 0..3 {
+            assert_eq!(streams.admit("u", q, t0), Admission::Dispatch);
+        }
+        let mut late = result("u", 2, ResultStatus::Ok);
+        late.position = 0;
+        let out = streams.released("u", 0, vec![late], t0);
+        assert_eq!(out.len(), 1, "sequence 2 completed first and is answered at once: {out:?}");
     }
 
     #[test]
