@@ -35,7 +35,7 @@ use ordo_runtime::{
     readiness::{Dependency, Readiness},
     server::GrpcServer,
 };
-use reassembler::client::ResultSink;
+use result_sink::ResultSink;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};

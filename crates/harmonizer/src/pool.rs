@@ -37,7 +37,7 @@ use ordo_proto::v1::{
     stateless_client::StatelessClient,
 };
 use ordo_runtime::{backoff::Backoff, client::TracedChannel};
-use reassembler::client::ResultSink;
+use result_sink::ResultSink;
 use tokio::sync::mpsc;
 
 /// Items queued per worker link beyond what the worker has taken.

@@ -3,11 +3,11 @@
 //! strictly in sequence order, via one atomic Lua script per batch.
 //!
 //! All reorder state lives in Redis, so a restarted reassembler loses nothing
-//! and replicas can serve the same streams at once. [`client::ResultSink`] is
-//! the client side that workers and the harmonizer use to deliver results.
+//! and replicas can serve the same streams at once. The client side that
+//! workers and the harmonizer use to deliver results is its own crate,
+//! `result-sink`, so they never link this server.
 
 pub mod batcher;
-pub mod client;
 pub mod config;
 pub mod dead_letters;
 pub mod service;

@@ -46,7 +46,7 @@ use ordo_proto::v1::{
     stateless_client::StatelessClient,
 };
 use ordo_runtime::{Shutdown, app::CommonArgs, client::TracedChannel, server::GrpcServer, telemetry};
-use reassembler::client::ResultSink;
+use result_sink::ResultSink;
 use tokio::{
     net::TcpListener,
     sync::{OwnedSemaphorePermit, Semaphore, mpsc},

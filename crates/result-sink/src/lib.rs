@@ -1,5 +1,6 @@
-//! [`ResultSink`]: how workers and the harmonizer hand results to the
-//! reassemblers. `deliver` resolves only once a reassembler acknowledged the
+//! [`ResultSink`], the client side of the reassembler (its own crate, so
+//! services never link the reassembler's server): how workers and the
+//! harmonizer hand results to the reassemblers. `deliver` resolves only once a reassembler acknowledged the
 //! result as durably stored, which is what lets a worker ack its dispatch.
 //!
 //! One driver task per reassembler endpoint keeps a `Deliver` stream open,
