@@ -67,7 +67,16 @@ struct Ticket {
 
 impl Ticket {
     fn new(index: &Arc<Index>, event: &Event) -> Self {
-        *lock(index).entry(event.stream_id.clone()).or_default().entry(event.sequence).or_default() += 1;
+        let mut held = lock(index);
+        // Look up before inserting: most events' streams are held already, and
+        // `entry` would allocate the key every time.
+        match held.get_mut(&event.stream_id) {
+            Some(stream) => *stream.entry(event.sequence).or_default() += 1,
+            None => {
+                held.insert(event.stream_id.clone(), HashMap::from([(event.sequence, 1)]));
+            }
+        }
+        drop(held);
         Self { index: index.clone(), stream_id: event.stream_id.clone(), sequence: event.sequence }
     }
 }
@@ -341,7 +350,14 @@ async fn dispatch(inner: &Arc<Inner>, event: Event, attempt: u32, avoid: Option<
             .insert(dispatch_id, InFlight { event, attempt, deadline: Instant::now() + timeout, ticket });
         // A worker that stopped reading (frozen) must not hold this call
         // forever: after the event timeout the item goes elsewhere.
-        let sent = matches!(tokio::time::timeout(timeout, tx.items.send(item)).await, Ok(Ok(())));
+        let sent = match tx.items.try_send(item) {
+            // The common case: room on the link, taken now (the deadline set above stands).
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Full(item)) => {
+                matches!(tokio::time::timeout(timeout, tx.items.send(item)).await, Ok(Ok(())))
+            }
+        };
         let mut in_flight = lock(&link.in_flight);
         if sent {
             // Handed over: the attempt's time starts now, as on the worker.

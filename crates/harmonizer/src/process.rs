@@ -191,20 +191,15 @@ impl Call {
 
     /// Handles one client event; returns it back if it must wait for the window.
     async fn handle(&mut self, event: Event) -> Option<Blocked> {
-        let route = match self.shared.registry.validate(&event) {
-            Ok(route) => route,
+        let checked = match self.shared.registry.check(&event) {
+            Ok(checked) => checked,
             Err(error) => {
                 self.reject(&event, error).await;
                 return None;
             }
         };
-        let gap_timeout = match self.shared.registry.gap_timeout(&event, self.shared.config.gap_timeout) {
-            Ok(gap_timeout) => gap_timeout,
-            Err(error) => {
-                self.reject(&event, error).await;
-                return None;
-            }
-        };
+        let route = checked.route;
+        let gap_timeout = checked.gap_timeout.unwrap_or(self.shared.config.gap_timeout);
         let stream = event.stream_id.as_str();
         if !self.streams.knows(stream) {
             if self.shared.readiness.down_for(crate::REDIS_GRACE) {
@@ -222,7 +217,7 @@ impl Call {
                     return None;
                 }
             }
-        } else if event.attributes.contains_key(limits::GAP_TIMEOUT_ATTRIBUTE) {
+        } else if checked.gap_timeout.is_some() {
             self.streams.set_gap_timeout(stream, gap_timeout, Instant::now());
         }
         match self.streams.admit(stream, event.sequence, Instant::now()) {

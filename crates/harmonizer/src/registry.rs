@@ -58,6 +58,12 @@ impl Registry {
 
     /// Checks everything that can be checked without state; returns the route.
     pub fn validate(&self, event: &Event) -> Result<Route, Error> {
+        self.check(event).map(|checked| checked.route)
+    }
+
+    /// [`Registry::validate`], also returning the gap timeout the event asks
+    /// for, parsed once.
+    pub fn check(&self, event: &Event) -> Result<Checked, Error> {
         if event.stream_id.is_empty() {
             return Err(Error::MissingStreamId);
         }
@@ -96,20 +102,23 @@ impl Registry {
                 echo(call)
             )));
         }
-        self.gap_timeout(event, None)?;
-        Ok(route)
-    }
-
-    /// The gap timeout an event asks for (attribute `gap-timeout`: `off` or a
-    /// duration), else `default`.
-    pub fn gap_timeout(&self, event: &Event, default: Option<Duration>) -> Result<Option<Duration>, Error> {
-        match event.attributes.get(GAP_TIMEOUT_ATTRIBUTE) {
-            None => Ok(default),
-            Some(text) => parse_gap_timeout(text).map_err(|e| {
+        let gap_timeout = match event.attributes.get(GAP_TIMEOUT_ATTRIBUTE) {
+            None => None,
+            Some(text) => Some(parse_gap_timeout(text).map_err(|e| {
                 Error::MalformedAttributes(format!("attribute {GAP_TIMEOUT_ATTRIBUTE}: {}", limits::echo(&e)))
-            }),
-        }
+            })?),
+        };
+        Ok(Checked { route, gap_timeout })
     }
+}
+
+/// What [`Registry::check`] learned of a valid event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checked {
+    pub route: Route,
+    /// The gap timeout its attribute `gap-timeout` asks for (`Some(None)`:
+    /// `off`), or `None` when it has no such attribute.
+    pub gap_timeout: Option<Option<Duration>>,
 }
 
 #[cfg(test)]
@@ -144,14 +153,14 @@ mod tests {
     #[test]
     fn gap_timeout_from_attribute_or_default() {
         let r = registry();
-        let default = Some(Duration::from_secs(10));
-        assert_eq!(r.gap_timeout(&event("s", "echo"), default).ok(), Some(default));
+        let gap = |e: &Event| r.check(e).ok().map(|c| c.gap_timeout);
+        assert_eq!(gap(&event("s", "echo")), Some(None), "no attribute: the service default applies");
         let mut off = event("s", "echo");
         off.attributes.insert("gap-timeout".into(), "off".into());
-        assert_eq!(r.gap_timeout(&off, default).ok(), Some(None));
+        assert_eq!(gap(&off), Some(Some(None)));
         let mut short = event("s", "echo");
         short.attributes.insert("gap-timeout".into(), "250ms".into());
-        assert_eq!(r.gap_timeout(&short, default).ok(), Some(Some(Duration::from_millis(250))));
+        assert_eq!(gap(&short), Some(Some(Some(Duration::from_millis(250)))));
     }
 
     #[test]
