@@ -419,8 +419,8 @@ async fn run_call(
     out
 }
 
-impl Report {
-    pub fn table(&self) -> String {
+impl crate::results::Report for Report {
+    fn table(&self) -> String {
         let mut t = String::new();
         let c = &self.config;
         let _ = writeln!(
@@ -467,13 +467,13 @@ impl Report {
         t
     }
 
-    pub fn write(&self, dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    fn write(&self, dir: &std::path::Path) -> anyhow::Result<PathBuf> {
         crate::results::write(dir, "soak", self.machine.unix_time, self, &self.table())
     }
 
     /// Fails when a result was lost, duplicated, reordered or not OK, or a
     /// call did not end cleanly. Memory and descriptors are only reported.
-    pub fn check(&self) -> anyhow::Result<()> {
+    fn check(&self) -> anyhow::Result<()> {
         let bad: Vec<String> = self
             .calls
             .iter()
@@ -482,18 +482,6 @@ impl Report {
             .map(|(i, c)| format!("call {i}: {c:?}"))
             .collect();
         if bad.is_empty() { Ok(()) } else { bail!("{}", bad.join("; ")) }
-    }
-}
-
-impl crate::results::Report for Report {
-    fn table(&self) -> String {
-        Report::table(self)
-    }
-    fn write(&self, dir: &std::path::Path) -> anyhow::Result<PathBuf> {
-        Report::write(self, dir)
-    }
-    fn check(&self) -> anyhow::Result<()> {
-        Report::check(self)
     }
 }
 

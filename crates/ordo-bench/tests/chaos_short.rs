@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use ordo_bench::chaos::{self, Config, Fault, Target};
+use ordo_bench::results::Report as _;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_short_mode_loses_duplicates_and_reorders_nothing() {

@@ -273,10 +273,12 @@ impl Report {
             runs,
         }
     }
+}
 
+impl crate::results::Report for Report {
     /// The table per fault kind, with totals; lost/duplicated/reordered are
     /// `client/log`.
-    pub fn table(&self) -> String {
+    fn table(&self) -> String {
         let mut t = String::new();
         let w = &self.config.workload;
         let _ = writeln!(
@@ -347,13 +349,13 @@ impl Report {
     }
 
     /// Writes `chaos-<time>.json`, `latest.json` and `latest.md` into `dir`.
-    pub fn write(&self, dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    fn write(&self, dir: &std::path::Path) -> anyhow::Result<PathBuf> {
         crate::results::write(dir, "chaos", self.machine.unix_time, self, &self.table())
     }
 
     /// Fails when any run lost, duplicated, reordered or corrupted a result,
     /// left a call hung, or could not inject its fault.
-    pub fn check(&self) -> anyhow::Result<()> {
+    fn check(&self) -> anyhow::Result<()> {
         let t = &self.totals;
         if t.runs == 0 {
             bail!("no run was made");
@@ -376,17 +378,5 @@ impl Report {
             );
         }
         Ok(())
-    }
-}
-
-impl crate::results::Report for Report {
-    fn table(&self) -> String {
-        Report::table(self)
-    }
-    fn write(&self, dir: &std::path::Path) -> anyhow::Result<PathBuf> {
-        Report::write(self, dir)
-    }
-    fn check(&self) -> anyhow::Result<()> {
-        Report::check(self)
     }
 }
