@@ -278,16 +278,15 @@ impl Call {
             // The cursor can't be served (older than retention): say so for each awaited event.
             let status = Status::out_of_range(batch.error);
             for out in self.streams.unservable(&batch.stream_id) {
-                if !self.send_outgoing(out, &status).await {
+                if !self.send_outgoing(out, Some(&status)).await {
                     return false;
                 }
             }
             return true;
         }
         let outgoing = self.streams.released(&batch.stream_id, batch.next_sequence, batch.results, Instant::now());
-        let unservable = Status::out_of_range("");
         for out in outgoing {
-            if !self.send_outgoing(out, &unservable).await {
+            if !self.send_outgoing(out, None).await {
                 return false;
             }
         }
@@ -295,7 +294,7 @@ impl Call {
     }
 
     /// Sends one answer. False if the client is gone.
-    async fn send_outgoing(&self, out: Outgoing, unservable: &Status) -> bool {
+    async fn send_outgoing(&self, out: Outgoing, unservable: Option<&Status>) -> bool {
         let result = match out {
             Outgoing::Result(result) => {
                 let _span = telemetry::event_span(
@@ -310,7 +309,10 @@ impl Call {
                 let status = Status::from(Error::GapSettled { stream: stream.clone(), sequence });
                 EventResult::rejected(&stream, sequence, &status)
             }
-            Outgoing::Unservable { stream, sequence } => EventResult::rejected(&stream, sequence, unservable),
+            Outgoing::Unservable { stream, sequence } => {
+                let status = unservable.cloned().unwrap_or_else(|| Status::out_of_range("released result trimmed"));
+                EventResult::rejected(&stream, sequence, &status)
+            }
         };
         self.send(result).await
     }
