@@ -4,7 +4,7 @@ use std::{env, path::PathBuf};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let out = PathBuf::from(env::var("OUT_DIR")?);
-    let file = root.join("ordo/v1/ordo.proto");
+    let files = [root.join("ordo/v1/ordo.proto"), root.join("ordo/v1/operation.proto")];
     println!("cargo:rerun-if-changed={}", root.display());
 
     let mut config = tonic_prost_build::Config::new();
@@ -13,6 +13,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out.join("ordo_descriptor.bin"))
         .bytes(".ordo.v1.Event.payload")
         .bytes(".ordo.v1.EventResult.payload")
-        .compile_with_config(config, &[file], &[root])?;
+        .bytes(".ordo.v1.InvokeRequest.payload")
+        .bytes(".ordo.v1.InvokeResponse.payload")
+        .compile_with_config(config, &files, &[root])?;
     Ok(())
 }

@@ -133,6 +133,6 @@ impl Harmonizer for HarmonizerService {
         &self,
         _: Request<ListOperationsRequest>,
     ) -> Result<Response<ListOperationsResponse>, Status> {
-        Ok(Response::new(ListOperationsResponse { operations: self.shared.registry.list() }))
+        Ok(Response::new(ListOperationsResponse { operations: self.shared.registry.list(), ..Default::default() }))
     }
 }

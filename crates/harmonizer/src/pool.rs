@@ -342,6 +342,7 @@ async fn dispatch(inner: &Arc<Inner>, event: Event, attempt: u32, avoid: Option<
             timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
             max_attempts: inner.config.max_attempts,
             cancel: false,
+            registry_version: 0,
         };
         // In the table before it is sent: an ack may come back at once. The
         // clock already runs while the link queue is full, so a worker that

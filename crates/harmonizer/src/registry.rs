@@ -52,6 +52,7 @@ impl Registry {
                     Route::Stateful => "run concurrently by stateful workers, released in order",
                 }
                 .into(),
+                ..Default::default()
             })
             .collect()
     }

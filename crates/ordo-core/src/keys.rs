@@ -18,6 +18,21 @@
 //! `sequence` and `letter` (encoded `DeadLetter`, its `id` unset: the entry
 //! id is the dead letter's id). Trimmed by count.
 
+/// The operation registry (crate `ordo-registry`), all in one cluster slot
+/// (`{registry}` hash tag): `ordo:{registry}:seq` (last version number),
+/// `ordo:{registry}:v:<n>` (version n, JSON, never changed once written),
+/// `ordo:{registry}:active` (the version services follow) and
+/// `ordo:{registry}:pin` (when set, the version every service uses instead).
+pub const REGISTRY_SEQ: &str = "ordo:{registry}:seq";
+pub const REGISTRY_ACTIVE: &str = "ordo:{registry}:active";
+pub const REGISTRY_PIN: &str = "ordo:{registry}:pin";
+/// Prefix of version keys: `ordo:{registry}:v:<n>`.
+pub const REGISTRY_VERSION_PREFIX: &str = "ordo:{registry}:v:";
+
+pub fn registry_version(version: u64) -> String {
+    format!("{REGISTRY_VERSION_PREFIX}{version}")
+}
+
 /// Pub/sub channel of released batches.
 pub const RELEASED_CHANNEL: &str = "ordo:released";
 

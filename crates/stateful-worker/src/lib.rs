@@ -465,9 +465,10 @@ impl StatefulWorker for WorkerService {
                 name: op.name().into(),
                 kind: OperationKind::Stateful as i32,
                 description: op.description().into(),
+                ..Default::default()
             })
             .collect();
-        Ok(Response::new(ListOperationsResponse { operations }))
+        Ok(Response::new(ListOperationsResponse { operations, ..Default::default() }))
     }
 }
 

@@ -74,8 +74,9 @@ impl Stateless for StatelessService {
                 name: op.name.into(),
                 kind: OperationKind::Stateless as i32,
                 description: op.description.into(),
+                ..Default::default()
             })
             .collect();
-        Ok(Response::new(ListOperationsResponse { operations }))
+        Ok(Response::new(ListOperationsResponse { operations, ..Default::default() }))
     }
 }
