@@ -3,6 +3,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use ordo_core::duration;
+use ordo_registry::Pin;
 use ordo_runtime::app::CommonArgs;
 
 /// Ordo harmonizer: the front door. Validates events, routes them by
@@ -39,9 +40,16 @@ pub struct Config {
     /// Per attempt: an event not acked by its worker in time is retried elsewhere.
     #[arg(long, env = "HARMONIZER_EVENT_TIMEOUT", default_value = "30s", value_parser = duration::parse)]
     pub event_timeout: Duration,
-    /// Attempts per event before a FAILED result is released in its place.
+    /// Attempts per event before a FAILED result is released in its place
+    /// (an operation's `attempts` in the registry overrides it). An
+    /// attempt's time is the larger of this and the operation's `timeout` + 1s.
     #[arg(long, env = "HARMONIZER_MAX_ATTEMPTS", default_value_t = 3)]
     pub max_attempts: u32,
+    /// A stateful event whose operation no live worker serves (and none did
+    /// within the last --event-timeout) waits this long for a worker that
+    /// serves it, then is refused with UNAVAILABLE.
+    #[arg(long, env = "HARMONIZER_WORKER_WAIT", default_value = "2s", value_parser = duration::parse)]
+    pub worker_wait: Duration,
     /// Submit waits this long for a stateful result, then answers PROCESSING.
     #[arg(long, env = "HARMONIZER_UNARY_THRESHOLD", default_value = "500ms", value_parser = duration::parse)]
     pub unary_threshold: Duration,
@@ -68,7 +76,13 @@ pub struct Config {
     /// Largest event payload accepted.
     #[arg(long, env = "HARMONIZER_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
     pub max_payload_bytes: usize,
-    /// Operations answered by the stateless service.
+    /// Which version of the operation registry to use: `follow` (default:
+    /// the registry's pin, else its active version, else the built-in
+    /// operations below), or a version number (`0`: the built-in operations
+    /// only, whatever is published).
+    #[arg(long, env = "HARMONIZER_REGISTRY_PIN", default_value = "follow", value_parser = Pin::parse)]
+    pub registry_pin: Pin,
+    /// Operations answered by the stateless service (built-in registry, version 0).
     #[arg(
         long,
         env = "HARMONIZER_STATELESS_OPS",
@@ -76,7 +90,7 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub stateless_ops: Vec<String>,
-    /// Operations run by stateful workers.
+    /// Operations run by stateful workers (built-in registry, version 0).
     #[arg(
         long,
         env = "HARMONIZER_STATEFUL_OPS",
@@ -148,5 +162,17 @@ mod tests {
         assert_eq!(config.stream_processing_threshold, Some(Duration::from_millis(250)));
         let config = Config::try_parse_from(["harmonizer", "--stream-processing-threshold", "0"]).expect("flag parses");
         assert_eq!(config.stream_processing_threshold, None);
+    }
+
+    #[test]
+    fn registry_pin_and_worker_wait() {
+        let config = Config::try_parse_from(["harmonizer"]).expect("defaults parse");
+        assert_eq!((config.registry_pin, config.worker_wait), (Pin::Follow, Duration::from_secs(2)));
+        let config = Config::try_parse_from(["harmonizer", "--registry-pin", "3", "--worker-wait", "250ms"])
+            .expect("flags parse");
+        assert_eq!((config.registry_pin, config.worker_wait), (Pin::Version(3), Duration::from_millis(250)));
+        let config = Config::try_parse_from(["harmonizer", "--registry-pin", "0"]).expect("flag parses");
+        assert_eq!(config.registry_pin, Pin::Version(0));
+        assert!(Config::try_parse_from(["harmonizer", "--registry-pin", "latest"]).is_err());
     }
 }

@@ -25,6 +25,10 @@ pub enum Error {
         "sequence {sequence} of stream {stream:?} was settled as a gap (no event arrived within the stream's gap timeout); it will not be processed"
     )]
     GapSettled { stream: String, sequence: u64 },
+    /// A known stateful operation that no live worker serves (nor did
+    /// lately): the operation exists, so not NOT_FOUND; retry later.
+    #[error("operation {0:?} has no live worker")]
+    NoWorker(String),
     #[error("reorder state unavailable")]
     Redis(#[from] redis::RedisError),
     #[error("{0} unavailable")]
@@ -49,7 +53,23 @@ impl From<Error> for Status {
                 tracing::warn!(error = %cause, "redis unavailable");
                 Status::unavailable(message)
             }
-            Error::Unavailable(_) | Error::ShuttingDown => Status::unavailable(message),
+            Error::NoWorker(_) | Error::Unavailable(_) | Error::ShuttingDown => Status::unavailable(message),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_worker_is_unavailable_and_unknown_is_not_found() {
+        let status = Status::from(Error::NoWorker("shout".into()));
+        assert_eq!(
+            (status.code(), status.message()),
+            (tonic::Code::Unavailable, "operation \"shout\" has no live worker")
+        );
+        let status = Status::from(Error::UnknownOperation { name: "x".into(), known: "a, b".into() });
+        assert_eq!(status.code(), tonic::Code::NotFound);
     }
 }

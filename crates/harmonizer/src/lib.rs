@@ -24,7 +24,7 @@ use std::{pin::Pin, sync::Arc};
 pub use config::Config;
 use futures::Stream;
 use ordo_proto::v1::{
-    Event, EventResult, ListOperationsRequest, ListOperationsResponse,
+    Event, EventResult, ListOperationsRequest, ListOperationsResponse, OperationInfo,
     harmonizer_server::{Harmonizer, HarmonizerServer},
     push_gateway_client::PushGatewayClient,
     stateless_client::StatelessClient,
@@ -72,11 +72,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
         pool::PoolConfig { event_timeout: config.event_timeout, max_attempts: config.max_attempts },
         shutdown.clone(),
     )?;
-    let registry = registry::Registry::new(
-        &config::clean(&config.stateless_ops),
-        &config::clean(&config.stateful_ops),
-        config.max_payload_bytes,
-    );
+    let builtin = registry::builtin(&config::clean(&config.stateless_ops), &config::clean(&config.stateful_ops));
+    let follower = ordo_registry::Follower::start(redis.clone(), builtin, config.registry_pin, shutdown.clone()).await;
+    let registry = registry::Registry::new(follower, config.max_payload_bytes, config.gap_timeout);
     let push_gateway = PushGatewayClient::new(ordo_runtime::client::traced(&config.push_gateway)?)
         .max_decoding_message_size(ordo_runtime::server::MAX_MESSAGE_BYTES);
     let drain = config.common.drain_timeout;
@@ -133,6 +131,18 @@ impl Harmonizer for HarmonizerService {
         &self,
         _: Request<ListOperationsRequest>,
     ) -> Result<Response<ListOperationsResponse>, Status> {
-        Ok(Response::new(ListOperationsResponse { operations: self.shared.registry.list(), ..Default::default() }))
+        Ok(Response::new(list_operations(&self.shared.registry, &self.shared.pool)))
     }
+}
+
+/// The operations of the registry version in use, each with the live
+/// workers serving it now.
+fn list_operations(registry: &registry::Registry, pool: &pool::Pool) -> ListOperationsResponse {
+    let catalog = registry.catalog();
+    let operations = catalog
+        .operations
+        .values()
+        .map(|spec| OperationInfo { workers: pool.workers(&spec.name), ..spec.info() })
+        .collect();
+    ListOperationsResponse { operations, registry_version: catalog.version, pinned: registry.pinned() }
 }

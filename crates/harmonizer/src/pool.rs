@@ -1,17 +1,31 @@
 //! Dispatch of accepted events until each has a durable result: stateful
-//! events over one long-lived `Work` stream per worker (least-loaded healthy
-//! worker first), stateless events through the stateless service.
+//! events over one long-lived `Work` stream per worker, stateless events
+//! through the stateless service.
+//!
+//! **Routing by capability.** Every worker announces what it serves
+//! (`WorkAck.capabilities`, the first message of each `Work` call and again
+//! whenever it changes); a link serves nothing until then. An event goes to
+//! the least-loaded healthy link whose latest capabilities contain its
+//! operation ([`Routing`]). An event whose operation no link serves waits
+//! for one (back-pressure) for at most its attempt's time; then that attempt
+//! is used up (`no live worker serves operation "x"`), so nothing waits
+//! forever. Whether a new event is accepted at all is [`Pool::admit`].
+//!
+//! **An event keeps its registry version.** Every stateful event carries the
+//! definition of its operation from the version it was accepted under
+//! (`WorkItem.registry_version`) through every attempt: its attempts
+//! (`attempts`, else `--max-attempts`, sent as `max_attempts`) and its
+//! attempt time (the larger of `--event-timeout` and the operation's
+//! `timeout` + 1 s, sent as `timeout_ms`).
 //!
 //! An event stays in its link's in-flight table until the worker acks it
-//! (which it does only after a reassembler stored the result). Every
-//! dispatch tells the worker the attempt's time (`timeout_ms` =
-//! `--event-timeout`) and the attempts allowed (`max_attempts`). When a
+//! (which it does only after a reassembler stored the result). When a
 //! worker's stream breaks, every in-flight event of that link is dispatched
-//! again; so is every event past `--event-timeout`, and every attempt the
+//! again; so is every event past its attempt time, and every attempt the
 //! worker hands back after a transient failure (`WorkAck.retry`). Whenever
 //! the pool abandons an attempt that is still running (its timeout), it sends
 //! a cancel item for it on the same link, ahead of queued events, so the
-//! worker frees its slot at once. After `--max-attempts` the pool delivers a
+//! worker frees its slot at once. After its attempts the pool delivers a
 //! FAILED result (with its dead letter) in the event's place, so a stream
 //! never stalls on a lost event. A late result of an earlier attempt is
 //! harmless: the reassembler keeps the first result of each (stream,
@@ -23,9 +37,9 @@
 //! settled.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{
-        Arc, Mutex, Weak,
+        Arc, Mutex, RwLock, Weak,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -33,23 +47,45 @@ use std::{
 
 use futures::Stream;
 use ordo_proto::v1::{
-    Completed, DeadLetter, Event, EventResult, ResultStatus, WorkItem, stateful_worker_client::StatefulWorkerClient,
-    stateless_client::StatelessClient,
+    Capabilities, Completed, DeadLetter, Event, EventResult, ResultStatus, WorkItem,
+    stateful_worker_client::StatefulWorkerClient, stateless_client::StatelessClient,
 };
+use ordo_registry::OperationSpec;
 use ordo_runtime::{backoff::Backoff, client::TracedChannel};
 use result_sink::ResultSink;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+
+use crate::error::Error;
 
 /// Items queued per worker link beyond what the worker has taken.
 const LINK_QUEUE: usize = 1024;
 /// Cancels queued per worker link; beyond it a cancel is dropped and the
 /// worker ends the attempt at its own deadline instead.
 const CANCEL_QUEUE: usize = 1024;
+/// What an operation's own `timeout` gets on top in the harmonizer: the
+/// worker's call times out first, and its hand-back arrives in time.
+const TIMEOUT_MARGIN: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy)]
 pub struct PoolConfig {
     pub event_timeout: Duration,
     pub max_attempts: u32,
+}
+
+impl PoolConfig {
+    /// Attempts an event of `spec` gets: its `attempts`, else `--max-attempts`.
+    pub fn attempts(&self, spec: &OperationSpec) -> u32 {
+        spec.attempts.unwrap_or(self.max_attempts).max(1)
+    }
+
+    /// One attempt's time: `--event-timeout`, or the operation's `timeout`
+    /// + 1 s when that is longer.
+    pub fn attempt_timeout(&self, spec: &OperationSpec) -> Duration {
+        match spec.timeout {
+            Some(timeout) => self.event_timeout.max(timeout.saturating_add(TIMEOUT_MARGIN)),
+            None => self.event_timeout,
+        }
+    }
 }
 
 /// Events the pool holds, per stream and sequence: how many tickets are out.
@@ -97,11 +133,22 @@ impl Drop for Ticket {
     }
 }
 
-struct InFlight {
+/// A stateful event and everything it keeps until it is settled.
+struct Job {
     event: Event,
+    /// Its operation as defined in the registry version it was accepted under.
+    spec: Arc<OperationSpec>,
+    /// That version (stamped on every dispatch).
+    version: u64,
+    /// The attempt being made (1 for the first).
     attempt: u32,
+    /// Held (for its `Drop`) until the job is settled.
+    _ticket: Ticket,
+}
+
+struct InFlight {
+    job: Job,
     deadline: Instant,
-    ticket: Ticket,
 }
 
 /// The sending side of one open `Work` call.
@@ -112,19 +159,47 @@ struct LinkTx {
     cancels: mpsc::Sender<WorkItem>,
 }
 
+/// What a link's worker said it serves (its latest `Capabilities`).
+#[derive(Debug)]
+struct Served {
+    operations: HashSet<String>,
+    /// Its name (`Capabilities.worker`, else the link's address).
+    worker: String,
+}
+
 struct Link {
     endpoint: String,
     sender: Mutex<Option<LinkTx>>,
     in_flight: Mutex<HashMap<u64, InFlight>>,
     healthy: AtomicBool,
+    /// `None` until the worker's capabilities arrive on the open call: a
+    /// link serves nothing before.
+    served: RwLock<Option<Arc<Served>>>,
 }
 
 impl Link {
+    fn new(endpoint: &str) -> Self {
+        Self {
+            endpoint: endpoint.to_owned(),
+            sender: Mutex::new(None),
+            in_flight: Mutex::new(HashMap::new()),
+            healthy: AtomicBool::new(false),
+            served: RwLock::new(None),
+        }
+    }
     fn load(&self) -> usize {
         lock(&self.in_flight).len()
     }
     fn sender(&self) -> Option<LinkTx> {
         lock(&self.sender).clone()
+    }
+    fn served(&self) -> Option<Arc<Served>> {
+        read(&self.served).clone()
+    }
+    /// Healthy, and its worker's latest capabilities contain `operation`.
+    fn serves(&self, operation: &str) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+            && read(&self.served).as_ref().is_some_and(|served| served.operations.contains(operation))
     }
     /// Tells the worker to stop an attempt the pool no longer waits for.
     fn cancel(&self, dispatch_id: u64) {
@@ -141,6 +216,153 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The links and what each serves: picking a link for an operation, and
+/// whether an operation has (or lately had) a live worker.
+struct Routing {
+    links: Vec<Link>,
+    /// When a link last stopped serving each operation (it went down, or
+    /// announced capabilities without it); entries older than `recent` are
+    /// dropped.
+    lost: Mutex<HashMap<String, Instant>>,
+    /// How long an operation counts as lately served after its last link
+    /// lost it (`--event-timeout`): a worker restarting.
+    recent: Duration,
+    /// Bumped whenever what any link serves may have changed.
+    changes: watch::Sender<u64>,
+}
+
+impl Routing {
+    fn new(endpoints: &[String], recent: Duration) -> Self {
+        Self {
+            links: endpoints.iter().map(|endpoint| Link::new(endpoint)).collect(),
+            lost: Mutex::default(),
+            recent,
+            changes: watch::Sender::new(0),
+        }
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|generation| *generation = generation.wrapping_add(1));
+    }
+
+    /// The least-loaded healthy link serving `operation`, preferring one
+    /// other than `avoid`.
+    fn pick(&self, operation: &str, avoid: Option<usize>) -> Option<usize> {
+        let candidates: Vec<usize> = (0..self.links.len()).filter(|&i| self.links[i].serves(operation)).collect();
+        candidates
+            .iter()
+            .copied()
+            .filter(|&i| Some(i) != avoid)
+            .min_by_key(|&i| self.links[i].load())
+            .or_else(|| candidates.first().copied())
+    }
+
+    /// Some healthy link serves `operation` now.
+    fn serves(&self, operation: &str) -> bool {
+        self.links.iter().any(|link| link.serves(operation))
+    }
+
+    /// A link served `operation` within the last `recent`.
+    fn served_recently(&self, operation: &str) -> bool {
+        lock(&self.lost).get(operation).is_some_and(|at| at.elapsed() < self.recent)
+    }
+
+    /// The names of the healthy links' workers serving `operation` now.
+    fn workers(&self, operation: &str) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .links
+            .iter()
+            .filter(|link| link.serves(operation))
+            .filter_map(|link| link.served().map(|served| served.worker.clone()))
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+
+    /// The rule of admission for a new stateful event: accepted when a
+    /// healthy link serves its operation, or one did within `recent` (a
+    /// worker restarting: the event waits for it in dispatch); otherwise when
+    /// a serving link appears within `wait`; else UNAVAILABLE.
+    async fn admit(&self, operation: &str, wait: Duration) -> Result<(), Error> {
+        if self.may_admit(operation) {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut changes = self.changes.subscribe();
+        loop {
+            changes.borrow_and_update();
+            if self.serves(operation) {
+                return Ok(());
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => return Err(Error::NoWorker(operation.to_owned())),
+            }
+        }
+    }
+
+    /// [`Routing::admit`] without waiting: true when an event of
+    /// `operation` is accepted now.
+    fn may_admit(&self, operation: &str) -> bool {
+        self.serves(operation) || self.served_recently(operation)
+    }
+
+    fn remember_lost<'a>(&self, operations: impl Iterator<Item = &'a String>) {
+        let now = Instant::now();
+        let mut lost = lock(&self.lost);
+        lost.retain(|_, at| now.duration_since(*at) < self.recent);
+        for operation in operations {
+            lost.insert(operation.clone(), now);
+        }
+    }
+
+    /// The worker of link `index` announced what it serves.
+    fn set_capabilities(&self, index: usize, capabilities: Capabilities) {
+        let link = &self.links[index];
+        let worker = if capabilities.worker.is_empty() { link.endpoint.clone() } else { capabilities.worker };
+        let served = Arc::new(Served { operations: capabilities.operations.into_iter().collect(), worker });
+        tracing::info!(
+            endpoint = %link.endpoint,
+            worker = %served.worker,
+            operations = ?{ let mut ops: Vec<&String> = served.operations.iter().collect(); ops.sort_unstable(); ops },
+            registry_version = capabilities.registry_version,
+            concurrency = capabilities.concurrency,
+            "worker capabilities"
+        );
+        let previous = write(&link.served).replace(served.clone());
+        if let Some(previous) = previous {
+            self.remember_lost(previous.operations.difference(&served.operations));
+        }
+        self.changed();
+    }
+
+    /// Link `index` opened a `Work` call (it serves nothing until its
+    /// worker's capabilities arrive).
+    fn link_up(&self, index: usize) {
+        self.links[index].healthy.store(true, Ordering::Relaxed);
+        self.changed();
+    }
+
+    /// Link `index`'s `Work` call ended: it serves nothing now.
+    fn link_down(&self, index: usize) {
+        let link = &self.links[index];
+        link.healthy.store(false, Ordering::Relaxed);
+        if let Some(previous) = write(&link.served).take() {
+            self.remember_lost(previous.operations.iter());
+        }
+        self.changed();
+    }
+}
+
 /// Longest worker error kept in a reason (it ends up in a FAILED result).
 const MAX_REASON_BYTES: usize = 1024;
 
@@ -154,6 +376,11 @@ fn bounded(text: &str) -> &str {
         end -= 1;
     }
     &text[..end]
+}
+
+/// Why an attempt was used up waiting for a worker.
+fn no_worker_reason(operation: &str) -> String {
+    format!("no live worker serves operation {operation:?}")
 }
 
 /// A FAILED result the pool records in an event's place, with its dead letter.
@@ -174,12 +401,18 @@ fn attach_dead_letter(completed: &mut Completed, event: &Event, attempts: u32) {
 }
 
 struct Inner {
-    links: Vec<Link>,
+    routing: Routing,
     sink: ResultSink,
     stateless: StatelessClient<TracedChannel>,
     config: PoolConfig,
     next_dispatch: AtomicU64,
     index: Arc<Index>,
+}
+
+impl Inner {
+    fn links(&self) -> &[Link] {
+        &self.routing.links
+    }
 }
 
 /// Cheap to clone.
@@ -196,19 +429,18 @@ impl Pool {
         config: PoolConfig,
         shutdown: ordo_runtime::Shutdown,
     ) -> Result<Self, ordo_runtime::client::EndpointError> {
-        let mut clients = Vec::new();
-        let mut links = Vec::new();
-        for endpoint in workers {
-            clients.push(StatefulWorkerClient::new(ordo_runtime::client::traced(endpoint)?));
-            links.push(Link {
-                endpoint: endpoint.clone(),
-                sender: Mutex::new(None),
-                in_flight: Mutex::new(HashMap::new()),
-                healthy: AtomicBool::new(false),
-            });
-        }
-        let inner =
-            Arc::new(Inner { links, sink, stateless, config, next_dispatch: AtomicU64::new(1), index: Arc::default() });
+        let clients = workers
+            .iter()
+            .map(|endpoint| Ok(StatefulWorkerClient::new(ordo_runtime::client::traced(endpoint)?)))
+            .collect::<Result<Vec<_>, ordo_runtime::client::EndpointError>>()?;
+        let inner = Arc::new(Inner {
+            routing: Routing::new(workers, config.event_timeout),
+            sink,
+            stateless,
+            config,
+            next_dispatch: AtomicU64::new(1),
+            index: Arc::default(),
+        });
         for (index, client) in clients.into_iter().enumerate() {
             tokio::spawn(drive_link(Arc::downgrade(&inner), index, client, shutdown.clone()));
         }
@@ -216,11 +448,41 @@ impl Pool {
         Ok(Self { inner })
     }
 
-    /// Hands a stateful event to a worker. Resolves once it is queued on a
-    /// link (back-pressure: waits while every worker is full or down).
-    pub async fn dispatch(&self, event: Event) {
+    /// Hands a stateful event, checked against registry version `version`
+    /// as `spec`, to a worker serving its operation. Resolves once it is
+    /// queued on a link (back-pressure: waits while every serving worker is
+    /// full or none is up, for at most the attempt's time; then the attempt
+    /// is used up and the event goes on waiting in the background).
+    pub async fn dispatch(&self, event: Event, spec: Arc<OperationSpec>, version: u64) {
         let ticket = Ticket::new(&self.inner.index, &event);
-        dispatch(&self.inner, event, 1, None, ticket).await;
+        let job = Job { event, spec, version, attempt: 1, _ticket: ticket };
+        if let Err(job) = place(&self.inner, job, None).await {
+            let reason = no_worker_reason(&job.spec.name);
+            tokio::spawn(retry(self.inner.clone(), job, None, reason));
+        }
+    }
+
+    /// Whether a new stateful event of `operation` is accepted (see
+    /// [`Routing::admit`]): at once when a live worker serves it or one did
+    /// within `--event-timeout`, else once one appears within `wait`; else
+    /// [`Error::NoWorker`] (UNAVAILABLE).
+    pub async fn admit(&self, operation: &str, wait: Duration) -> Result<(), Error> {
+        self.inner.routing.admit(operation, wait).await
+    }
+
+    /// [`Pool::admit`] without waiting.
+    pub fn may_admit(&self, operation: &str) -> bool {
+        self.inner.routing.may_admit(operation)
+    }
+
+    /// Notified whenever what the workers serve may have changed.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.inner.routing.changes.subscribe()
+    }
+
+    /// Names of the live workers serving `operation` now.
+    pub fn workers(&self, operation: &str) -> Vec<String> {
+        self.inner.routing.workers(operation)
     }
 
     /// True while any attempt of this event is dispatched and unsettled,
@@ -232,13 +494,13 @@ impl Pool {
 
     /// Runs a stateless event and records its result, retrying while the
     /// stateless service is unavailable.
-    pub fn run_stateless(&self, event: Event) {
+    pub fn run_stateless(&self, event: Event, spec: Arc<OperationSpec>) {
         let inner = self.inner.clone();
         // In flight (for the gap timer) until its result is durable: a
         // stateless event retrying through an outage is not a gap.
         let ticket = Ticket::new(&inner.index, &event);
         tokio::spawn(async move {
-            let (result, attempts) = execute_stateless(&inner, &event).await;
+            let (result, attempts) = execute_stateless(&inner, &event, &spec).await;
             let mut completed = Completed { result: Some(result), mode: event.mode, dead_letter: None };
             attach_dead_letter(&mut completed, &event, attempts);
             let _ = inner.sink.deliver(completed).await;
@@ -247,8 +509,8 @@ impl Pool {
     }
 
     /// Executes a stateless event (no recording).
-    pub async fn execute_stateless(&self, event: &Event) -> EventResult {
-        execute_stateless(&self.inner, event).await.0
+    pub async fn execute_stateless(&self, event: &Event, spec: &OperationSpec) -> EventResult {
+        execute_stateless(&self.inner, event, spec).await.0
     }
 
     /// Stores `event`'s result that the harmonizer produced itself (a
@@ -261,19 +523,19 @@ impl Pool {
     }
 
     pub fn healthy_workers(&self) -> usize {
-        self.inner.links.iter().filter(|l| l.healthy.load(Ordering::Relaxed)).count()
+        self.inner.links().iter().filter(|l| l.healthy.load(Ordering::Relaxed)).count()
     }
 }
 
 /// Executes a stateless event. A transient failure (the service down or
 /// restarting, UNAVAILABLE) is retried with the shared jittered backoff for
-/// as long as the event's attempt budget lasts (`--max-attempts` ×
-/// `--event-timeout`); a try that times out uses up one attempt. An answer
+/// as long as the event's attempt budget lasts (its operation's attempts ×
+/// its attempt time); a try that times out uses up one attempt. An answer
 /// about the event itself (NOT_FOUND, INVALID_ARGUMENT) is final at once.
 /// Returns the result and the tries made.
-async fn execute_stateless(inner: &Inner, event: &Event) -> (EventResult, u32) {
-    let max_attempts = inner.config.max_attempts;
-    let timeout = inner.config.event_timeout;
+async fn execute_stateless(inner: &Inner, event: &Event, spec: &OperationSpec) -> (EventResult, u32) {
+    let max_attempts = inner.config.attempts(spec);
+    let timeout = inner.config.attempt_timeout(spec);
     let deadline = tokio::time::Instant::now() + timeout * max_attempts;
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
     let (mut tries, mut timeouts) = (0u32, 0u32);
@@ -304,31 +566,27 @@ async fn execute_stateless(inner: &Inner, event: &Event) -> (EventResult, u32) {
     }
 }
 
-/// Picks the least-loaded healthy link, preferring one other than `avoid`.
-fn pick(inner: &Inner, avoid: Option<usize>) -> Option<usize> {
-    let healthy = |i: &usize| inner.links[*i].healthy.load(Ordering::Relaxed);
-    let candidates: Vec<usize> = (0..inner.links.len()).filter(healthy).collect();
-    candidates
-        .iter()
-        .copied()
-        .filter(|&i| Some(i) != avoid)
-        .min_by_key(|&i| inner.links[i].load())
-        .or_else(|| candidates.first().copied())
-}
-
-async fn dispatch(inner: &Arc<Inner>, event: Event, attempt: u32, avoid: Option<usize>, ticket: Ticket) {
+/// Queues attempt `job.attempt` on the least-loaded healthy link serving
+/// its operation (preferring one other than `avoid`). While no link serves
+/// it, waits for one, for at most the attempt's time: then the attempt is
+/// used up and the job comes back (`Err`).
+async fn place(inner: &Arc<Inner>, job: Job, avoid: Option<usize>) -> Result<(), Job> {
     let mut avoid = avoid;
-    let mut event = event;
-    let mut ticket = ticket;
-    let mut no_worker = Backoff::new(Duration::from_millis(10), Duration::from_millis(500));
-    let timeout = inner.config.event_timeout;
+    let mut job = job;
+    let timeout = inner.config.attempt_timeout(&job.spec);
+    let give_up_at = tokio::time::Instant::now() + timeout;
+    let mut changes = inner.routing.changes.subscribe();
     loop {
-        let Some(index) = pick(inner, avoid) else {
-            // No healthy worker: hold the event (back-pressure) until one is.
-            no_worker.wait().await;
-            continue;
+        changes.borrow_and_update();
+        let Some(index) = inner.routing.pick(&job.spec.name, avoid) else {
+            // No healthy worker serves it: hold the event (back-pressure)
+            // until one does, or the attempt's time is up.
+            match tokio::time::timeout_at(give_up_at, changes.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) | Err(_) => return Err(job),
+            }
         };
-        let link = &inner.links[index];
+        let link = &inner.links()[index];
         let Some(tx) = link.sender() else {
             avoid = None;
             tokio::task::yield_now().await;
@@ -337,23 +595,22 @@ async fn dispatch(inner: &Arc<Inner>, event: Event, attempt: u32, avoid: Option<
         let dispatch_id = inner.next_dispatch.fetch_add(1, Ordering::Relaxed);
         let item = WorkItem {
             dispatch_id,
-            event: Some(event.clone()),
-            attempt,
+            event: Some(job.event.clone()),
+            attempt: job.attempt,
             timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
-            max_attempts: inner.config.max_attempts,
+            max_attempts: inner.config.attempts(&job.spec),
             cancel: false,
-            registry_version: 0,
+            registry_version: job.version,
         };
         // In the table before it is sent: an ack may come back at once. The
         // clock already runs while the link queue is full, so a worker that
         // stopped reading (frozen) still times its events out.
-        lock(&link.in_flight)
-            .insert(dispatch_id, InFlight { event, attempt, deadline: Instant::now() + timeout, ticket });
+        lock(&link.in_flight).insert(dispatch_id, InFlight { job, deadline: Instant::now() + timeout });
         // A worker that stopped reading (frozen) must not hold this call
-        // forever: after the event timeout the item goes elsewhere.
+        // forever: after the attempt's time the item goes elsewhere.
         let sent = match tx.items.try_send(item) {
             // The common case: room on the link, taken now (the deadline set above stands).
-            Ok(()) => return,
+            Ok(()) => return Ok(()),
             Err(mpsc::error::TrySendError::Closed(_)) => false,
             Err(mpsc::error::TrySendError::Full(item)) => {
                 matches!(tokio::time::timeout(timeout, tx.items.send(item)).await, Ok(Ok(())))
@@ -365,33 +622,44 @@ async fn dispatch(inner: &Arc<Inner>, event: Event, attempt: u32, avoid: Option<
             if let Some(flight) = in_flight.get_mut(&dispatch_id) {
                 flight.deadline = Instant::now() + timeout;
             }
-            return;
+            return Ok(());
         }
         // The link went down under us, or did not take the item in time.
         // Unless the link's own clean-up (or the timeout sweep) already took
         // the event to re-dispatch it, try another link.
-        let Some(flight) = in_flight.remove(&dispatch_id) else { return };
+        let Some(flight) = in_flight.remove(&dispatch_id) else { return Ok(()) };
         drop(in_flight);
-        (event, ticket) = (flight.event, flight.ticket);
+        job = flight.job;
         avoid = Some(index);
     }
 }
 
-/// Dispatches again after a failed attempt, or records FAILED in its place.
-async fn retry(inner: Arc<Inner>, flight: InFlight, from: usize, reason: String) {
-    let InFlight { event, attempt, ticket, .. } = flight;
-    let stream = event.stream_id.clone();
-    let sequence = event.sequence;
-    if attempt >= inner.config.max_attempts {
-        tracing::warn!(stream, sequence, attempts = attempt, reason, "giving up; releasing FAILED in its place");
-        let completed = failed(&event, attempt, format!("no result after {attempt} attempts (last: {reason})"));
-        let _ = inner.sink.deliver(completed).await;
-        // Settled only once FAILED is durable.
-        drop(ticket);
-        return;
+/// Dispatches again after a failed attempt (preferring a link other than
+/// `from`), or records FAILED in its place once its attempts are used up.
+async fn retry(inner: Arc<Inner>, job: Job, from: Option<usize>, reason: String) {
+    let (mut job, mut from, mut reason) = (job, from, reason);
+    loop {
+        let stream = job.event.stream_id.clone();
+        let sequence = job.event.sequence;
+        let attempt = job.attempt;
+        if attempt >= inner.config.attempts(&job.spec) {
+            tracing::warn!(stream, sequence, attempts = attempt, reason, "giving up; releasing FAILED in its place");
+            let completed = failed(&job.event, attempt, format!("no result after {attempt} attempts (last: {reason})"));
+            let _ = inner.sink.deliver(completed).await;
+            // Settled only once FAILED is durable.
+            drop(job);
+            return;
+        }
+        tracing::info!(stream, sequence, attempt = attempt + 1, reason, "re-dispatching");
+        job.attempt += 1;
+        match place(&inner, job, from).await {
+            Ok(()) => return,
+            Err(back) => {
+                reason = no_worker_reason(&back.spec.name);
+                (job, from) = (back, None);
+            }
+        }
     }
-    tracing::info!(stream, sequence, attempt = attempt + 1, reason, "re-dispatching");
-    dispatch(&inner, event, attempt + 1, Some(from), ticket).await;
 }
 
 /// The pause before re-dispatching an attempt a worker handed back: 50 ms
@@ -425,7 +693,7 @@ async fn drive_link(
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
     loop {
         let Some(pool) = inner.upgrade() else { return };
-        let link = &pool.links[index];
+        let link = &pool.links()[index];
         let endpoint = link.endpoint.clone();
         let (items, items_rx) = mpsc::channel(LINK_QUEUE);
         let (cancels, cancels_rx) = mpsc::channel(CANCEL_QUEUE);
@@ -438,7 +706,7 @@ async fn drive_link(
             Ok(response) => {
                 let mut acks = response.into_inner();
                 *lock(&link.sender) = Some(LinkTx { items, cancels });
-                link.healthy.store(true, Ordering::Relaxed);
+                pool.routing.link_up(index);
                 tracing::info!(%endpoint, "worker connected");
                 backoff.reset();
                 drop(pool);
@@ -449,8 +717,14 @@ async fn drive_link(
                     };
                     let Some(pool) = inner.upgrade() else { return };
                     match ack {
-                        Ok(Some(ack)) => {
-                            let flight = lock(&pool.links[index].in_flight).remove(&ack.dispatch_id);
+                        Ok(Some(mut ack)) => {
+                            if let Some(capabilities) = ack.capabilities.take() {
+                                pool.routing.set_capabilities(index, capabilities);
+                                if ack.dispatch_id == 0 {
+                                    continue; // an announcement, not a dispatch ack
+                                }
+                            }
+                            let flight = lock(&pool.links()[index].in_flight).remove(&ack.dispatch_id);
                             // A delivered ack settles the event (dropping its
                             // ticket); anything else is handed back to retry.
                             if let Some(flight) = flight
@@ -461,10 +735,10 @@ async fn drive_link(
                                 // A transient failure: pause before the next attempt (growing
                                 // with attempts, jittered), so an operation that fails at once
                                 // does not use up its attempts in milliseconds.
-                                let pause = hand_back_pause(flight.attempt);
+                                let pause = hand_back_pause(flight.job.attempt);
                                 tokio::spawn(async move {
                                     tokio::time::sleep(pause).await;
-                                    retry(pool, flight, index, reason).await;
+                                    retry(pool, flight.job, Some(index), reason).await;
                                 });
                             }
                         }
@@ -485,16 +759,18 @@ async fn drive_link(
             }
         }
         let Some(pool) = inner.upgrade() else { return };
-        let link = &pool.links[index];
+        let link = &pool.links()[index];
         // Stop new dispatches first, then take what the dead stream held.
-        link.healthy.store(false, Ordering::Relaxed);
+        if link.healthy.load(Ordering::Relaxed) {
+            pool.routing.link_down(index);
+        }
         lock(&link.sender).take();
         let orphans: Vec<InFlight> = lock(&link.in_flight).drain().map(|(_, f)| f).collect();
         if !orphans.is_empty() {
             tracing::warn!(%endpoint, events = orphans.len(), "re-dispatching the events of a lost worker");
         }
         for flight in orphans {
-            tokio::spawn(retry(pool.clone(), flight, index, "worker lost".to_owned()));
+            tokio::spawn(retry(pool.clone(), flight.job, Some(index), "worker lost".to_owned()));
         }
         drop(pool);
         tokio::select! {
@@ -517,7 +793,7 @@ async fn sweep_timeouts(inner: Weak<Inner>, shutdown: ordo_runtime::Shutdown) {
         }
         let Some(pool) = inner.upgrade() else { return };
         let now = Instant::now();
-        for (index, link) in pool.links.iter().enumerate() {
+        for (index, link) in pool.links().iter().enumerate() {
             let expired: Vec<(u64, InFlight)> = {
                 let mut in_flight = lock(&link.in_flight);
                 let ids: Vec<u64> = in_flight.iter().filter(|(_, f)| f.deadline <= now).map(|(id, _)| *id).collect();
@@ -526,7 +802,7 @@ async fn sweep_timeouts(inner: Weak<Inner>, shutdown: ordo_runtime::Shutdown) {
             for (dispatch_id, flight) in expired {
                 // Abandoned here, so stop it there: it would hold a slot.
                 link.cancel(dispatch_id);
-                tokio::spawn(retry(pool.clone(), flight, index, "event timeout".to_owned()));
+                tokio::spawn(retry(pool.clone(), flight.job, Some(index), "event timeout".to_owned()));
             }
         }
     }

@@ -7,7 +7,10 @@
 //!
 //! An event at or beyond `next + window` holds the call (no further reads:
 //! HTTP/2 back-pressure) until the window moves, or is rejected with
-//! OUT_OF_RANGE after `--window-wait`.
+//! OUT_OF_RANGE after `--window-wait`. A stateful event whose operation no
+//! live worker serves (and none did within `--event-timeout`) holds the call
+//! the same way until a worker serving it appears, or is rejected with
+//! UNAVAILABLE after `--worker-wait`. Results keep flowing meanwhile.
 //!
 //! How a call ends:
 //! - the client half-closes: the call ends once every event it accepted is
@@ -36,15 +39,26 @@ use crate::{
     Shared,
     error::Error,
     follower::Follower,
-    registry::Route,
+    registry::{Checked, Route},
     state,
     streams::{Admission, Due, Opened, Outgoing, Streams},
 };
 
+/// An event that holds the call (no further reads) until it can be admitted.
 struct Blocked {
     event: Event,
-    route: Route,
+    checked: Checked,
     deadline: Instant,
+    wait: Wait,
+}
+
+/// What a [`Blocked`] event waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// The window to move (then OUT_OF_RANGE at the deadline).
+    Window,
+    /// A live worker serving its operation (then UNAVAILABLE at the deadline).
+    Worker,
 }
 
 type Out = mpsc::Sender<Result<EventResult, Status>>;
@@ -73,12 +87,14 @@ pub async fn run(shared: Arc<Shared>, mut inbound: Streaming<Event>, out: Out, c
     };
     let mut state = Inbound::Open;
     let mut blocked: Option<Blocked> = None;
+    let mut workers = shared.pool.changes();
     loop {
         if !matches!(state, Inbound::Open) && blocked.is_none() && call.streams.settled() {
             break;
         }
         let reading = matches!(state, Inbound::Open);
         let deadline = blocked.as_ref().map(|b| b.deadline);
+        let waits_for_worker = blocked.as_ref().is_some_and(|b| b.wait == Wait::Worker);
         let timer = call.streams.next_due();
         tokio::select! {
             event = inbound.message(), if reading && blocked.is_none() => match event {
@@ -102,10 +118,17 @@ pub async fn run(shared: Arc<Shared>, mut inbound: Streaming<Event>, out: Out, c
                     blocked = call.retry_blocked(b).await;
                 }
             }
+            changed = workers.changed(), if waits_for_worker => {
+                if changed.is_err() {
+                    break; // the pool is gone: shutting down
+                }
+                if let Some(b) = blocked.take() {
+                    blocked = call.retry_blocked(b).await;
+                }
+            }
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                 if let Some(b) = blocked.take() {
-                    let error = call.beyond_window(&b.event);
-                    call.reject(&b.event, error).await;
+                    blocked = call.expire_blocked(b).await;
                 }
             }
             _ = tokio::time::sleep_until(timer.unwrap_or_else(Instant::now)), if timer.is_some() => {
@@ -189,7 +212,8 @@ impl Call {
         }
     }
 
-    /// Handles one client event; returns it back if it must wait for the window.
+    /// Handles one client event; returns it back if it must wait (for the
+    /// window, or for a worker serving its operation).
     async fn handle(&mut self, event: Event) -> Option<Blocked> {
         let checked = match self.shared.registry.check(&event) {
             Ok(checked) => checked,
@@ -198,8 +222,7 @@ impl Call {
                 return None;
             }
         };
-        let route = checked.route;
-        let gap_timeout = checked.gap_timeout.unwrap_or(self.shared.config.gap_timeout);
+        let gap_timeout = checked.gap_timeout;
         let stream = event.stream_id.as_str();
         if !self.streams.knows(stream) {
             if self.shared.readiness.down_for(crate::REDIS_GRACE) {
@@ -217,8 +240,24 @@ impl Call {
                     return None;
                 }
             }
-        } else if checked.gap_timeout.is_some() {
+        } else if checked.gap_from_attribute {
             self.streams.set_gap_timeout(stream, gap_timeout, Instant::now());
+        }
+        self.admit(event, checked).await
+    }
+
+    /// Admits an event of an opened stream: dispatches it, serves it from
+    /// the log, refuses it, or returns it to wait. A stateful event to be
+    /// dispatched whose operation has no live worker (nor had one lately)
+    /// waits up to `--worker-wait` for one.
+    async fn admit(&mut self, event: Event, checked: Checked) -> Option<Blocked> {
+        let stream = event.stream_id.as_str();
+        if checked.route == Route::Stateful
+            && self.streams.classify(stream, event.sequence) == Admission::Dispatch
+            && !self.shared.pool.may_admit(&checked.spec.name)
+        {
+            let deadline = Instant::now() + self.shared.config.worker_wait;
+            return Some(Blocked { event, checked, deadline, wait: Wait::Worker });
         }
         match self.streams.admit(stream, event.sequence, Instant::now()) {
             Admission::Duplicate => None,
@@ -233,16 +272,16 @@ impl Call {
             }
             Admission::BeyondWindow { .. } => {
                 let deadline = Instant::now() + self.shared.config.window_wait;
-                Some(Blocked { event, route, deadline })
+                Some(Blocked { event, checked, deadline, wait: Wait::Window })
             }
             Admission::Dispatch => {
-                self.dispatch(event, route).await;
+                self.dispatch(event, checked).await;
                 None
             }
         }
     }
 
-    async fn dispatch(&mut self, mut event: Event, route: Route) {
+    async fn dispatch(&mut self, mut event: Event, checked: Checked) {
         event.mode = self.streams.mode(&event.stream_id).unwrap_or(OrderingMode::Ordered) as i32;
         let span = telemetry::entry_span(
             "harmonizer.dispatch",
@@ -252,23 +291,43 @@ impl Call {
             &self.call_span,
         );
         event.trace_context = telemetry::inject(&span, &event.trace_context);
-        match route {
-            Route::Stateful => self.shared.pool.dispatch(event).await,
-            Route::Stateless => self.shared.pool.run_stateless(event),
+        match checked.route {
+            Route::Stateful => self.shared.pool.dispatch(event, checked.spec, checked.version).await,
+            Route::Stateless => self.shared.pool.run_stateless(event, checked.spec),
         }
     }
 
+    /// Tries a blocked event again (the window moved, or what the workers
+    /// serve changed): it keeps waiting for the same thing until its deadline.
     async fn retry_blocked(&mut self, blocked: Blocked) -> Option<Blocked> {
-        let (_, limit) = self.streams.window_of(&blocked.event.stream_id);
-        if blocked.event.sequence >= limit {
-            return Some(blocked);
+        match blocked.wait {
+            Wait::Window => {
+                let (_, limit) = self.streams.window_of(&blocked.event.stream_id);
+                if blocked.event.sequence >= limit {
+                    return Some(blocked);
+                }
+            }
+            Wait::Worker => {
+                if !self.shared.pool.may_admit(&blocked.checked.spec.name) {
+                    return Some(blocked);
+                }
+            }
         }
-        match self.streams.admit(&blocked.event.stream_id, blocked.event.sequence, Instant::now()) {
-            Admission::Dispatch => self.dispatch(blocked.event, blocked.route).await,
-            Admission::FromLog { from } => self.follower.follow(&blocked.event.stream_id, from),
-            Admission::BeyondWindow { .. } => return Some(blocked),
-            Admission::Duplicate | Admission::ReleasedUnordered => {}
+        self.admit(blocked.event, blocked.checked).await
+    }
+
+    /// A blocked event's deadline passed: unless it can go now, it is refused.
+    async fn expire_blocked(&mut self, blocked: Blocked) -> Option<Blocked> {
+        let wait = blocked.wait;
+        let blocked = self.retry_blocked(blocked).await?;
+        if blocked.wait != wait {
+            return Some(blocked); // it waits for something else now, with its own deadline
         }
+        let error = match wait {
+            Wait::Window => self.beyond_window(&blocked.event),
+            Wait::Worker => Error::NoWorker(blocked.checked.spec.name.clone()),
+        };
+        self.reject(&blocked.event, error).await;
         None
     }
 

@@ -176,30 +176,39 @@ impl Streams {
         self.arm(stream, now);
     }
 
-    /// Decides about an event of an opened stream. `Dispatch` and `FromLog`
-    /// count it as accepted and awaited from `now`.
-    pub fn admit(&mut self, stream: &str, sequence: u64, now: Instant) -> Admission {
-        let window = self.window;
-        let Some(s) = self.streams.get_mut(stream) else {
+    /// What [`Streams::admit`] would decide about an event, changing nothing
+    /// (the caller may hold a `Dispatch` back, e.g. until a worker serves it).
+    pub fn classify(&self, stream: &str, sequence: u64) -> Admission {
+        let Some(s) = self.streams.get(stream) else {
             // Not opened: treated as beyond any window; the caller opens streams first.
             return Admission::BeyondWindow { next: 0, limit: 0 };
         };
         if s.accepted.contains(sequence) {
-            return Admission::Duplicate;
-        }
-        let admission = if sequence < s.next {
+            Admission::Duplicate
+        } else if sequence < s.next {
             if s.mode == OrderingMode::Unordered {
-                return Admission::ReleasedUnordered;
+                Admission::ReleasedUnordered
+            } else {
+                Admission::FromLog { from: sequence }
             }
-            s.awaiting.insert(sequence, Awaited { since: now, why: Why::Resent, processing_sent: false, ready: None });
-            Admission::FromLog { from: sequence }
-        } else if sequence >= s.next.saturating_add(window) {
-            return Admission::BeyondWindow { next: s.next, limit: s.next.saturating_add(window) };
+        } else if sequence >= s.next.saturating_add(self.window) {
+            Admission::BeyondWindow { next: s.next, limit: s.next.saturating_add(self.window) }
         } else {
-            s.awaiting
-                .insert(sequence, Awaited { since: now, why: Why::Dispatched, processing_sent: false, ready: None });
             Admission::Dispatch
+        }
+    }
+
+    /// Decides about an event of an opened stream. `Dispatch` and `FromLog`
+    /// count it as accepted and awaited from `now`.
+    pub fn admit(&mut self, stream: &str, sequence: u64, now: Instant) -> Admission {
+        let admission = self.classify(stream, sequence);
+        let why = match admission {
+            Admission::FromLog { .. } => Why::Resent,
+            Admission::Dispatch => Why::Dispatched,
+            Admission::Duplicate | Admission::ReleasedUnordered | Admission::BeyondWindow { .. } => return admission,
         };
+        let Some(s) = self.streams.get_mut(stream) else { return admission };
+        s.awaiting.insert(sequence, Awaited { since: now, why, processing_sent: false, ready: None });
         s.accepted.insert(sequence);
         self.arm(stream, now);
         admission
@@ -418,6 +427,21 @@ mod tests {
         assert!(streams.settled());
         assert_eq!(streams.window_of("s"), (3, 7));
         assert_eq!(streams.admit("s", 6, t0), Admission::Dispatch, "the window moved");
+    }
+
+    #[test]
+    fn classify_decides_like_admit_and_changes_nothing() {
+        let t0 = Instant::now();
+        let mut streams = Streams::new(4, None);
+        streams.open("s", opened(2));
+        assert_eq!(streams.classify("s", 3), Admission::Dispatch);
+        assert_eq!(streams.classify("s", 3), Admission::Dispatch, "still not accepted");
+        assert_eq!(streams.classify("s", 1), Admission::FromLog { from: 1 });
+        assert_eq!(streams.classify("s", 6), Admission::BeyondWindow { next: 2, limit: 6 });
+        assert_eq!(streams.classify("t", 0), Admission::BeyondWindow { next: 0, limit: 0 }, "not opened");
+        assert!(streams.settled() && streams.next_due().is_none());
+        assert_eq!(streams.admit("s", 3, t0), Admission::Dispatch);
+        assert_eq!(streams.classify("s", 3), Admission::Duplicate);
     }
 
     #[test]

@@ -9,6 +9,9 @@
 //! keeps only the first, and stateless results are looked up before and
 //! after they are computed so a repeat with another payload still gets the
 //! first. Over the message size limit: RESOURCE_EXHAUSTED (`size_limit.rs`).
+//! A stateful event whose operation no live worker serves (and none did
+//! within `--event-timeout`) waits up to `--worker-wait` for one, then is
+//! refused with UNAVAILABLE.
 
 use ordo_proto::v1::{Event, EventResult, OrderingMode, SubscribeRequest};
 use ordo_runtime::telemetry;
@@ -19,7 +22,8 @@ pub async fn submit(shared: &Shared, mut event: Event) -> Result<EventResult, Er
     if shared.shutdown.is_cancelled() {
         return Err(Error::ShuttingDown);
     }
-    let route = shared.registry.validate(&event)?;
+    let checked = shared.registry.check(&event)?;
+    let route = checked.route;
     if shared.readiness.down_for(crate::REDIS_GRACE) {
         return Err(Error::Unavailable("reorder state (Redis)"));
     }
@@ -54,7 +58,7 @@ pub async fn submit(shared: &Shared, mut event: Event) -> Result<EventResult, Er
         if event.sequence < meta.next && mode == OrderingMode::Unordered {
             return Err(Error::AlreadyReleased { stream: event.stream_id, sequence: event.sequence });
         }
-        let result = shared.pool.execute_stateless(&event).await;
+        let result = shared.pool.execute_stateless(&event, &checked.spec).await;
         if event.sequence < meta.next {
             return answer(result); // released, but already trimmed from the log
         }
@@ -68,6 +72,10 @@ pub async fn submit(shared: &Shared, mut event: Event) -> Result<EventResult, Er
     if event.sequence < meta.next && mode == OrderingMode::Unordered {
         return Err(Error::AlreadyReleased { stream: event.stream_id, sequence: event.sequence });
     }
+    let dispatch = event.sequence >= meta.next;
+    if dispatch {
+        shared.pool.admit(&checked.spec.name, shared.config.worker_wait).await?;
+    }
     // Subscribe before dispatching so the release can't slip past us.
     let from = if mode == OrderingMode::Ordered { event.sequence } else { meta.released };
     let mut push = shared.push_gateway.clone();
@@ -79,8 +87,8 @@ pub async fn submit(shared: &Shared, mut event: Event) -> Result<EventResult, Er
             Error::Unavailable("push gateway")
         })?
         .into_inner();
-    if event.sequence >= meta.next {
-        shared.pool.dispatch(event.clone()).await;
+    if dispatch {
+        shared.pool.dispatch(event.clone(), checked.spec, checked.version).await;
     }
     let wait = async {
         while let Ok(Some(result)) = results.message().await {
