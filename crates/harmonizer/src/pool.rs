@@ -870,4 +870,466 @@ mod tests {
         attach_dead_letter(&mut ok, &e, 1);
         assert!(ok.dead_letter.is_none(), "only FAILED results are dead letters");
     }
+
+    fn op_event(stream_id: &str, sequence: u64, operation: &str) -> Event {
+        Event { operation: operation.into(), ..event(stream_id, sequence) }
+    }
+
+    fn spec(name: &str) -> Arc<OperationSpec> {
+        Arc::new(OperationSpec::new(name, ordo_registry::Kind::Stateful))
+    }
+
+    fn capabilities(worker: &str, operations: &[&str]) -> Capabilities {
+        Capabilities {
+            operations: operations.iter().map(|op| (*op).to_owned()).collect(),
+            registry_version: 0,
+            concurrency: 8,
+            worker: worker.into(),
+        }
+    }
+
+    /// Routing over three links that never connect; the tests set what each serves.
+    fn routing(recent: Duration) -> Routing {
+        Routing::new(&["a:1".into(), "b:1".into(), "c:1".into()], recent)
+    }
+
+    #[test]
+    fn attempts_and_attempt_time_come_from_the_operation() {
+        let config = PoolConfig { event_timeout: Duration::from_secs(2), max_attempts: 3 };
+        let plain = OperationSpec::new("plain", ordo_registry::Kind::Stateful);
+        assert_eq!((config.attempts(&plain), config.attempt_timeout(&plain)), (3, Duration::from_secs(2)));
+        let slow = OperationSpec {
+            attempts: Some(5),
+            timeout: Some(Duration::from_secs(4)),
+            ..OperationSpec::new("slow", ordo_registry::Kind::Stateful)
+        };
+        assert_eq!((config.attempts(&slow), config.attempt_timeout(&slow)), (5, Duration::from_secs(5)));
+        let quick = OperationSpec {
+            attempts: Some(1),
+            timeout: Some(Duration::from_millis(100)),
+            ..OperationSpec::new("quick", ordo_registry::Kind::Stateful)
+        };
+        assert_eq!(
+            (config.attempts(&quick), config.attempt_timeout(&quick)),
+            (1, Duration::from_secs(2)),
+            "never shorter than --event-timeout"
+        );
+    }
+
+    #[test]
+    fn pick_chooses_the_least_loaded_healthy_link_serving_the_operation() {
+        let routing = routing(Duration::from_secs(30));
+        for index in 0..3 {
+            routing.link_up(index);
+        }
+        assert_eq!(routing.pick("x", None), None, "no link serves anything before its capabilities");
+        routing.set_capabilities(0, capabilities("wa", &["x"]));
+        routing.set_capabilities(1, capabilities("wb", &["x", "y"]));
+        // Link 2 is healthy but never announced anything.
+        assert_eq!(routing.pick("x", None), Some(0), "equal load: the first");
+        assert_eq!(routing.pick("y", None), Some(1));
+        assert_eq!(routing.pick("z", None), None);
+        assert_eq!(routing.pick("x", Some(0)), Some(1), "another serving link than the one to avoid");
+        assert_eq!(routing.pick("y", Some(1)), Some(1), "the avoided link when it is the only one serving");
+
+        // Load link 0: link 1 is the least loaded serving x.
+        let index: Arc<Index> = Arc::default();
+        let job = Job {
+            event: event("s", 0),
+            spec: spec("x"),
+            version: 0,
+            attempt: 1,
+            _ticket: Ticket::new(&index, &event("s", 0)),
+        };
+        lock(&routing.links[0].in_flight).insert(1, InFlight { job, deadline: Instant::now() });
+        assert_eq!(routing.pick("x", None), Some(1));
+
+        // An unhealthy link is never picked, whatever it announced.
+        routing.links[1].healthy.store(false, Ordering::Relaxed);
+        assert_eq!(routing.pick("x", None), Some(0));
+        assert_eq!(routing.pick("y", None), None);
+        assert_eq!(routing.workers("x"), vec!["wa".to_owned()]);
+
+        // New capabilities replace the old ones.
+        routing.set_capabilities(0, capabilities("wa", &["y"]));
+        assert_eq!((routing.pick("x", None), routing.pick("y", None)), (None, Some(0)));
+    }
+
+    #[tokio::test]
+    async fn admission_without_a_serving_worker_is_unavailable_after_the_wait() {
+        let routing = routing(Duration::from_secs(30));
+        routing.link_up(0);
+        routing.set_capabilities(0, capabilities("wa", &["y"]));
+        let started = Instant::now();
+        let refused = routing.admit("x", Duration::from_millis(100)).await;
+        assert!(matches!(&refused, Err(Error::NoWorker(op)) if op == "x"), "{refused:?}");
+        assert!(started.elapsed() >= Duration::from_millis(100), "refused only after the wait");
+        let status = tonic::Status::from(refused.expect_err("refused"));
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(routing.admit("y", Duration::ZERO).await.is_ok(), "served now");
+    }
+
+    #[tokio::test]
+    async fn admission_accepts_an_operation_served_recently() {
+        let routing = routing(Duration::from_secs(30));
+        routing.link_up(0);
+        routing.set_capabilities(0, capabilities("wa", &["x", "y"]));
+        routing.link_down(0); // the worker restarts
+        assert!(!routing.serves("x"));
+        assert!(routing.may_admit("x") && routing.may_admit("y"), "served within the last event timeout");
+        assert!(routing.admit("x", Duration::ZERO).await.is_ok());
+        assert!(!routing.may_admit("z"), "never served");
+
+        // Announcing capabilities without an operation counts as losing it too.
+        routing.link_up(1);
+        routing.set_capabilities(1, capabilities("wb", &["w"]));
+        routing.set_capabilities(1, capabilities("wb", &[]));
+        assert!(routing.may_admit("w"));
+
+        // Past the event timeout it is not recent any more.
+        let forgetful = self::routing(Duration::ZERO);
+        forgetful.link_up(0);
+        forgetful.set_capabilities(0, capabilities("wa", &["x"]));
+        forgetful.link_down(0);
+        assert!(!forgetful.may_admit("x"));
+        assert!(forgetful.admit("x", Duration::from_millis(10)).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn admission_waits_for_a_worker_that_appears() {
+        let routing = Arc::new(routing(Duration::from_secs(30)));
+        let later = routing.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            later.link_up(2);
+            later.set_capabilities(2, capabilities("wc", &["x"]));
+        });
+        let started = Instant::now();
+        assert!(routing.admit("x", Duration::from_secs(5)).await.is_ok());
+        assert!(started.elapsed() < Duration::from_secs(2), "accepted as soon as it appeared");
+    }
+
+    /// In-process stand-ins for workers and a reassembler, over real gRPC.
+    mod fakes {
+        use std::sync::atomic::AtomicBool;
+
+        use ordo_proto::v1::{
+            DeliverAck, DeliverBatch, GetDeadLetterRequest, GetStreamRequest, ListDeadLettersRequest,
+            ListDeadLettersResponse, ListOperationsRequest, ListOperationsResponse, StreamState, WorkAck,
+            reassembler_server::{Reassembler, ReassemblerServer},
+            stateful_worker_server::{StatefulWorker, StatefulWorkerServer},
+        };
+        use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+        use tonic::{Request, Response, Status, Streaming};
+
+        use super::*;
+
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum Behaviour {
+            /// Acks every item as delivered.
+            Ack,
+            /// Ends its work stream on its first item, unacked, and refuses
+            /// every later call (a worker that died).
+            DieOnFirst,
+            /// Ends its work stream on its first item, unacked, refuses calls
+            /// for 300 ms, then acks everything (a worker that restarted).
+            RestartOnFirst,
+        }
+
+        #[derive(Clone)]
+        pub struct Worker {
+            pub name: &'static str,
+            /// What it announces first (`None`: an old worker that never does).
+            pub operations: Option<Vec<&'static str>>,
+            pub behaviour: Behaviour,
+            pub received: Arc<Mutex<Vec<WorkItem>>>,
+            pub dead: Arc<AtomicBool>,
+            /// Down until then (restarting), once.
+            pub down_until: Arc<Mutex<Option<Instant>>>,
+        }
+
+        impl Worker {
+            pub fn new(name: &'static str, operations: Option<&[&'static str]>, behaviour: Behaviour) -> Self {
+                Self {
+                    name,
+                    operations: operations.map(<[_]>::to_vec),
+                    behaviour,
+                    received: Arc::default(),
+                    dead: Arc::default(),
+                    down_until: Arc::default(),
+                }
+            }
+
+            /// (operation, attempt) of every item received.
+            pub fn got(&self) -> Vec<(String, u32)> {
+                lock(&self.received)
+                    .iter()
+                    .map(|item| (item.event.as_ref().map(|e| e.operation.clone()).unwrap_or_default(), item.attempt))
+                    .collect()
+            }
+        }
+
+        #[tonic::async_trait]
+        impl StatefulWorker for Worker {
+            type WorkStream = ReceiverStream<Result<WorkAck, Status>>;
+
+            async fn work(&self, request: Request<Streaming<WorkItem>>) -> Result<Response<Self::WorkStream>, Status> {
+                if self.dead.load(Ordering::Relaxed) {
+                    return Err(Status::unavailable("dead"));
+                }
+                if lock(&self.down_until).is_some_and(|until| Instant::now() < until) {
+                    return Err(Status::unavailable("restarting"));
+                }
+                let mut items = request.into_inner();
+                let (tx, rx) = mpsc::channel(64);
+                if let Some(operations) = &self.operations {
+                    let announce =
+                        WorkAck { capabilities: Some(capabilities(self.name, operations)), ..Default::default() };
+                    tx.send(Ok(announce)).await.map_err(|_| Status::internal("closed"))?;
+                }
+                let me = self.clone();
+                tokio::spawn(async move {
+                    while let Ok(Some(item)) = items.message().await {
+                        if item.cancel {
+                            continue;
+                        }
+                        lock(&me.received).push(item.clone());
+                        if me.behaviour == Behaviour::DieOnFirst {
+                            me.dead.store(true, Ordering::Relaxed);
+                            return; // dropping `tx` ends the work stream
+                        }
+                        if me.behaviour == Behaviour::RestartOnFirst {
+                            let mut down_until = lock(&me.down_until);
+                            if down_until.is_none() {
+                                *down_until = Some(Instant::now() + Duration::from_millis(300));
+                                return;
+                            }
+                        }
+                        let event = item.event.unwrap_or_default();
+                        let ack = WorkAck {
+                            dispatch_id: item.dispatch_id,
+                            stream_id: event.stream_id,
+                            sequence: event.sequence,
+                            delivered: true,
+                            ..Default::default()
+                        };
+                        if tx.send(Ok(ack)).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                Ok(Response::new(ReceiverStream::new(rx)))
+            }
+
+            async fn list_operations(
+                &self,
+                _: Request<ListOperationsRequest>,
+            ) -> Result<Response<ListOperationsResponse>, Status> {
+                Err(Status::unimplemented("fake worker"))
+            }
+        }
+
+        /// Stores nothing; acks every batch and keeps its results.
+        #[derive(Clone, Default)]
+        pub struct Sink {
+            pub stored: Arc<Mutex<Vec<Completed>>>,
+        }
+
+        #[tonic::async_trait]
+        impl Reassembler for Sink {
+            type DeliverStream = ReceiverStream<Result<DeliverAck, Status>>;
+
+            async fn deliver(
+                &self,
+                request: Request<Streaming<DeliverBatch>>,
+            ) -> Result<Response<Self::DeliverStream>, Status> {
+                let mut batches = request.into_inner();
+                let (tx, rx) = mpsc::channel(64);
+                let stored = self.stored.clone();
+                tokio::spawn(async move {
+                    while let Ok(Some(batch)) = batches.message().await {
+                        let accepted = u32::try_from(batch.results.len()).unwrap_or(u32::MAX);
+                        lock(&stored).extend(batch.results);
+                        let ack = DeliverAck { batch_id: batch.batch_id, accepted, duplicates: 0 };
+                        if tx.send(Ok(ack)).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                Ok(Response::new(ReceiverStream::new(rx)))
+            }
+
+            async fn get_stream(&self, _: Request<GetStreamRequest>) -> Result<Response<StreamState>, Status> {
+                Err(Status::unimplemented("fake reassembler"))
+            }
+
+            async fn list_dead_letters(
+                &self,
+                _: Request<ListDeadLettersRequest>,
+            ) -> Result<Response<ListDeadLettersResponse>, Status> {
+                Err(Status::unimplemented("fake reassembler"))
+            }
+
+            async fn get_dead_letter(&self, _: Request<GetDeadLetterRequest>) -> Result<Response<DeadLetter>, Status> {
+                Err(Status::unimplemented("fake reassembler"))
+            }
+        }
+
+        async fn listen() -> (TcpListenerStream, String) {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a free port");
+            let address = listener.local_addr().expect("bound").to_string();
+            (TcpListenerStream::new(listener), address)
+        }
+
+        pub async fn serve_worker(worker: Worker) -> String {
+            let (incoming, address) = listen().await;
+            let server = tonic::transport::Server::builder().add_service(StatefulWorkerServer::new(worker));
+            tokio::spawn(server.serve_with_incoming(incoming));
+            address
+        }
+
+        pub async fn serve_sink(sink: Sink) -> String {
+            let (incoming, address) = listen().await;
+            let server = tonic::transport::Server::builder().add_service(ReassemblerServer::new(sink));
+            tokio::spawn(server.serve_with_incoming(incoming));
+            address
+        }
+
+        /// A pool of `workers` recording into `sink`; the stateless service is unused.
+        pub async fn pool(workers: &[String], sink: &Sink, config: PoolConfig) -> (Pool, ordo_runtime::Shutdown) {
+            let sink = ResultSink::start(&[serve_sink(sink.clone()).await]).expect("sink endpoint");
+            let stateless = StatelessClient::new(ordo_runtime::client::traced("127.0.0.1:9").expect("endpoint"));
+            let shutdown = ordo_runtime::Shutdown::new();
+            let pool = Pool::start(workers, sink, stateless, config, shutdown.clone()).expect("pool");
+            (pool, shutdown)
+        }
+    }
+
+    /// Polls `done` every 10 ms for up to 10 s.
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn events_go_only_to_workers_serving_their_operation_with_their_version_settings() {
+        use fakes::{Behaviour, Worker};
+        let alpha = Worker::new("worker-alpha", Some(&["alpha"]), Behaviour::Ack);
+        let beta = Worker::new("worker-beta", Some(&["beta"]), Behaviour::Ack);
+        let old = Worker::new("old-worker", None, Behaviour::Ack);
+        let addresses = vec![
+            fakes::serve_worker(old.clone()).await,
+            fakes::serve_worker(alpha.clone()).await,
+            fakes::serve_worker(beta.clone()).await,
+        ];
+        let config = PoolConfig { event_timeout: Duration::from_secs(2), max_attempts: 3 };
+        let (pool, shutdown) = fakes::pool(&addresses, &fakes::Sink::default(), config).await;
+        let alpha_spec = Arc::new(OperationSpec {
+            attempts: Some(5),
+            timeout: Some(Duration::from_secs(4)),
+            ..OperationSpec::new("alpha", ordo_registry::Kind::Stateful)
+        });
+        for sequence in 0..10 {
+            // The first dispatch waits for the capabilities to arrive.
+            pool.dispatch(op_event("a", sequence, "alpha"), alpha_spec.clone(), 7).await;
+            pool.dispatch(op_event("b", sequence, "beta"), spec("beta"), 7).await;
+        }
+        until("every event is acked", || (0..10).all(|s| !pool.in_flight("a", s) && !pool.in_flight("b", s))).await;
+        assert_eq!(alpha.got(), vec![("alpha".to_owned(), 1); 10]);
+        assert_eq!(beta.got(), vec![("beta".to_owned(), 1); 10]);
+        assert!(old.got().is_empty(), "a worker that announced nothing serves nothing");
+        for item in lock(&alpha.received).iter() {
+            assert_eq!((item.registry_version, item.max_attempts, item.timeout_ms), (7, 5, 5_000));
+        }
+        for item in lock(&beta.received).iter() {
+            assert_eq!((item.registry_version, item.max_attempts, item.timeout_ms), (7, 3, 2_000));
+        }
+        assert_eq!(pool.workers("alpha"), vec!["worker-alpha".to_owned()]);
+        assert_eq!(pool.workers("beta"), vec!["worker-beta".to_owned()]);
+        assert!(pool.workers("gamma").is_empty());
+        shutdown.cancel();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lost_workers_event_goes_to_another_worker_serving_it() {
+        use fakes::{Behaviour, Worker};
+        let dying = Worker::new("dying", Some(&["alpha"]), Behaviour::DieOnFirst);
+        let survivor = Worker::new("survivor", Some(&["alpha"]), Behaviour::Ack);
+        let other = Worker::new("other", Some(&["beta"]), Behaviour::Ack);
+        let addresses = vec![
+            fakes::serve_worker(dying.clone()).await,
+            fakes::serve_worker(survivor.clone()).await,
+            fakes::serve_worker(other.clone()).await,
+        ];
+        let config = PoolConfig { event_timeout: Duration::from_secs(5), max_attempts: 3 };
+        let (pool, shutdown) = fakes::pool(&addresses, &fakes::Sink::default(), config).await;
+        until("both alpha workers announced themselves", || pool.workers("alpha").len() == 2).await;
+        // Equal load: the first link, the one that dies with the event.
+        pool.dispatch(op_event("s", 0, "alpha"), spec("alpha"), 0).await;
+        until("the event is acked", || !pool.in_flight("s", 0)).await;
+        assert_eq!(dying.got(), vec![("alpha".to_owned(), 1)]);
+        assert_eq!(survivor.got(), vec![("alpha".to_owned(), 2)], "re-dispatched at once to the other serving worker");
+        assert!(other.got().is_empty(), "never to a worker that does not serve it");
+        assert_eq!(pool.workers("alpha"), vec!["survivor".to_owned()]);
+        shutdown.cancel();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn while_the_only_worker_restarts_events_are_accepted_and_wait_for_it() {
+        use fakes::{Behaviour, Worker};
+        let worker = Worker::new("only", Some(&["alpha"]), Behaviour::RestartOnFirst);
+        let addresses = vec![fakes::serve_worker(worker.clone()).await];
+        let config = PoolConfig { event_timeout: Duration::from_secs(5), max_attempts: 3 };
+        let (pool, shutdown) = fakes::pool(&addresses, &fakes::Sink::default(), config).await;
+        until("the worker announced itself", || pool.workers("alpha").len() == 1).await;
+        pool.dispatch(op_event("s", 0, "alpha"), spec("alpha"), 0).await;
+        until("the worker went down with the event", || pool.workers("alpha").is_empty()).await;
+        assert!(pool.may_admit("alpha"), "served within the event timeout: new events are accepted");
+        assert!(pool.admit("alpha", Duration::ZERO).await.is_ok());
+        pool.dispatch(op_event("s", 1, "alpha"), spec("alpha"), 0).await;
+        until("both events are acked once it is back", || !pool.in_flight("s", 0) && !pool.in_flight("s", 1)).await;
+        let mut got = worker.got();
+        got.sort();
+        assert_eq!(got, vec![("alpha".to_owned(), 1), ("alpha".to_owned(), 1), ("alpha".to_owned(), 2)]);
+        shutdown.cancel();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiting_for_a_worker_uses_up_attempts_then_failed_is_recorded() {
+        use fakes::{Behaviour, Worker};
+        let other = Worker::new("other", Some(&["beta"]), Behaviour::Ack);
+        let addresses = vec![fakes::serve_worker(other.clone()).await];
+        let sink = fakes::Sink::default();
+        let config = PoolConfig { event_timeout: Duration::from_millis(300), max_attempts: 3 };
+        let (pool, shutdown) = fakes::pool(&addresses, &sink, config).await;
+        let alpha =
+            Arc::new(OperationSpec { attempts: Some(2), ..OperationSpec::new("alpha", ordo_registry::Kind::Stateful) });
+        let started = Instant::now();
+        pool.dispatch(op_event("s", 4, "alpha"), alpha, 0).await;
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(300) && waited < Duration::from_secs(3),
+            "the call waits for one attempt's time, not forever: {waited:?}"
+        );
+        assert!(pool.in_flight("s", 4), "its second attempt still waits");
+        until("FAILED is recorded", || !pool.in_flight("s", 4)).await;
+        assert!(started.elapsed() >= Duration::from_millis(600), "two attempts' time");
+        let stored = lock(&sink.stored).clone();
+        assert_eq!(stored.len(), 1);
+        let result = stored[0].result.clone().expect("a result");
+        assert_eq!((result.stream_id.as_str(), result.sequence, result.status()), ("s", 4, ResultStatus::Failed));
+        assert!(
+            result.error.contains("after 2 attempts")
+                && result.error.contains("no live worker serves operation \"alpha\""),
+            "{}",
+            result.error
+        );
+        let letter = stored[0].dead_letter.clone().expect("its dead letter");
+        assert_eq!(letter.attempts, 2);
+        assert!(other.got().is_empty());
+        shutdown.cancel();
+    }
 }
