@@ -1250,6 +1250,36 @@ mod tests {
         assert_eq!(pool.workers("alpha"), vec!["worker-alpha".to_owned()]);
         assert_eq!(pool.workers("beta"), vec!["worker-beta".to_owned()]);
         assert!(pool.workers("gamma").is_empty());
+
+        // ListOperations: the version in use, every field, who serves what.
+        let catalog = ordo_registry::Catalog::new(
+            7,
+            1,
+            [
+                (*alpha_spec).clone(),
+                OperationSpec::new("beta", ordo_registry::Kind::Stateful),
+                OperationSpec::new("gamma", ordo_registry::Kind::Stateful),
+                OperationSpec::new("echo", ordo_registry::Kind::Stateless),
+            ],
+        );
+        let conn = ordo_runtime::redis_conn::lazy("redis://127.0.0.1:1").expect("a lazy connection");
+        let registry = crate::registry::Registry::new(ordo_registry::Follower::fixed(conn, catalog), 1024, None);
+        let listed = crate::list_operations(&registry, &pool);
+        assert_eq!((listed.registry_version, listed.pinned), (7, true));
+        let rows: Vec<(&str, Vec<String>, u32, u64)> = listed
+            .operations
+            .iter()
+            .map(|op| (op.name.as_str(), op.workers.clone(), op.attempts, op.timeout_ms))
+            .collect();
+        assert_eq!(
+            rows,
+            vec![
+                ("alpha", vec!["worker-alpha".to_owned()], 5, 4_000),
+                ("beta", vec!["worker-beta".to_owned()], 0, 0),
+                ("echo", vec![], 0, 0),
+                ("gamma", vec![], 0, 0),
+            ]
+        );
         shutdown.cancel();
     }
 
