@@ -1,8 +1,16 @@
-//! Ordo's stateful worker (figure 3 of the paper): receives stream events from
-//! the harmonizer over a long-lived `Work` stream, runs up to `--concurrency`
+//! The worker (figure 3 of the paper): receives stream events from the
+//! harmonizer over a long-lived `Work` stream, runs up to `--concurrency`
 //! operations at once (they finish in any order), hands each result to a
-//! reassembler and, once the reassembler acknowledged it, acks the dispatch to
-//! the harmonizer. Results never go back to the harmonizer directly.
+//! reassembler and, once the reassembler acknowledged it, acks the dispatch
+//! to the harmonizer. Results never go back to the harmonizer directly.
+//!
+//! The first message of every `Work` call announces what the worker serves
+//! ([`Capabilities`]), and so does a message whenever that changes (a new
+//! registry version): the harmonizer sends a worker only events of
+//! operations it serves. Each attempt runs with the definition of its
+//! operation in the registry version the event was accepted under
+//! (`WorkItem.registry_version`): native (compiled in) or remote, within the
+//! operation's `timeout` and `concurrency`.
 //!
 //! Each `Work` call is read all the time, even while every concurrency slot
 //! is taken: events wait in a small bounded queue for a slot (when it is full
@@ -27,37 +35,41 @@
 //! and exits; the harmonizer re-dispatches everything unacked when the call
 //! ends.
 
-pub mod ops;
-
 use std::{
-    collections::{HashMap, VecDeque},
-    net::SocketAddr,
+    collections::{HashMap, HashSet, VecDeque},
     pin::Pin,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
+use bytes::Bytes;
 use futures::Stream;
-use ordo_core::{latency::Latency, limits};
+use ordo_core::{duration, latency::Latency, limits};
 use ordo_proto::v1::{
-    Completed, DeadLetter, Event, EventResult, ListOperationsRequest, ListOperationsResponse, OperationInfo,
-    OperationKind, ResultStatus, WorkAck, WorkItem,
+    Capabilities, Completed, DeadLetter, Event, EventResult, ListOperationsRequest, ListOperationsResponse,
+    ResultStatus, WorkAck, WorkItem,
     stateful_worker_server::{StatefulWorker, StatefulWorkerServer},
-    stateless_client::StatelessClient,
 };
-use ordo_runtime::{Shutdown, app::CommonArgs, client::TracedChannel, server::GrpcServer, telemetry};
+use ordo_registry::Follower;
+use ordo_runtime::{Shutdown, server::GrpcServer, telemetry};
 use result_sink::ResultSink;
 use tokio::{
     net::TcpListener,
-    sync::{OwnedSemaphorePermit, Semaphore, mpsc},
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch},
     time::Instant,
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Request, Response, Status, Streaming};
-use tracing::Instrument;
+use tracing::{Instrument, Span};
 
-pub use ops::{OpContext, OpError, Operation, Registry};
+use crate::{
+    args::{OperationFilter, WorkerArgs},
+    capabilities::{self, Target},
+    limits::OpLimits,
+    operation::{OpContext, OpError, Operations},
+    remote::{Invocation, Remotes},
+};
 
 /// Events read from one `Work` call that wait for a concurrency slot. Past
 /// it the call is not read (back-pressure), so cancels wait too; an
@@ -66,95 +78,150 @@ const QUEUED_PER_CALL: usize = 256;
 /// Part of an attempt's time kept for handing a failing attempt back before
 /// the harmonizer's own timeout fires (a tenth, at most this).
 const HAND_BACK_MARGIN: Duration = Duration::from_secs(2);
+/// Acks (and announcements) queued per `Work` call.
+const ACKS_PER_CALL: usize = 4096;
 
-/// Ordo stateful worker: runs stream operations concurrently and delivers
-/// their results to the reassemblers.
-#[derive(Debug, Clone, clap::Parser)]
-#[command(name = "stateful-worker", version)]
-pub struct Config {
-    /// Address the gRPC server listens on.
-    #[arg(long, env = "WORKER_LISTEN", default_value = "0.0.0.0:50053")]
-    pub listen: SocketAddr,
-    /// Reassembler replicas (comma-separated host:port); results are spread
-    /// over the healthy ones and redelivered elsewhere if one dies.
-    #[arg(long, env = "ORDO_REASSEMBLERS", default_value = "127.0.0.1:50054", value_delimiter = ',')]
-    pub reassemblers: Vec<String>,
-    /// The stateless service, for operations that call back into it.
-    #[arg(long, env = "ORDO_STATELESS", default_value = "127.0.0.1:50052")]
-    pub stateless: String,
-    /// Operations run at once by this worker; further events wait (back-pressure).
-    #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 1024)]
-    pub concurrency: usize,
-    #[command(flatten)]
-    pub common: CommonArgs,
+/// A worker: your operations plus everything around them. See the crate
+/// documentation for an example.
+#[derive(Debug, Clone, Default)]
+pub struct Worker {
+    operations: Operations,
 }
 
-ordo_runtime::service_config!(Config, validate = Config::check);
-
-impl Config {
-    /// Cross-field checks clap cannot express.
-    fn check(&self) -> Result<(), String> {
-        if self.concurrency == 0 {
-            return Err("--concurrency must be at least 1".into());
-        }
-        if self.reassemblers.iter().all(|r| r.trim().is_empty()) {
-            return Err("--reassemblers needs at least one address".into());
-        }
-        Ok(())
+impl Worker {
+    /// A worker running `operations` natively (its built-in registry,
+    /// version 0), and every remote operation of the registry it follows.
+    pub fn new(operations: Operations) -> Self {
+        Self { operations }
     }
-}
 
-pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
-    run_with(config, Registry::builtin(), listener, shutdown).await
-}
+    /// Serves on `listener` until `shutdown` is cancelled, then drains (for
+    /// at most `--drain-timeout`) and returns. Fails at once for invalid
+    /// flags or operation names; never because Redis (the registry) is
+    /// unreachable: the worker then serves its built-in operations until it
+    /// can read the registry.
+    pub async fn run(self, args: WorkerArgs, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
+        args.validate().map_err(anyhow::Error::msg)?;
+        self.operations.check().map_err(anyhow::Error::msg)?;
+        let conn = ordo_runtime::redis_conn::lazy(&args.redis_url)?;
+        let follower = Follower::start(conn, self.operations.catalog(), args.registry_pin, shutdown.clone()).await;
+        self.serve(args, follower, listener, shutdown).await
+    }
 
-/// Like [`run`] with your own operations.
-pub async fn run_with(
-    config: Config,
-    registry: Registry,
-    listener: TcpListener,
-    shutdown: Shutdown,
-) -> anyhow::Result<()> {
-    let reassemblers: Vec<String> =
-        config.reassemblers.iter().map(|r| r.trim().to_owned()).filter(|r| !r.is_empty()).collect();
-    let sink = ResultSink::start(&reassemblers)?;
-    let stateless = StatelessClient::new(ordo_runtime::client::traced(&config.stateless)?);
-    let tasks = TaskTracker::new();
-    let hard_stop = CancellationToken::new();
-    let drain = config.common.drain_timeout;
-    let worker = WorkerService {
-        inner: Arc::new(Inner {
-            registry,
-            stateless,
+    /// [`Worker::run`] with a registry follower of the caller's.
+    pub(crate) async fn serve(
+        self,
+        args: WorkerArgs,
+        follower: Follower,
+        listener: TcpListener,
+        shutdown: Shutdown,
+    ) -> anyhow::Result<()> {
+        args.validate().map_err(anyhow::Error::msg)?;
+        let name = match &args.name {
+            Some(name) => name.trim().to_owned(),
+            None => format!("{}:{}", hostname(), listener.local_addr()?.port()),
+        };
+        let sink = ResultSink::start(&args.reassembler_list())?;
+        let tasks = TaskTracker::new();
+        let hard_stop = CancellationToken::new();
+        let drain = args.common.drain_timeout;
+        // Subscribed before the first computation: no change is missed.
+        let mut changes = follower.changes();
+        let compute = {
+            let (natives, filter, name, concurrency) =
+                (self.operations.clone(), args.operations.clone(), name.clone(), args.concurrency);
+            move |follower: &Follower| {
+                capabilities::capabilities(&follower.current(), &natives, &filter, &name, concurrency)
+            }
+        };
+        let (announce, _) = watch::channel(compute(&follower));
+        log_capabilities(&announce.borrow());
+        let inner = Arc::new(Inner {
+            natives: self.operations,
+            follower: follower.clone(),
+            filter: args.operations.clone(),
+            name,
+            remotes: Remotes::default(),
+            limits: OpLimits::default(),
+            capabilities: announce.clone(),
             sink,
-            permits: Arc::new(Semaphore::new(config.concurrency)),
+            permits: Arc::new(Semaphore::new(args.concurrency)),
             shutdown: shutdown.clone(),
             hard_stop: hard_stop.clone(),
             tasks: tasks.clone(),
-        }),
-    };
-    // The drain deadline: what still runs then is cancelled, unacked, so the
-    // harmonizer re-dispatches it and this process can exit in time.
-    let deadline = tokio::spawn({
-        let shutdown = shutdown.clone();
-        let hard_stop = hard_stop.clone();
-        async move {
-            shutdown.cancelled().await;
-            tokio::time::sleep(drain).await;
-            hard_stop.cancel();
-        }
-    });
-    let served =
-        GrpcServer::new().with_service(StatefulWorkerServer::new(worker)).serve(listener, shutdown, drain).await;
-    tasks.close();
-    tasks.wait().await;
-    deadline.abort();
-    served
+        });
+        // A new registry version may change what this worker serves.
+        let recompute = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        changed = changes.changed() => if changed.is_err() { return },
+                    }
+                    let next = compute(&follower);
+                    announce.send_if_modified(|caps| {
+                        if *caps == next {
+                            return false;
+                        }
+                        *caps = next;
+                        log_capabilities(caps);
+                        true
+                    });
+                }
+            }
+        });
+        // The drain deadline: what still runs then is cancelled, unacked, so the
+        // harmonizer re-dispatches it and this process can exit in time.
+        let deadline = tokio::spawn({
+            let shutdown = shutdown.clone();
+            let hard_stop = hard_stop.clone();
+            async move {
+                shutdown.cancelled().await;
+                tokio::time::sleep(drain).await;
+                hard_stop.cancel();
+            }
+        });
+        let service = WorkerService { inner };
+        let served =
+            GrpcServer::new().with_service(StatefulWorkerServer::new(service)).serve(listener, shutdown, drain).await;
+        tasks.close();
+        tasks.wait().await;
+        deadline.abort();
+        recompute.abort();
+        served
+    }
+}
+
+fn log_capabilities(caps: &Capabilities) {
+    tracing::info!(
+        worker = %caps.worker,
+        registry_version = caps.registry_version,
+        operations = caps.operations.join(","),
+        "serving operations"
+    );
+}
+
+/// The machine's host name (for the default worker name).
+fn hostname() -> String {
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+        .map(|name| name.trim().to_owned())
+        .find(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 struct Inner {
-    registry: Registry,
-    stateless: StatelessClient<TracedChannel>,
+    natives: Operations,
+    follower: Follower,
+    filter: OperationFilter,
+    /// Announced in the capabilities (`--name`).
+    name: String,
+    remotes: Remotes,
+    limits: OpLimits,
+    /// What this worker serves now.
+    capabilities: watch::Sender<Capabilities>,
     sink: ResultSink,
     permits: Arc<Semaphore>,
     shutdown: Shutdown,
@@ -164,7 +231,7 @@ struct Inner {
 }
 
 #[derive(Clone)]
-pub struct WorkerService {
+struct WorkerService {
     inner: Arc<Inner>,
 }
 
@@ -218,27 +285,27 @@ fn failed(event: &Event, attempts: u32, error: String) -> Completed {
     Completed { result: Some(EventResult::failed(event, error)), mode: event.mode, dead_letter: Some(dead_letter) }
 }
 
+/// The earlier of two optional instants (`None`: never).
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The ack that announces what the worker serves.
+fn announcement(capabilities: Capabilities) -> WorkAck {
+    WorkAck { capabilities: Some(capabilities), ..Default::default() }
+}
+
 impl Inner {
     /// Runs one event to an outcome. Never fails: problems become FAILED
     /// results or hand-backs.
-    async fn execute(&self, ctx: &OpContext, item: &WorkItem, event: &Event) -> Outcome {
+    async fn execute(&self, item: &WorkItem, event: &Event, budget: Option<Instant>, span: &Span) -> Outcome {
         let attempt = item.attempt.max(1);
         // 0: a harmonizer that does not say; never hand back then.
         let max_attempts = item.max_attempts.max(attempt);
-        let model = match event.attributes.get(limits::LATENCY_ATTRIBUTE).map(|text| Latency::parse(text)) {
-            None => Latency::None,
-            Some(Ok(model)) => model,
-            Some(Err(error)) => return Outcome::Completed(Box::new(failed(event, attempt, error.to_string()))),
-        };
-        let delay = model.sample(&mut rand::rng());
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
-        let Some(op) = self.registry.get(&event.operation) else {
-            let error = format!("operation {:?} is not known to this worker", limits::echo(&event.operation));
-            return Outcome::Completed(Box::new(failed(event, attempt, error)));
-        };
-        match op.call(ctx, event).await {
+        match self.call(item, event, attempt, max_attempts, budget, span).await {
             Ok(payload) => Outcome::Completed(Box::new(Completed {
                 result: Some(EventResult::ok(event, payload)),
                 mode: event.mode,
@@ -246,6 +313,75 @@ impl Inner {
             })),
             Err(error) if error.transient && attempt < max_attempts => Outcome::HandBack(error.message),
             Err(error) => Outcome::Completed(Box::new(failed(event, attempt, error.message))),
+        }
+    }
+
+    /// One call of the event's operation as its registry version defines
+    /// it: the simulated latency, then the operation, within its `timeout`
+    /// and its `concurrency`.
+    async fn call(
+        &self,
+        item: &WorkItem,
+        event: &Event,
+        attempt: u32,
+        max_attempts: u32,
+        budget: Option<Instant>,
+        span: &Span,
+    ) -> Result<Bytes, OpError> {
+        let version = item.registry_version;
+        let catalog = match self.follower.version(version).await {
+            Ok(Some(catalog)) => catalog,
+            Ok(None) => return Err(OpError::permanent(format!("registry version {version} does not exist"))),
+            Err(error) => {
+                return Err(OpError::transient(format!("cannot read registry version {version}: {error}")));
+            }
+        };
+        let (spec, target) =
+            capabilities::resolve(&catalog, &event.operation, &self.natives, &self.filter, &self.name)?;
+        let model = match event.attributes.get(limits::LATENCY_ATTRIBUTE).map(|text| Latency::parse(text)) {
+            None => Latency::None,
+            Some(Ok(model)) => model,
+            Some(Err(error)) => return Err(OpError::permanent(error.to_string())),
+        };
+        let _slot = self.limits.acquire(&spec).await;
+        let timeout_at = spec.timeout.and_then(|t| Instant::now().checked_add(t));
+        let delay = model.sample(&mut rand::rng());
+        let run = async {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            match target {
+                Target::Native(op) => {
+                    let ctx = OpContext {
+                        attempt,
+                        max_attempts,
+                        budget: earliest(budget, timeout_at),
+                        registry_version: catalog.version,
+                        spec: spec.clone(),
+                    };
+                    op.call(&ctx, event).await
+                }
+                Target::Remote(endpoint) => {
+                    let call = Invocation {
+                        event,
+                        attempt,
+                        // Within the attempt's budget, so that a call that
+                        // does not answer is handed back in time.
+                        deadline: earliest(budget, timeout_at),
+                        trace_context: telemetry::inject(span, &event.trace_context),
+                    };
+                    self.remotes.invoke(&endpoint, &spec.name, call).await
+                }
+            }
+        };
+        let (Some(at), Some(timeout)) = (timeout_at, spec.timeout) else { return run.await };
+        let timed_out =
+            || OpError::transient(format!("operation {:?} timed out after {}", spec.name, duration::format(timeout)));
+        match tokio::time::timeout_at(at, run).await {
+            // A remote call given the same deadline may notice it first.
+            Ok(Err(error)) if error.transient && Instant::now() >= at => Err(timed_out()),
+            Ok(outcome) => outcome,
+            Err(_) => Err(timed_out()),
         }
     }
 
@@ -264,7 +400,6 @@ impl Inner {
             return;
         };
         let span = telemetry::event_span("worker.process", &event.stream_id, event.sequence, &event.trace_context);
-        let ctx = OpContext { stateless: self.stateless.clone(), budget };
         let expired = async {
             match deadline {
                 Some(deadline) => tokio::time::sleep_until(deadline).await,
@@ -277,7 +412,7 @@ impl Inner {
             biased;
             _ = token.cancelled() => Err("cancelled"),
             _ = expired => Err("deadline passed"),
-            outcome = self.execute(&ctx, &item, event).instrument(span.clone()) => Ok(outcome),
+            outcome = self.execute(&item, event, budget, &span).instrument(span.clone()) => Ok(outcome),
         };
         drop(permit);
         lock(&cancels).remove(&dispatch_id);
@@ -314,17 +449,20 @@ impl Inner {
     }
 
     /// Serves one `Work` call: reads items all the time, starts queued
-    /// events as slots free up, cancels on request, drains on shutdown.
+    /// events as slots free up, cancels on request, announces capability
+    /// changes, drains on shutdown.
     async fn serve_call(
         self: Arc<Self>,
         mut inbound: Streaming<WorkItem>,
         acks: mpsc::Sender<Result<WorkAck, Status>>,
+        mut capabilities: watch::Receiver<Capabilities>,
     ) {
         let attempts = TaskTracker::new();
         let cancels: Cancels = Arc::default();
         let mut queue: VecDeque<Attempt> = VecDeque::new();
         let mut early = EarlyCancels::default();
         let mut reading = true;
+        let mut announcing = true;
         loop {
             if !reading && queue.is_empty() {
                 break;
@@ -337,6 +475,15 @@ impl Inner {
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => break,
+                changed = capabilities.changed(), if announcing && reading => match changed {
+                    Ok(()) => {
+                        let next = capabilities.borrow_and_update().clone();
+                        if acks.send(Ok(announcement(next))).await.is_err() {
+                            announcing = false;
+                        }
+                    }
+                    Err(_) => announcing = false,
+                },
                 permit = self.permits.clone().acquire_owned(), if !queue.is_empty() => {
                     let Ok(permit) = permit else { break };
                     let Some(attempt) = queue.pop_front() else { continue };
@@ -416,7 +563,7 @@ fn cancel(cancels: &Cancels, queue: &mut VecDeque<Attempt>, dispatch_id: u64) ->
 /// is forgotten first (its attempt then ends at its own deadline).
 #[derive(Default)]
 struct EarlyCancels {
-    ids: std::collections::HashSet<u64>,
+    ids: HashSet<u64>,
     order: VecDeque<u64>,
 }
 
@@ -448,8 +595,14 @@ impl StatefulWorker for WorkerService {
 
     async fn work(&self, request: Request<Streaming<WorkItem>>) -> Result<Response<Self::WorkStream>, Status> {
         let inbound = request.into_inner();
-        let (acks, ack_rx) = mpsc::channel::<Result<WorkAck, Status>>(4096);
-        self.inner.tasks.spawn(self.inner.clone().serve_call(inbound, acks));
+        let (acks, ack_rx) = mpsc::channel::<Result<WorkAck, Status>>(ACKS_PER_CALL);
+        let mut capabilities = self.inner.capabilities.subscribe();
+        // The first message of every call: what this worker serves.
+        let now = capabilities.borrow_and_update().clone();
+        if acks.try_send(Ok(announcement(now))).is_err() {
+            return Err(Status::internal("cannot announce the worker's capabilities"));
+        }
+        self.inner.tasks.spawn(self.inner.clone().serve_call(inbound, acks, capabilities));
         Ok(Response::new(Box::pin(ReceiverStream::new(ack_rx))))
     }
 
@@ -457,50 +610,17 @@ impl StatefulWorker for WorkerService {
         &self,
         _: Request<ListOperationsRequest>,
     ) -> Result<Response<ListOperationsResponse>, Status> {
-        let operations = self
-            .inner
-            .registry
-            .iter()
-            .map(|op| OperationInfo {
-                name: op.name().into(),
-                kind: OperationKind::Stateful as i32,
-                description: op.description().into(),
-                ..Default::default()
-            })
-            .collect();
-        Ok(Response::new(ListOperationsResponse { operations, ..Default::default() }))
+        let inner = &self.inner;
+        let catalog = inner.follower.current();
+        let operations =
+            capabilities::served(&catalog, &inner.natives, &inner.filter).map(|spec| spec.info()).collect();
+        Ok(Response::new(ListOperationsResponse {
+            operations,
+            registry_version: catalog.version,
+            pinned: inner.follower.pinned(),
+        }))
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn early_cancels_are_remembered_once_and_bounded() {
-        let mut early = EarlyCancels::default();
-        early.insert(7);
-        assert!(early.take(7));
-        assert!(!early.take(7), "a cancel applies to one arrival");
-        for id in 0..(EarlyCancels::MAX as u64 + 10) {
-            early.insert(id);
-        }
-        assert!(!early.take(0), "the oldest are forgotten past the bound");
-        assert!(early.take(EarlyCancels::MAX as u64 + 9));
-        assert!(early.ids.len() <= EarlyCancels::MAX && early.order.len() <= EarlyCancels::MAX);
-    }
-
-    #[test]
-    fn an_absurd_timeout_means_no_deadline_not_a_panic() {
-        let token = CancellationToken::new();
-        let attempt = Attempt::new(WorkItem { timeout_ms: u64::MAX, ..Default::default() }, &token);
-        assert!(attempt.deadline.is_none() || attempt.deadline.is_some_and(|d| d > Instant::now()));
-        let attempt = Attempt::new(WorkItem { timeout_ms: 0, ..Default::default() }, &token);
-        assert!(attempt.deadline.is_none() && attempt.budget.is_none() && !attempt.is_over(Instant::now()));
-        let attempt = Attempt::new(WorkItem { timeout_ms: 1000, ..Default::default() }, &token);
-        let (Some(deadline), Some(budget)) = (attempt.deadline, attempt.budget) else { panic!("a deadline") };
-        assert!(budget < deadline, "the budget leaves time to hand the attempt back");
-        token.cancel();
-        assert!(attempt.is_over(Instant::now()), "the drain deadline ends queued attempts too");
-    }
-}
+mod tests;
