@@ -20,7 +20,10 @@ use ordo_proto::{
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
-use crate::{channel, display};
+use crate::{
+    channel,
+    display::{self, utc},
+};
 
 /// Most dead letters the server returns per page.
 const SERVER_PAGE: u32 = 1000;
@@ -230,23 +233,6 @@ fn replayed(letter: &DeadLetter, stream: &str, sequence: u64) -> anyhow::Result<
     })
 }
 
-/// `2026-11-23T14:46:11.123Z` for Unix milliseconds (UTC, proleptic Gregorian).
-fn utc(unix_ms: u64) -> String {
-    let (secs, ms) = (unix_ms / 1000, unix_ms % 1000);
-    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{ms:03}Z", rem / 3600, rem % 3600 / 60, rem % 60)
-}
-
 fn event_of(letter: &DeadLetter) -> Event {
     letter.event.clone().unwrap_or_default()
 }
@@ -371,13 +357,6 @@ mod tests {
             error: "gave up after 2 attempts".into(),
             at_unix_ms: 1_700_000_000_123,
         }
-    }
-
-    #[test]
-    fn times_are_utc() {
-        assert_eq!(utc(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(utc(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
-        assert_eq!(utc(951_782_400_000), "2000-02-29T00:00:00.000Z");
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod channel;
 mod display;
 mod dlq;
 mod health;
+mod registry;
 mod send;
 mod submit;
 mod subscribe;
@@ -26,13 +27,17 @@ Examples:
   ordo dlq list --stream s1
   ordo dlq show 1700000000000-0
   ordo dlq replay 1700000000000-0 --stream s1-retry --sequence 0
+  ordo registry publish examples/registry.toml
+  ordo registry list
+  ordo registry diff 1 2
+  ordo registry pin 1
 
 Every flag can also be set through the environment variable shown in the
 subcommand's --help (e.g. ORDO_HARMONIZER=host:50051).";
 
 /// Client for Ordo: send events to the harmonizer, read released results from
-/// the push-gateway, inspect and replay dead letters, and check any service's
-/// gRPC health.
+/// the push-gateway, inspect and replay dead letters, publish and manage the
+/// operation registry, and check any service's gRPC health.
 #[derive(Debug, Parser)]
 #[command(name = "ordo", version, after_help = EXAMPLES)]
 struct Cli {
@@ -62,6 +67,8 @@ enum Command {
     Subscribe(subscribe::Args),
     /// Dead letters (FAILED and GAP results): list, show, replay one as a new event.
     Dlq(dlq::Args),
+    /// The operation registry in Redis: publish a file as a new version, list, show, diff, pin, unpin, roll back.
+    Registry(registry::Args),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -73,6 +80,7 @@ async fn main() -> ExitCode {
         Command::Submit(args) => submit::run(args).await,
         Command::Subscribe(args) => subscribe::run(args).await,
         Command::Dlq(args) => dlq::run(args).await,
+        Command::Registry(args) => registry::run(args).await,
     };
     match outcome {
         Ok(code) => code,
