@@ -115,11 +115,10 @@ pub(crate) struct MainConfig(pub WorkerArgs);
 impl clap::CommandFactory for MainConfig {
     fn command() -> clap::Command {
         let name = COMMAND_NAME.get().copied().unwrap_or("ordo-worker");
-        <WorkerArgs as clap::Args>::augment_args(
-            clap::Command::new(name).version(env!("CARGO_PKG_VERSION")).about(
-                "An Ordo stateful worker: runs stream operations concurrently and delivers their results to the reassemblers.",
-            ),
-        )
+        // `about` after the flags: theirs is the doc of `WorkerArgs`.
+        <WorkerArgs as clap::Args>::augment_args(clap::Command::new(name))
+            .version(env!("CARGO_PKG_VERSION"))
+            .about("An Ordo stateful worker: runs stream operations concurrently and delivers their results to the reassemblers.")
     }
 
     fn command_for_update() -> clap::Command {
@@ -193,5 +192,7 @@ mod tests {
         assert_eq!(config.0.name.as_deref(), Some("w1"));
         assert!(config.validate().expect_err("concurrency 0").contains("concurrency"));
         assert!(MainConfig::try_parse_from(["w", "--registry-pin", "latest"]).is_err());
+        let help = <MainConfig as clap::CommandFactory>::command().render_help().to_string();
+        assert!(help.starts_with("An Ordo stateful worker"), "{help}");
     }
 }
