@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs the tools Ordo's recipes need, on a Debian machine that already has
-# Rust (rustup's cargo) and python3 with pip: just, redis-server, fonts-dejavu-core, grpcurl 1.8.6
-# and cargo-nextest. Idempotent: every tool already on PATH is left alone, and
-# `apt-get update` runs at most once, only when apt is actually needed.
+# Rust (rustup's cargo) and python3 with pip: just, redis-server, fonts-dejavu-core, grpcurl 1.8.6,
+# cargo-nextest, and the Python packages of the examples the tests run
+# (examples/python-operation/requirements.txt: grpcio, grpcio-tools, protobuf).
+# Idempotent: every tool already on PATH (every package already importable) is
+# left alone, and `apt-get update` runs at most once, only when apt is actually needed.
 #
 # Usage: bash scripts/install-deps.sh   (as root, or as a user with sudo)
 set -euo pipefail
@@ -137,6 +139,21 @@ install_fonts() {
   apt_install fonts-dejavu-core
 }
 
+# The Python operation example (and the e2e tests that run it) need grpcio
+# and grpcio-tools (which compiles operation.proto at start-up); the HTTP
+# example needs only the standard library.
+PYTHON_REQUIREMENTS="examples/python-operation/requirements.txt"
+install_python_packages() {
+  if python3 -c 'import grpc, grpc_tools, google.protobuf' >/dev/null 2>&1; then
+    log "python grpcio, grpcio-tools, protobuf: present ($(python3 -c 'import grpc; print(grpc.__version__)'))"
+    return
+  fi
+  local root
+  root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+  pip_install -r "${root}/${PYTHON_REQUIREMENTS}"
+  python3 -c 'import grpc, grpc_tools, google.protobuf'
+}
+
 install_nextest() {
   if have cargo-nextest || cargo nextest --version >/dev/null 2>&1; then
     log "cargo-nextest: present"
@@ -155,5 +172,6 @@ install_just
 install_redis
 install_fonts
 install_grpcurl
+install_python_packages
 install_nextest
 log "done"
