@@ -177,7 +177,8 @@ pub fn parse(text: &str) -> Result<Vec<OperationSpec>, DocumentError> {
     Ok(out)
 }
 
-fn check_name(name: &str) -> Result<(), String> {
+/// The rule for operation names: 1 to [`MAX_NAME_BYTES`] bytes of letters, digits, `.`, `_`, `-`.
+pub fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("name must not be empty".into());
     }

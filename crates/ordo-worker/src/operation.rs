@@ -255,26 +255,8 @@ impl Operations {
 
     /// Every name must be one the registry accepts.
     pub fn check(&self) -> Result<(), String> {
-        self.names().try_for_each(check_name)
+        self.names().try_for_each(ordo_registry::document::check_name)
     }
-}
-
-/// The registry's rule for operation names (`ordo_registry::document`).
-fn check_name(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("an operation has an empty name".into());
-    }
-    if name.len() > ordo_registry::document::MAX_NAME_BYTES {
-        return Err(format!(
-            "operation name {:?} is longer than {} bytes",
-            ordo_core::limits::echo(name),
-            ordo_registry::document::MAX_NAME_BYTES
-        ));
-    }
-    if let Some(bad) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
-        return Err(format!("operation name {name:?} contains {bad:?}: use letters, digits, '.', '_' and '-'"));
-    }
-    Ok(())
 }
 
 /// gRPC codes another try may not repeat: the service (or the way to it)
