@@ -22,6 +22,7 @@ Examples:
   ordo health --addr 127.0.0.1:50051
   ordo send --text 'hello, ordered world' --latency exp:10ms
   ordo send --text 'hello, ordered world' --latency exp:10ms --unordered
+  ordo send --text 'hello, ordered world' --op shout --expect 'HELLO, ORDERED WORLD'
   ordo submit --stream s1 --seq 0 --op upper --payload hi
   ordo subscribe --stream s1 --from 0
   ordo dlq list --stream s1
@@ -54,7 +55,8 @@ enum Command {
     /// Prints the payloads concatenated in arrival order, then one summary line
     /// (`events=… results=… failed=… elapsed=… differ=… error_rate=…% …`):
     /// `differ` counts arrival positions whose character is not the one sent
-    /// there, `out_of_order` those that did not receive their own sequence.
+    /// there (or the one of `--expect` there), `out_of_order` those that did
+    /// not receive their own sequence.
     /// Exits 1 on a transport error, a REJECTED event or a timeout.
     Send(send::Args),
     /// Send one event with the unary Submit call and print its result.

@@ -43,6 +43,11 @@ pub struct Args {
     /// Read the text from this file (`-` for standard input).
     #[arg(long)]
     file: Option<PathBuf>,
+    /// The text the results should spell, one character per event, when the
+    /// operation changes its payload (`--op shout --expect 'HELLO'`); default:
+    /// the text sent. `differ` counts the arrival positions that do not match it.
+    #[arg(long)]
+    expect: Option<String>,
     /// Give up (exit 1) if not every result has arrived after this long.
     #[arg(long, env = "ORDO_TIMEOUT", default_value = "60s", value_parser = ordo_core::duration::parse)]
     timeout: Duration,
@@ -57,7 +62,18 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let chars: Vec<char> = text.chars().collect();
     let stream_id = args.stream.clone().unwrap_or_else(fresh_stream_id);
     let mode = if args.unordered { OrderingMode::Unordered } else { OrderingMode::Ordered };
-    let mut tally = Tally::new(&chars);
+    let expected: Vec<char> = match &args.expect {
+        Some(expect) => expect.chars().collect(),
+        None => chars.clone(),
+    };
+    if expected.len() != chars.len() {
+        anyhow::bail!(
+            "--expect has {} characters but the text has {}: one character per event",
+            expected.len(),
+            chars.len()
+        );
+    }
+    let mut tally = Tally::new(&chars).expecting(&expected);
     if chars.is_empty() {
         println!("{}", tally.summary(Duration::ZERO, &stream_id, mode));
         return Ok(ExitCode::SUCCESS);
@@ -171,12 +187,14 @@ fn fresh_stream_id() -> String {
 #[derive(Debug)]
 struct Tally<'a> {
     input: &'a [char],
+    /// What each arrival position should carry (the input, unless told).
+    expected: &'a [char],
     seen: Vec<bool>,
     /// Distinct sequences with a final (OK or FAILED) result.
     received: usize,
     /// Payloads concatenated in arrival order.
     output: Vec<u8>,
-    /// Arrival positions whose payload is not the input character there.
+    /// Arrival positions whose payload is not the expected character there.
     differ: usize,
     /// Arrival positions that did not receive their own sequence.
     out_of_order: usize,
@@ -191,6 +209,7 @@ impl<'a> Tally<'a> {
     fn new(input: &'a [char]) -> Self {
         Self {
             input,
+            expected: input,
             seen: vec![false; input.len()],
             received: 0,
             output: Vec::new(),
@@ -200,6 +219,14 @@ impl<'a> Tally<'a> {
             duplicates: 0,
             ignored: 0,
         }
+    }
+
+    /// Compares arrivals with `expected` (as long as the input) instead of the input.
+    fn expecting(mut self, expected: &'a [char]) -> Self {
+        if expected.len() == self.input.len() {
+            self.expected = expected;
+        }
+        self
     }
 
     fn complete(&self) -> bool {
@@ -237,7 +264,7 @@ impl<'a> Tally<'a> {
             self.out_of_order += 1;
         }
         let mut expected = [0u8; 4];
-        if result.payload.as_ref() != self.input[position].encode_utf8(&mut expected).as_bytes() {
+        if result.payload.as_ref() != self.expected[position].encode_utf8(&mut expected).as_bytes() {
             self.differ += 1;
         }
         self.output.extend_from_slice(&result.payload);
@@ -307,6 +334,16 @@ mod tests {
         assert_eq!(tally.output, b"bac");
         assert_eq!((tally.differ, tally.out_of_order, tally.duplicates, tally.ignored), (2, 2, 1, 2));
         assert!(tally.summary(Duration::from_secs(1), "s", OrderingMode::Unordered).contains("error_rate=66.67%"));
+    }
+
+    #[test]
+    fn results_are_compared_with_the_expected_text() {
+        let input: Vec<char> = "ab".chars().collect();
+        let expected: Vec<char> = "AB".chars().collect();
+        let mut tally = Tally::new(&input).expecting(&expected);
+        tally.record("s", ok("s", 0, "A"));
+        tally.record("s", ok("s", 1, "b"));
+        assert_eq!((tally.differ, tally.out_of_order), (1, 0));
     }
 
     #[test]
