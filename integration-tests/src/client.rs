@@ -118,6 +118,12 @@ impl ProcessCall {
         tx.send(event).await.map_err(|_| anyhow::anyhow!("the Process call has ended; cannot send"))
     }
 
+    /// A sender of events on this call (for a test's own feeder task), or
+    /// `None` once the sending side is closed.
+    pub fn sender(&self) -> Option<mpsc::Sender<Event>> {
+        self.tx.clone()
+    }
+
     /// Sends `events` from a task, one every `pace` if given (to keep a
     /// stream going while a test breaks something), else as fast as the call
     /// takes them.

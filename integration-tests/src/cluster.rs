@@ -12,12 +12,15 @@ use std::{path::Path, time::Duration};
 use anyhow::Context as _;
 use futures::future::{join_all, try_join_all};
 use ordo_proto::v1::{
-    harmonizer_client::HarmonizerClient, push_gateway_client::PushGatewayClient, reassembler_client::ReassemblerClient,
+    ListOperationsRequest, ListOperationsResponse, harmonizer_client::HarmonizerClient,
+    push_gateway_client::PushGatewayClient, reassembler_client::ReassemblerClient,
 };
+use ordo_registry::Store;
 use tempfile::TempDir;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::{
+    eventually::eventually,
     ports::free_port,
     process::{ServiceProcess, ServiceSpec, binary, indent},
     redis_server::RedisServer,
@@ -25,13 +28,50 @@ use crate::{
 
 /// Default time each service gets to report SERVING.
 pub const STARTUP_DEADLINE: Duration = Duration::from_secs(30);
+/// How long a registry change may take to show in `ListOperations` (services
+/// poll every 250 ms; workers announce new capabilities on the next poll).
+pub const REGISTRY_DEADLINE: Duration = Duration::from_secs(15);
+/// How long connecting to the private Redis may take.
+const REDIS_CONNECT: Duration = Duration::from_secs(5);
 /// Lines of each log printed on failure or with `TEST_LOG`.
 const LOG_LINES: usize = 40;
+
+/// One worker of a heterogeneous pool: its binary (in the bin directory) and
+/// its own flags, on top of the testkit's (`--listen`, `--reassemblers`,
+/// `--redis-url`, `--name`) and [`ClusterBuilder::worker_args`].
+#[derive(Debug, Clone)]
+pub struct WorkerSpec {
+    binary: String,
+    args: Vec<String>,
+    /// Whether it takes `--stateless` (the demo callback operation needs it).
+    stateless: bool,
+}
+
+impl WorkerSpec {
+    /// The `stateful-worker` binary (the demo operations).
+    pub fn stateful_worker() -> Self {
+        Self { binary: "stateful-worker".into(), args: Vec::new(), stateless: true }
+    }
+
+    /// Another binary built on `ordo-worker` (e.g. `rust-worker`, from
+    /// `examples/rust-worker`): it gets the worker flags every `ordo-worker`
+    /// binary has, but no `--stateless`.
+    pub fn binary(name: impl Into<String>) -> Self {
+        Self { binary: name.into(), args: Vec::new(), stateless: false }
+    }
+
+    /// Extra flags of this worker, e.g. `["--operations", "async-echo"]`.
+    pub fn args<I: IntoIterator<Item: Into<String>>>(mut self, args: I) -> Self {
+        self.args.extend(strings(args));
+        self
+    }
+}
 
 /// Configures a [`Cluster`].
 #[derive(Debug, Clone)]
 pub struct ClusterBuilder {
     workers: usize,
+    extra_workers: Vec<WorkerSpec>,
     reassemblers: usize,
     harmonizer_args: Vec<String>,
     worker_args: Vec<String>,
@@ -47,6 +87,7 @@ impl Default for ClusterBuilder {
     fn default() -> Self {
         Self {
             workers: 1,
+            extra_workers: Vec::new(),
             reassemblers: 1,
             harmonizer_args: Vec::new(),
             worker_args: Vec::new(),
@@ -75,9 +116,17 @@ impl ClusterBuilder {
         self
     }
 
-    /// Number of stateful workers (default 1).
+    /// Number of plain `stateful-worker`s (default 1), named `worker-<i>`.
     pub fn workers(mut self, n: usize) -> Self {
         self.workers = n;
+        self
+    }
+
+    /// Adds a worker with a binary and flags of its own, after the plain
+    /// ones (`.workers(0).worker(a).worker(b)` for a pool of just those),
+    /// named `<binary>-<i>` (`i` its index among all workers).
+    pub fn worker(mut self, spec: WorkerSpec) -> Self {
+        self.extra_workers.push(spec);
         self
     }
 
@@ -158,10 +207,19 @@ impl ClusterBuilder {
         let bins = Bins {
             harmonizer: binary("harmonizer"),
             stateless: binary("stateless"),
-            worker: binary("stateful-worker"),
             reassembler: binary("reassembler"),
             push_gateway: binary("push-gateway"),
         };
+        let worker_specs: Vec<(String, std::path::PathBuf, WorkerSpec)> =
+            std::iter::repeat_n(WorkerSpec::stateful_worker(), self.workers)
+                .map(|spec| (false, spec))
+                .chain(self.extra_workers.iter().cloned().map(|spec| (true, spec)))
+                .enumerate()
+                .map(|(i, (extra, spec))| {
+                    let name = if extra { format!("{}-{i}", spec.binary) } else { format!("worker-{i}") };
+                    (name, binary(&spec.binary), spec)
+                })
+                .collect();
         let deadline = self.startup_deadline;
         let spec = |name: String, binary: &std::path::Path, args: Vec<String>| ServiceSpec {
             name,
@@ -200,10 +258,16 @@ impl ClusterBuilder {
         let (stateless, reassemblers, push_gateway) = (stateless?, reassemblers?, push_gateway?);
         let reassembler_list = reassemblers.iter().map(ServiceProcess::addr).collect::<Vec<_>>().join(",");
 
-        let workers = try_join_all((0..self.workers).map(|i| {
-            let mut args = strings(["--reassemblers", &reassembler_list, "--stateless", &stateless.addr()]);
+        // Every worker follows the registry in the private Redis (never the
+        // machine's shared one) and announces its process name.
+        let workers = try_join_all(worker_specs.iter().map(|(name, path, worker)| {
+            let mut args = strings(["--reassemblers", &reassembler_list, "--redis-url", &redis_url, "--name", name]);
+            if worker.stateless {
+                args.extend(strings(["--stateless".to_owned(), stateless.addr()]));
+            }
             args.extend(self.worker_args.iter().cloned());
-            ServiceProcess::start(spec(format!("worker-{i}"), &bins.worker, args), dir, deadline)
+            args.extend(worker.args.iter().cloned());
+            ServiceProcess::start(spec(name.clone(), path, args), dir, deadline)
         }))
         .await?;
         let worker_list = workers.iter().map(ServiceProcess::addr).collect::<Vec<_>>().join(",");
@@ -231,7 +295,6 @@ impl ClusterBuilder {
 struct Bins {
     harmonizer: std::path::PathBuf,
     stateless: std::path::PathBuf,
-    worker: std::path::PathBuf,
     reassembler: std::path::PathBuf,
     push_gateway: std::path::PathBuf,
 }
@@ -335,6 +398,81 @@ impl Cluster {
     /// `redis://127.0.0.1:<port>` of the private redis-server.
     pub fn redis_url(&self) -> String {
         self.redis.url()
+    }
+
+    /// The operation registry in the cluster's Redis (publish, pin, unpin,
+    /// rollback, as `ordo registry` does), which every service follows.
+    pub async fn registry(&self) -> anyhow::Result<Store> {
+        let client = redis::Client::open(self.redis_url()).context("the testkit's redis URL")?;
+        let conn = tokio::time::timeout(REDIS_CONNECT, client.get_connection_manager())
+            .await
+            .context("connecting to the cluster's redis timed out")?
+            .context("connecting to the cluster's redis")?;
+        Ok(Store::new(conn))
+    }
+
+    /// The harmonizer's `ListOperations`: its catalog, the registry version
+    /// in use, and which workers serve each operation.
+    pub async fn list_operations(&self) -> anyhow::Result<ListOperationsResponse> {
+        Ok(self.harmonizer().list_operations(ListOperationsRequest {}).await?.into_inner())
+    }
+
+    /// Waits until the harmonizer's `ListOperations` reports registry
+    /// `version` (a service picks a change up within a second) and returns it.
+    ///
+    /// # Panics
+    /// After [`REGISTRY_DEADLINE`], with what it reported last.
+    pub async fn wait_for_registry_version(&self, version: u64) -> ListOperationsResponse {
+        eventually(REGISTRY_DEADLINE, || async {
+            let listed = self.list_operations().await?;
+            if listed.registry_version == version {
+                Ok(listed)
+            } else {
+                Err(anyhow::anyhow!(
+                    "the harmonizer uses registry version {} (pinned: {}), not {version}",
+                    listed.registry_version,
+                    listed.pinned
+                ))
+            }
+        })
+        .await
+    }
+
+    /// Waits until the harmonizer's `ListOperations` shows `operation`
+    /// served by exactly `workers` (worker names, as [`Cluster::worker_name`]),
+    /// and returns the listing.
+    ///
+    /// # Panics
+    /// After [`REGISTRY_DEADLINE`], with what it reported last.
+    pub async fn wait_for_workers(&self, operation: &str, workers: &[&str]) -> ListOperationsResponse {
+        let mut wanted: Vec<String> = workers.iter().map(|w| (*w).to_owned()).collect();
+        wanted.sort();
+        eventually(REGISTRY_DEADLINE, || async {
+            let listed = self.list_operations().await?;
+            let Some(info) = listed.operations.iter().find(|op| op.name == operation) else {
+                anyhow::bail!(
+                    "registry version {} has no operation {operation:?}: {:?}",
+                    listed.registry_version,
+                    listed.operations.iter().map(|op| &op.name).collect::<Vec<_>>()
+                );
+            };
+            let mut serving = info.workers.clone();
+            serving.sort();
+            if serving == wanted {
+                Ok(listed)
+            } else {
+                Err(anyhow::anyhow!(
+                    "{operation:?} is served by {serving:?}, not {wanted:?} (registry version {})",
+                    listed.registry_version
+                ))
+            }
+        })
+        .await
+    }
+
+    /// The name worker `i` announces (its `--name`, the testkit's process name).
+    pub fn worker_name(&self, i: usize) -> String {
+        self.workers[i].name().to_owned()
     }
 
     /// `127.0.0.1:<port>` of the harmonizer.

@@ -1,10 +1,16 @@
 //! Ordo's testkit: starts the real binaries (`harmonizer`, `stateless`,
-//! `stateful-worker`, `reassembler`, `push-gateway`) on ephemeral 127.0.0.1
-//! ports next to a private `redis-server`, and gives tests typed clients and
-//! the helpers they share.
+//! `stateful-worker` or any `ordo-worker` binary, `reassembler`,
+//! `push-gateway`) on ephemeral 127.0.0.1 ports next to a private
+//! `redis-server`, and gives tests typed clients and the helpers they share.
 //!
 //! - [`cluster`]: the whole topology ([`Cluster::builder`]), waiting for
-//!   `grpc.health.v1` SERVING, logs per process in one directory.
+//!   `grpc.health.v1` SERVING, logs per process in one directory;
+//!   heterogeneous worker pools ([`WorkerSpec`]); the operation registry in
+//!   the cluster's Redis ([`Cluster::registry`],
+//!   [`Cluster::wait_for_registry_version`], [`Cluster::wait_for_workers`]).
+//! - [`example`]: the examples' servers (`examples/python-operation`,
+//!   `examples/http-operation`) as killable, restartable child processes,
+//!   and the example registry file.
 //! - [`process`]: one service process: kill (SIGKILL), terminate (SIGTERM),
 //!   restart on the same port.
 //! - [`redis_server`]: a private redis-server (never the shared one on 6379).
@@ -23,6 +29,7 @@
 pub mod client;
 pub mod cluster;
 pub mod eventually;
+pub mod example;
 pub mod otlp;
 pub mod ports;
 pub mod process;
@@ -32,8 +39,9 @@ pub mod sse;
 pub mod text;
 
 pub use client::{ProcessCall, stream_text, text_events};
-pub use cluster::{Cluster, ClusterBuilder};
+pub use cluster::{Cluster, ClusterBuilder, WorkerSpec};
 pub use eventually::eventually;
+pub use example::ExampleServer;
 pub use process::ServiceProcess;
 pub use redis_server::RedisServer;
 pub use text::sonnets_text;
