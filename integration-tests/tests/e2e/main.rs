@@ -14,16 +14,23 @@ mod dead_letters;
 mod failover;
 mod give_up;
 mod grpcurl;
+mod http_operation;
 mod lifecycle;
 mod ordering;
 mod push;
 mod push_amqp;
+mod python_operation;
+mod registry;
 mod shutdown;
 mod telemetry;
+mod worker_pool;
 
 use std::time::Duration;
 
-use integration_tests::client::{event, with_attr, with_mode};
+use integration_tests::{
+    Cluster,
+    client::{event, with_attr, with_mode},
+};
 use ordo_proto::v1::{Event, OrderingMode};
 
 /// Generous: the machine has 2 cores and runs several clusters at once.
@@ -74,4 +81,13 @@ pub fn check_numbered_payloads(results: &[ordo_proto::v1::EventResult]) -> Resul
         .map(|r| format!("{}#{} -> {:?}", r.stream_id, r.sequence, String::from_utf8_lossy(&r.payload)))
         .collect();
     if wrong.is_empty() { Ok(()) } else { Err(format!("payloads do not match their events: {wrong:?}")) }
+}
+
+/// Publishes `registry` (a registry file) on the cluster's Redis and waits
+/// until the harmonizer uses the new version; returns it.
+pub async fn publish_and_wait(cluster: &Cluster, registry: &str) -> u64 {
+    let store = cluster.registry().await.expect("the cluster's redis");
+    let version = store.publish(registry).await.expect("the registry file is valid and published");
+    cluster.wait_for_registry_version(version).await;
+    version
 }
