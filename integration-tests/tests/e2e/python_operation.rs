@@ -6,7 +6,14 @@
 //! server dies mid-stream, the events it would have answered are retried,
 //! then FAILED in their place (with dead letters), and the stream goes on.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use integration_tests::{
     Cluster, ExampleServer, ProcessCall,
@@ -77,7 +84,7 @@ async fn sonnets_through_the_python_operation_come_back_in_order_exactly_once() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn killing_the_python_server_mid_stream_fails_its_events_in_place_and_the_rest_stay_in_order() {
-    const N: u64 = 1000;
+    const N: u64 = 1500;
     let cluster = Cluster::builder().harmonizer_args(["--event-timeout", "1s"]).start().await;
     let mut python = ExampleServer::python_operation("python-operation", cluster.log_dir(), &["--op", "fragile=shout"])
         .await
@@ -88,21 +95,38 @@ async fn killing_the_python_server_mid_stream_fails_its_events_in_place_and_the_
     cluster.wait_for_workers("fragile", &[&cluster.worker_name(0)]).await;
 
     let stream = "python-killed";
-    let events: Vec<Event> = (0..N)
-        .map(|seq| with_attr(event(stream, seq, "fragile", format!("event {seq}").into_bytes()), "max-delay-ms", "10"))
-        .collect();
     let mut call = ProcessCall::open(&cluster.harmonizer());
-    call.feed(events, Some(Duration::from_millis(3)));
+    // A steady feed that counts what it sent, so the test knows where the
+    // server's outage fell in the stream.
+    let sender = call.sender().expect("the call is open");
+    let sent = Arc::new(AtomicU64::new(0));
+    let feeder = {
+        let sent = sent.clone();
+        tokio::spawn(async move {
+            let mut pace = tokio::time::interval(Duration::from_millis(3));
+            for seq in 0..N {
+                pace.tick().await;
+                let e =
+                    with_attr(event(stream, seq, "fragile", format!("event {seq}").into_bytes()), "max-delay-ms", "10");
+                if sender.send(e).await.is_err() {
+                    return;
+                }
+                sent.store(seq + 1, Ordering::SeqCst);
+            }
+        })
+    };
     call.wait_for_total(150, DEADLINE).await.expect("the first results arrive");
-    assert!(!call.fed(), "the stream finished before the server was killed; the test would prove nothing");
     python.kill();
-    eprintln!("killed the Python server after {} results", call.received().len());
+    let at_kill = sent.load(Ordering::SeqCst);
     tokio::time::sleep(Duration::from_secs(1)).await;
     python.restart().await.expect("the server restarts on its port");
-    eprintln!("restarted it after {} results", call.received().len());
+    let at_restart = sent.load(Ordering::SeqCst);
+    eprintln!("killed the Python server after {at_kill} events were sent, restarted it after {at_restart}");
+    assert!(at_restart + 200 < N, "the stream was (nearly) all sent before the restart; the test would prove nothing");
     call.wait_for_counts(&BTreeMap::from([(stream.to_owned(), N as usize)]), DEADLINE)
         .await
         .expect("the stream completes although the server was down");
+    feeder.await.expect("the feeder ends");
     let results = call.finish(LINGER).await.expect("the call ends cleanly");
 
     assert_ok(check_in_order_exactly_once(&results, N), "sequences");
@@ -120,8 +144,8 @@ async fn killing_the_python_server_mid_stream_fails_its_events_in_place_and_the_
     assert!(wrong.is_empty(), "every result is the shouted payload or a FAILED with its reason: {wrong:?}");
     assert!(!failed.is_empty(), "no event failed while the server was down for a second");
     let (first, last) = (failed[0], failed[failed.len() - 1]);
-    assert!(first >= 100, "events before the kill are OK; the first FAILED is {first}");
-    assert!(last < N - 20, "events after the restart are OK again; the last FAILED is {last}");
+    assert!(first >= 150, "events answered before the kill are OK; the first FAILED is {first}");
+    assert!(last < at_restart + 100, "events sent after the restart are OK again; the last FAILED is {last}");
     eprintln!("{} FAILED in place, sequences {first}..={last}", failed.len());
 
     let letters = cluster.dead_letters(stream).await.expect("ListDeadLetters answers");
