@@ -7,6 +7,10 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -15,7 +19,7 @@ use bytes::Bytes;
 use ordo_proto::v1::{Event, EventResult, OrderingMode, ResultStatus, harmonizer_client::HarmonizerClient};
 use tokio::{
     sync::mpsc,
-    task::JoinHandle,
+    task::{JoinError, JoinHandle},
     time::{Instant, timeout_at},
 };
 use tokio_stream::wrappers::ReceiverStream;
@@ -122,6 +126,36 @@ impl ProcessCall {
     /// `None` once the sending side is closed.
     pub fn sender(&self) -> Option<mpsc::Sender<Event>> {
         self.tx.clone()
+    }
+
+    /// Sends `event(seq)` for `seq` in `0..n` from a task of its own, one
+    /// every `pace` (the first at once), counting what it sent, so a test
+    /// knows where in the stream something it broke fell. It stops early,
+    /// quietly, when the call ends. Not one of the call's feeders:
+    /// [`ProcessCall::fed`] and [`ProcessCall::finish`] ignore it; wait for it
+    /// with [`CountedFeed::join`]. `None` once the sending side is closed.
+    pub fn feed_counted(
+        &self,
+        n: u64,
+        pace: Duration,
+        event: impl Fn(u64) -> Event + Send + 'static,
+    ) -> Option<CountedFeed> {
+        let sender = self.sender()?;
+        let sent = Arc::new(AtomicU64::new(0));
+        let task = {
+            let sent = sent.clone();
+            tokio::spawn(async move {
+                let mut pace = tokio::time::interval(pace);
+                for seq in 0..n {
+                    pace.tick().await;
+                    if sender.send(event(seq)).await.is_err() {
+                        return;
+                    }
+                    sent.store(seq + 1, Ordering::SeqCst);
+                }
+            })
+        };
+        Some(CountedFeed { sent, task })
     }
 
     /// Sends `events` from a task, one every `pace` if given (to keep a
@@ -252,6 +286,25 @@ impl Drop for ProcessCall {
         for feeder in &self.feeders {
             feeder.abort();
         }
+    }
+}
+
+/// A feeder started by [`ProcessCall::feed_counted`].
+#[derive(Debug)]
+pub struct CountedFeed {
+    sent: Arc<AtomicU64>,
+    task: JoinHandle<()>,
+}
+
+impl CountedFeed {
+    /// How many events were sent so far: sequences `0..sent()`.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::SeqCst)
+    }
+
+    /// Waits until the feeder ends: every event sent, or the call ended first.
+    pub async fn join(self) -> Result<(), JoinError> {
+        self.task.await
     }
 }
 

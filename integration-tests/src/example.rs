@@ -12,7 +12,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
@@ -21,7 +21,7 @@ use tokio::{net::TcpStream, time::Instant};
 
 use crate::{
     ports::free_port,
-    process::{indent, open_log, tail},
+    process::{OwnedChild, indent, open_log, tail},
     text::workspace_root,
 };
 
@@ -90,7 +90,7 @@ pub struct ExampleServer {
     args: Vec<String>,
     port: u16,
     log_path: PathBuf,
-    child: Option<Child>,
+    child: OwnedChild,
     starts: u32,
 }
 
@@ -121,7 +121,7 @@ impl ExampleServer {
                 args: args.iter().map(|a| (*a).to_owned()).collect(),
                 port: free_port(),
                 log_path: log_dir.join(format!("{name}.log")),
-                child: None,
+                child: OwnedChild::default(),
                 starts: 0,
             };
             server.launch()?;
@@ -161,22 +161,12 @@ impl ExampleServer {
     }
 
     pub fn is_running(&mut self) -> bool {
-        match self.child.as_mut().map(Child::try_wait) {
-            Some(Ok(None)) => true,
-            Some(Ok(Some(_)) | Err(_)) => {
-                self.child = None;
-                false
-            }
-            None => false,
-        }
+        self.child.is_running()
     }
 
     /// SIGKILL, and reap it. Harmless when it is not running.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.child.kill();
     }
 
     /// Starts it again on the same port and waits until it accepts connections.
@@ -205,7 +195,7 @@ impl ExampleServer {
             .stderr(stderr)
             .spawn()
             .with_context(|| format!("cannot start {}", self.command_line()))?;
-        self.child = Some(child);
+        self.child.set(child);
         Ok(())
     }
 
@@ -214,10 +204,7 @@ impl ExampleServer {
     async fn wait_accepting(&mut self) -> anyhow::Result<()> {
         let start = Instant::now();
         loop {
-            if let Some(child) = self.child.as_mut()
-                && let Some(status) = child.try_wait().context("waiting for the example server")?
-            {
-                self.child = None;
+            if let Some(status) = self.child.exited("waiting for the example server")? {
                 bail!(
                     "{} exited with {status} before it accepted connections on port {}\n  command: {}\n  \
                      last log lines ({}):\n{}",

@@ -14,7 +14,9 @@
 //! - [`process`]: one service process: kill (SIGKILL), terminate (SIGTERM),
 //!   restart on the same port.
 //! - [`redis_server`]: a private redis-server (never the shared one on 6379).
-//! - [`client`]: events, a `Harmonizer.Process` call driver, result checks.
+//! - [`client`]: events, a `Harmonizer.Process` call driver (and a paced
+//!   feeder that counts what it sent), result checks.
+//! - [`cli`]: the built `ordo` command-line tool, run with arguments.
 //! - [`eventually`]: polling with a deadline instead of sleeping.
 //! - [`otlp`]: an in-process OTLP trace collector.
 //! - [`sse`]: a Server-Sent Events client (the push-gateway's HTTP channel).
@@ -26,6 +28,7 @@
 //! (or `just test`) first. Set `TEST_LOG=1` to print every process's log tail
 //! at the end of a test; they are printed anyway when a test fails.
 
+pub mod cli;
 pub mod client;
 pub mod cluster;
 pub mod eventually;

@@ -83,7 +83,7 @@ pub struct ServiceProcess {
     spec: ServiceSpec,
     port: u16,
     log_path: PathBuf,
-    child: Option<Child>,
+    child: OwnedChild,
     starts: u32,
 }
 
@@ -94,8 +94,13 @@ impl ServiceProcess {
         let log_path = log_dir.join(format!("{}.log", spec.name));
         let mut attempt = 1;
         loop {
-            let mut process =
-                Self { spec: spec.clone(), port: free_port(), log_path: log_path.clone(), child: None, starts: 0 };
+            let mut process = Self {
+                spec: spec.clone(),
+                port: free_port(),
+                log_path: log_path.clone(),
+                child: OwnedChild::default(),
+                starts: 0,
+            };
             process.launch()?;
             match process.wait_serving(deadline).await {
                 Ok(()) => return Ok(process),
@@ -136,7 +141,7 @@ impl ServiceProcess {
 
     /// The OS process id while the process runs.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.child.pid()
     }
 
     /// The command line, for logs and error messages.
@@ -151,14 +156,7 @@ impl ServiceProcess {
 
     /// True while the process has not exited.
     pub fn is_running(&mut self) -> bool {
-        match self.child.as_mut().map(Child::try_wait) {
-            Some(Ok(None)) => true,
-            Some(Ok(Some(_)) | Err(_)) => {
-                self.child = None;
-                false
-            }
-            None => false,
-        }
+        self.child.is_running()
     }
 
     /// SIGSTOP: the process freezes with its sockets open (peers see a hang,
@@ -176,17 +174,13 @@ impl ServiceProcess {
 
     /// SIGKILL, and reap the process. Harmless when it is not running.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.child.kill();
     }
 
     /// SIGTERM, then wait up to `timeout` for the process to exit (it drains
     /// and flushes its spans); SIGKILL and an error if it does not.
     pub async fn terminate(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
-        let Some(child) = self.child.as_mut() else { bail!("{} is not running", self.spec.name) };
-        let pid = child.id();
+        let Some(pid) = self.child.pid() else { bail!("{} is not running", self.spec.name) };
         let sent =
             Command::new("kill").args(["-TERM", &pid.to_string()]).status().context("cannot run `kill -TERM`")?;
         if !sent.success() {
@@ -194,8 +188,7 @@ impl ServiceProcess {
         }
         let start = Instant::now();
         loop {
-            if let Some(status) = child.try_wait().context("waiting for the process")? {
-                self.child = None;
+            if let Some(status) = self.child.exited("waiting for the process")? {
                 return Ok(status);
             }
             if start.elapsed() >= timeout {
@@ -220,10 +213,7 @@ impl ServiceProcess {
         let start = Instant::now();
         let addr = self.addr();
         loop {
-            if let Some(child) = self.child.as_mut()
-                && let Some(status) = child.try_wait().context("waiting for the process")?
-            {
-                self.child = None;
+            if let Some(status) = self.child.exited("waiting for the process")? {
                 bail!(
                     "{} exited with {status} before it was serving on {addr}\n  command: {}\n  last log lines ({}):\n{}",
                     self.spec.name,
@@ -232,7 +222,7 @@ impl ServiceProcess {
                     indent(&self.log_tail(30))
                 );
             }
-            if self.child.is_none() {
+            if self.child.pid().is_none() {
                 bail!("{} is not running", self.spec.name);
             }
             if health_status(&addr).await == Some(ServingStatus::Serving) {
@@ -284,7 +274,7 @@ impl ServiceProcess {
             .stderr(stderr)
             .spawn()
             .with_context(|| format!("cannot start {}", self.spec.binary.display()))?;
-        self.child = Some(child);
+        self.child.set(child);
         Ok(())
     }
 }
@@ -292,6 +282,58 @@ impl ServiceProcess {
 impl Drop for ServiceProcess {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// The child process of a handle (a service, an example server, a
+/// redis-server) while it runs: killed and reaped by [`OwnedChild::kill`],
+/// forgotten once it was seen to exit. Not killed when dropped: each handle
+/// kills it in its own `Drop`, before anything else goes.
+#[derive(Debug, Default)]
+pub(crate) struct OwnedChild(Option<Child>);
+
+impl OwnedChild {
+    /// Owns `child` (a start after a kill or an exit).
+    pub(crate) fn set(&mut self, child: Child) {
+        self.0 = Some(child);
+    }
+
+    /// The OS process id while there is a child.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.0.as_ref().map(Child::id)
+    }
+
+    /// True while the child has not exited (forgets it once it has, or when
+    /// its state cannot be read).
+    pub(crate) fn is_running(&mut self) -> bool {
+        match self.0.as_mut().map(Child::try_wait) {
+            Some(Ok(None)) => true,
+            Some(Ok(Some(_)) | Err(_)) => {
+                self.0 = None;
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// The child's exit status if it has exited (then it is forgotten);
+    /// `None` while it runs or when there is none. A failure to read its
+    /// state is an error with `context`.
+    pub(crate) fn exited(&mut self, context: &'static str) -> anyhow::Result<Option<ExitStatus>> {
+        let Some(child) = self.0.as_mut() else { return Ok(None) };
+        let status = child.try_wait().context(context)?;
+        if status.is_some() {
+            self.0 = None;
+        }
+        Ok(status)
+    }
+
+    /// SIGKILL, and reap it. Harmless when there is none.
+    pub(crate) fn kill(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 

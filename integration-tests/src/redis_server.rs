@@ -5,7 +5,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
@@ -19,7 +19,7 @@ use tokio::{
 
 use crate::{
     ports::free_port,
-    process::{indent, open_log, send_signal, tail},
+    process::{OwnedChild, indent, open_log, send_signal, tail},
 };
 
 /// How long a start may take before it counts as failed.
@@ -33,7 +33,7 @@ pub struct RedisServer {
     _own_dir: Option<TempDir>,
     dir: PathBuf,
     log_path: PathBuf,
-    child: Option<Child>,
+    child: OwnedChild,
     /// Append-only file with an fsync per write: survives SIGKILL.
     durable: bool,
 }
@@ -64,7 +64,7 @@ impl RedisServer {
                 _own_dir: None,
                 dir: dir.to_path_buf(),
                 log_path: dir.join("redis.log"),
-                child: None,
+                child: OwnedChild::default(),
                 durable,
             };
             match server.launch().await {
@@ -81,7 +81,7 @@ impl RedisServer {
 
     /// The OS process id while the server runs (for CPU and memory readings).
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.child.pid()
     }
 
     /// `redis://127.0.0.1:<port>`.
@@ -105,10 +105,7 @@ impl RedisServer {
 
     /// SIGKILL. Harmless when it is not running.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.child.kill();
     }
 
     /// Starts it again on the same port: empty, unless it is durable.
@@ -141,14 +138,11 @@ impl RedisServer {
             .stderr(stderr)
             .spawn()
             .with_context(|| format!("cannot start {program}: is redis-server installed (scripts/install-deps.sh)?"))?;
-        self.child = Some(child);
+        self.child.set(child);
 
         let start = Instant::now();
         loop {
-            if let Some(child) = self.child.as_mut()
-                && let Some(status) = child.try_wait().context("waiting for redis-server")?
-            {
-                self.child = None;
+            if let Some(status) = self.child.exited("waiting for redis-server")? {
                 bail!(
                     "redis-server on port {port} exited with {status}; last log lines:\n{}",
                     indent(&tail(&self.log_path, 20))

@@ -7,12 +7,12 @@
 //! letter. With AMQP on, every FAILED result also goes out with routing key
 //! `dead-letter.<stream id>`.
 
-use std::{collections::BTreeMap, process::Output, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
 use integration_tests::{
     Cluster, ProcessCall,
+    cli::{ordo, stderr, stdout},
     client::{LINGER, event, with_attr},
-    process::binary,
     rabbitmq::{self, AMQP_URL, QueueConsumer},
 };
 use ordo_proto::v1::{
@@ -21,27 +21,6 @@ use ordo_proto::v1::{
 };
 
 use crate::DEADLINE;
-
-/// Runs the built `ordo` CLI with `args`.
-async fn ordo(args: &[&str]) -> Output {
-    let output = tokio::process::Command::new(binary("ordo"))
-        .args(args)
-        .kill_on_drop(true)
-        .output()
-        .await
-        .expect("the ordo CLI runs");
-    eprintln!(
-        "$ ordo {}\n{}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_event_becomes_a_dead_letter_that_ordo_dlq_lists_shows_and_replays() {
@@ -88,47 +67,50 @@ async fn a_failed_event_becomes_a_dead_letter_that_ordo_dlq_lists_shows_and_repl
 
     // The CLI, as an operator would use it.
     let reassembler = cluster.reassembler_process(0).addr();
-    let listed = ordo(&["dlq", "list", "--stream", stream, "--reassembler", &reassembler]).await;
+    let listed = ordo(&["dlq", "list", "--stream", stream, "--reassembler", &reassembler], &[]).await;
     assert!(listed.status.success());
     let lines: Vec<String> = stdout(&listed).lines().map(str::to_owned).collect();
     assert_eq!(lines.len(), 1, "one line per dead letter: {lines:?}");
     assert!(lines[0].starts_with(&format!("{id} {stream}#1 FAILED attempts=")), "{}", lines[0]);
     assert!(lines[0].contains("op=callback"), "{}", lines[0]);
 
-    let listed = ordo(&["dlq", "list", "--stream", stream, "--reassembler", &reassembler, "--json"]).await;
+    let listed = ordo(&["dlq", "list", "--stream", stream, "--reassembler", &reassembler, "--json"], &[]).await;
     assert!(listed.status.success());
     let json: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("--json prints JSON");
     assert_eq!(json["dead_letters"][0]["id"], id.as_str(), "{json}");
     assert_eq!(json["dead_letters"][0]["event"]["payload_utf8"], "retry me", "{json}");
     assert_eq!(json["next"], "", "{json}");
 
-    let shown = ordo(&["dlq", "show", &id, "--reassembler", &reassembler]).await;
+    let shown = ordo(&["dlq", "show", &id, "--reassembler", &reassembler], &[]).await;
     assert!(shown.status.success());
     let text = stdout(&shown);
     assert!(text.contains("operation:  callback") && text.contains("payload:    retry me"), "{text}");
     assert!(text.contains("status:     FAILED"), "{text}");
 
-    let unknown = ordo(&["dlq", "show", "1-0", "--reassembler", &reassembler]).await;
+    let unknown = ordo(&["dlq", "show", "1-0", "--reassembler", &reassembler], &[]).await;
     assert!(!unknown.status.success(), "an unknown id fails");
-    assert!(String::from_utf8_lossy(&unknown.stderr).contains("NotFound"), "{unknown:?}");
+    assert!(stderr(&unknown).contains("NotFound"), "{unknown:?}");
 
     // The cause is gone: the owner replays the event on a stream of their own.
     cluster.stateless_process().restart(DEADLINE).await.expect("stateless restarts");
     let harmonizer = cluster.harmonizer_addr();
     let retry_stream = format!("{stream}-retry");
-    let replayed = ordo(&[
-        "dlq",
-        "replay",
-        &id,
-        "--stream",
-        &retry_stream,
-        "--sequence",
-        "0",
-        "--harmonizer",
-        &harmonizer,
-        "--reassembler",
-        &reassembler,
-    ])
+    let replayed = ordo(
+        &[
+            "dlq",
+            "replay",
+            &id,
+            "--stream",
+            &retry_stream,
+            "--sequence",
+            "0",
+            "--harmonizer",
+            &harmonizer,
+            "--reassembler",
+            &reassembler,
+        ],
+        &[],
+    )
     .await;
     assert_eq!(stdout(&replayed).trim(), "0 OK RETRY ME", "the replayed event's result");
     assert!(replayed.status.success());

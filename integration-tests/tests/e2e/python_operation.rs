@@ -6,14 +6,7 @@
 //! server dies mid-stream, the events it would have answered are retried,
 //! then FAILED in their place (with dead letters), and the stream goes on.
 
-use std::{
-    collections::BTreeMap,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Duration,
-};
+use std::{collections::BTreeMap, time::Duration};
 
 use integration_tests::{
     Cluster, ExampleServer, ProcessCall,
@@ -98,35 +91,23 @@ async fn killing_the_python_server_mid_stream_fails_its_events_in_place_and_the_
     let mut call = ProcessCall::open(&cluster.harmonizer());
     // A steady feed that counts what it sent, so the test knows where the
     // server's outage fell in the stream.
-    let sender = call.sender().expect("the call is open");
-    let sent = Arc::new(AtomicU64::new(0));
-    let feeder = {
-        let sent = sent.clone();
-        tokio::spawn(async move {
-            let mut pace = tokio::time::interval(Duration::from_millis(3));
-            for seq in 0..N {
-                pace.tick().await;
-                let e =
-                    with_attr(event(stream, seq, "fragile", format!("event {seq}").into_bytes()), "max-delay-ms", "10");
-                if sender.send(e).await.is_err() {
-                    return;
-                }
-                sent.store(seq + 1, Ordering::SeqCst);
-            }
+    let feeder = call
+        .feed_counted(N, Duration::from_millis(3), move |seq| {
+            with_attr(event(stream, seq, "fragile", format!("event {seq}").into_bytes()), "max-delay-ms", "10")
         })
-    };
+        .expect("the call is open");
     call.wait_for_total(150, DEADLINE).await.expect("the first results arrive");
     python.kill();
-    let at_kill = sent.load(Ordering::SeqCst);
+    let at_kill = feeder.sent();
     tokio::time::sleep(Duration::from_secs(1)).await;
     python.restart().await.expect("the server restarts on its port");
-    let at_restart = sent.load(Ordering::SeqCst);
+    let at_restart = feeder.sent();
     eprintln!("killed the Python server after {at_kill} events were sent, restarted it after {at_restart}");
     assert!(at_restart + 200 < N, "the stream was (nearly) all sent before the restart; the test would prove nothing");
     call.wait_for_counts(&BTreeMap::from([(stream.to_owned(), N as usize)]), DEADLINE)
         .await
         .expect("the stream completes although the server was down");
-    feeder.await.expect("the feeder ends");
+    feeder.join().await.expect("the feeder ends");
     let results = call.finish(LINGER).await.expect("the call ends cleanly");
 
     assert_ok(check_in_order_exactly_once(&results, N), "sequences");

@@ -7,21 +7,13 @@
 //! publish` with its line and changes nothing. Also the `ordo registry`
 //! subcommands themselves, against a private Redis.
 
-use std::{
-    collections::BTreeMap,
-    process::Output,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Duration,
-};
+use std::{collections::BTreeMap, time::Duration};
 
 use integration_tests::{
     Cluster, ExampleServer, ProcessCall, RedisServer,
+    cli::{ordo, stderr, stdout},
     client::{LINGER, check_all_ok, check_in_order_exactly_once, event, with_attr},
     example::{example_registry, remote_operation},
-    process::binary,
 };
 use ordo_proto::v1::{Event, EventResult};
 
@@ -88,31 +80,9 @@ async fn check_batch(cluster: &Cluster, stream: &str, n: u64, expected: Behaviou
     assert!(wrong.is_empty(), "{stream}: every result must be {expected:?}'s: {wrong:?}");
 }
 
-/// Runs the built `ordo` CLI.
-async fn ordo(args: &[&str]) -> Output {
-    let output = tokio::process::Command::new(binary("ordo"))
-        .args(args)
-        .env_remove("ORDO_REDIS_URL")
-        .kill_on_drop(true)
-        .output()
-        .await
-        .expect("the ordo CLI runs");
-    eprintln!(
-        "$ ordo {}\n{}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
+/// Removed from the `ordo` CLI's environment: only `--redis-url` names the
+/// Redis, never the developer's configuration.
+const NO_REDIS_ENV: &[&str] = &["ORDO_REDIS_URL"];
 
 /// A registry file with an unknown kind on line 4, column 8.
 const BAD_FILE: &str = "[[operation]]\nname = \"echo\"\n# the next line is wrong\nkind = \"sideways\"\n";
@@ -146,28 +116,15 @@ async fn a_version_published_mid_stream_is_followed_and_pin_unpin_rollback_switc
     // v1 to v2 while a stream runs.
     let stream = "registry-mid-stream";
     let mut call = ProcessCall::open(&cluster.harmonizer());
-    let sender = call.sender().expect("the call is open");
-    let sent = Arc::new(AtomicU64::new(0));
-    let feeder = {
-        let sent = sent.clone();
-        tokio::spawn(async move {
-            let mut pace = tokio::time::interval(Duration::from_millis(2));
-            for seq in 0..N {
-                pace.tick().await;
-                if sender.send(text_event(stream, seq)).await.is_err() {
-                    return;
-                }
-                sent.store(seq + 1, Ordering::SeqCst);
-            }
-        })
-    };
+    let feeder =
+        call.feed_counted(N, Duration::from_millis(2), move |seq| text_event(stream, seq)).expect("the call is open");
     call.wait_for_total(200, DEADLINE).await.expect("the first results arrive");
     // Results already released were answered under v1; the rest may be either's.
     let answered = call.received().len() as u64;
-    let before_publish = sent.load(Ordering::SeqCst);
+    let before_publish = feeder.sent();
     let v2 = store.publish(&version_with(&reverse.grpc_endpoint())).await.expect("v2 is published");
     let listed = cluster.wait_for_registry_version(v2).await;
-    let switched = sent.load(Ordering::SeqCst);
+    let switched = feeder.sent();
     assert!(switched < N, "the stream ended before the harmonizer used v2; the test would prove nothing");
     let text_op = listed.operations.iter().find(|op| op.name == OP).expect("listed");
     assert_eq!(text_op.endpoint, reverse.grpc_endpoint(), "ListOperations shows v2's endpoint");
@@ -175,7 +132,7 @@ async fn a_version_published_mid_stream_is_followed_and_pin_unpin_rollback_switc
     call.wait_for_counts(&BTreeMap::from([(stream.to_owned(), N as usize)]), DEADLINE)
         .await
         .expect("the stream completes across the version change");
-    feeder.await.expect("the feeder ends");
+    feeder.join().await.expect("the feeder ends");
     let results = call.finish(LINGER).await.expect("the call ends cleanly");
     assert_ok(check_in_order_exactly_once(&results, N), "sequences across the version change");
     assert_ok(check_all_ok(&results), "statuses across the version change");
@@ -230,7 +187,7 @@ async fn a_version_published_mid_stream_is_followed_and_pin_unpin_rollback_switc
     std::fs::write(&bad, BAD_FILE).expect("write the bad file");
     let bad_path = bad.display().to_string();
     let redis_url = cluster.redis_url();
-    let refused = ordo(&["registry", "publish", &bad_path, "--redis-url", &redis_url]).await;
+    let refused = ordo(&["registry", "publish", &bad_path, "--redis-url", &redis_url], NO_REDIS_ENV).await;
     assert_eq!(refused.status.code(), Some(1), "a bad file exits 1");
     assert_eq!(stderr(&refused).trim(), format!("{bad_path}: {BAD_FILE_ERROR}"));
     assert_eq!(store.state().await.expect("registry state"), before, "a refused file changes nothing");
@@ -248,7 +205,7 @@ async fn ordo_registry_publishes_lists_shows_diffs_pins_unpins_and_rolls_back() 
         let mut all: Vec<String> = vec!["registry".into()];
         all.extend(args);
         all.extend(["--redis-url".to_owned(), url.clone()]);
-        async move { ordo(&all.iter().map(String::as_str).collect::<Vec<_>>()).await }
+        async move { ordo(&all.iter().map(String::as_str).collect::<Vec<_>>(), NO_REDIS_ENV).await }
     };
     let args = |line: &str| line.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
 
