@@ -154,6 +154,15 @@ install_python_packages() {
   python3 -c 'import grpc, grpc_tools, google.protobuf'
 }
 
+# grpcurl's wheel and the Python example need python3 with pip.
+install_python() {
+  if have python3; then
+    log "python3: present ($(python3 --version 2>&1))"
+    return
+  fi
+  apt_install python3 python3-pip
+}
+
 install_nextest() {
   if have cargo-nextest || cargo nextest --version >/dev/null 2>&1; then
     log "cargo-nextest: present"
@@ -171,6 +180,7 @@ fi
 install_just
 install_redis
 install_fonts
+install_python
 install_grpcurl
 install_python_packages
 install_nextest
