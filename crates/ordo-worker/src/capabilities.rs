@@ -69,23 +69,28 @@ pub(crate) fn resolve(
     filter: &OperationFilter,
     worker: &str,
 ) -> Result<(Arc<OperationSpec>, Target), OpError> {
-    let name = limits::echo(operation);
+    // Only error paths quote the name: no allocation per event.
+    let name = || limits::echo(operation);
     let version = catalog.version;
     let Some(spec) = catalog.get(operation) else {
+        let name = name();
         return Err(OpError::permanent(format!("operation {name:?} is not in registry version {version}")));
     };
     if spec.kind != Kind::Stateful {
+        let name = name();
         return Err(OpError::permanent(format!(
             "operation {name:?} is stateless in registry version {version}: the stateless service runs it, not a worker"
         )));
     }
     if !filter.allows(operation) {
+        let name = name();
         return Err(OpError::transient(format!("worker {worker} does not serve operation {name:?} (--operations)")));
     }
     match target(spec, natives) {
         Some(target) => Ok((spec.clone(), target)),
         None => Err(OpError::transient(format!(
-            "operation {name:?} has no endpoint in registry version {version} and is not compiled into worker {worker}"
+            "operation {:?} has no endpoint in registry version {version} and is not compiled into worker {worker}",
+            name()
         ))),
     }
 }
