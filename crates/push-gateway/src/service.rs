@@ -206,7 +206,15 @@ impl PushGateway for PushGatewayService {
                         let _ = results.send(Err(status)).await;
                         return;
                     }
-                    None => return,
+                    // Every session ended. On shutdown they end first (each
+                    // sees the token too), and the subscriber must still be
+                    // told to resubscribe, not get a clean end of stream.
+                    None => {
+                        if shutdown.is_cancelled() {
+                            let _ = results.send(Err(shutting_down())).await;
+                        }
+                        return;
+                    }
                 }
             }
         });
