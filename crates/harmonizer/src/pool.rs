@@ -40,7 +40,7 @@ use std::{
     collections::{HashMap, HashSet},
     sync::{
         Arc, Mutex, RwLock, Weak,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -86,6 +86,17 @@ impl PoolConfig {
             None => self.event_timeout,
         }
     }
+}
+
+/// What [`Pool::occupancy`] samples.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Occupancy {
+    /// Stateful events dispatched and not settled.
+    pub events: usize,
+    /// Streams with such events.
+    pub streams: usize,
+    /// The widest span (highest − lowest + 1) of a stream's unsettled sequences.
+    pub widest: u64,
 }
 
 /// Events the pool holds, per stream and sequence: how many tickets are out.
@@ -407,6 +418,8 @@ struct Inner {
     config: PoolConfig,
     next_dispatch: AtomicU64,
     index: Arc<Index>,
+    /// Events waiting in the background for a worker ([`Parked`]).
+    parked: Arc<AtomicUsize>,
 }
 
 impl Inner {
@@ -440,6 +453,7 @@ impl Pool {
             config,
             next_dispatch: AtomicU64::new(1),
             index: Arc::default(),
+            parked: Arc::default(),
         });
         for (index, client) in clients.into_iter().enumerate() {
             tokio::spawn(drive_link(Arc::downgrade(&inner), index, client, shutdown.clone()));
@@ -453,13 +467,27 @@ impl Pool {
     /// queued on a link (back-pressure: waits while every serving worker is
     /// full or none is up, for at most the attempt's time; then the attempt
     /// is used up and the event goes on waiting in the background).
+    ///
+    /// An event whose operation no live worker serves at all right now (its
+    /// workers are restarting) waits in the background instead, up to
+    /// [`MAX_PARKED`] such events, so that one operation without a worker
+    /// does not hold a call that also carries other operations' events and
+    /// results; past that bound it waits here (back-pressure) as before.
     pub async fn dispatch(&self, event: Event, spec: Arc<OperationSpec>, version: u64) {
         let ticket = Ticket::new(&self.inner.index, &event);
         let job = Job { event, spec, version, attempt: 1, _ticket: ticket };
-        if let Err(job) = place(&self.inner, job, None).await {
-            let reason = no_worker_reason(&job.spec.name);
-            tokio::spawn(retry(self.inner.clone(), job, None, reason));
+        crate::metrics::ATTEMPTS.increment(1);
+        if !self.inner.routing.serves(&job.spec.name)
+            && let Some(parked) = Parked::take(&self.inner.parked)
+        {
+            let inner = self.inner.clone();
+            tokio::spawn(async move {
+                let _parked = parked;
+                first_placement(inner, job).await;
+            });
+            return;
         }
+        first_placement(self.inner.clone(), job).await;
     }
 
     /// Whether a new stateful event of `operation` is accepted (see
@@ -483,6 +511,19 @@ impl Pool {
     /// Names of the live workers serving `operation` now.
     pub fn workers(&self, operation: &str) -> Vec<String> {
         self.inner.routing.workers(operation)
+    }
+
+    /// What the pool holds now (for the window gauges).
+    pub fn occupancy(&self) -> Occupancy {
+        let index = lock(&self.inner.index);
+        let mut occupancy = Occupancy { streams: index.len(), ..Occupancy::default() };
+        for sequences in index.values() {
+            occupancy.events += sequences.len();
+            let low = sequences.keys().min().copied().unwrap_or(0);
+            let high = sequences.keys().max().copied().unwrap_or(0);
+            occupancy.widest = occupancy.widest.max(high.saturating_sub(low).saturating_add(1));
+        }
+        occupancy
     }
 
     /// True while any attempt of this event is dispatched and unsettled,
@@ -634,6 +675,37 @@ async fn place(inner: &Arc<Inner>, job: Job, avoid: Option<usize>) -> Result<(),
     }
 }
 
+/// Places a new event's first attempt; an attempt that found no serving
+/// worker in its time is used up and retried (or FAILED) in the background.
+async fn first_placement(inner: Arc<Inner>, job: Job) {
+    if let Err(job) = place(&inner, job, None).await {
+        let reason = no_worker_reason(&job.spec.name);
+        tokio::spawn(retry(inner, job, None, reason));
+    }
+}
+
+/// Events waiting in the background for a worker of their operation (see
+/// [`Pool::dispatch`]) at most.
+pub const MAX_PARKED: usize = 4096;
+
+/// One of the [`MAX_PARKED`] places; given back when dropped.
+struct Parked(Arc<AtomicUsize>);
+
+impl Parked {
+    fn take(count: &Arc<AtomicUsize>) -> Option<Self> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_PARKED).then_some(n + 1))
+            .ok()
+            .map(|_| Self(count.clone()))
+    }
+}
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Dispatches again after a failed attempt (preferring a link other than
 /// `from`), or records FAILED in its place once its attempts are used up.
 async fn retry(inner: Arc<Inner>, job: Job, from: Option<usize>, reason: String) {
@@ -645,6 +717,7 @@ async fn retry(inner: Arc<Inner>, job: Job, from: Option<usize>, reason: String)
         if attempt >= inner.config.attempts(&job.spec) {
             tracing::warn!(stream, sequence, attempts = attempt, reason, "giving up; releasing FAILED in its place");
             let completed = failed(&job.event, attempt, format!("no result after {attempt} attempts (last: {reason})"));
+            crate::metrics::GIVEN_UP.increment(1);
             let _ = inner.sink.deliver(completed).await;
             // Settled only once FAILED is durable.
             drop(job);
@@ -652,6 +725,8 @@ async fn retry(inner: Arc<Inner>, job: Job, from: Option<usize>, reason: String)
         }
         tracing::info!(stream, sequence, attempt = attempt + 1, reason, "re-dispatching");
         job.attempt += 1;
+        crate::metrics::ATTEMPTS.increment(1);
+        crate::metrics::RETRIES.increment(1);
         match place(&inner, job, from).await {
             Ok(()) => return,
             Err(back) => {
@@ -730,6 +805,7 @@ async fn drive_link(
                             if let Some(flight) = flight
                                 && !ack.delivered
                             {
+                                crate::metrics::HAND_BACKS.increment(1);
                                 let reason = format!("worker: {}", bounded(&ack.error));
                                 let pool = pool.clone();
                                 // A transient failure: pause before the next attempt (growing
@@ -802,6 +878,7 @@ async fn sweep_timeouts(inner: Weak<Inner>, shutdown: ordo_runtime::Shutdown) {
             for (dispatch_id, flight) in expired {
                 // Abandoned here, so stop it there: it would hold a slot.
                 link.cancel(dispatch_id);
+                crate::metrics::TIMEOUTS.increment(1);
                 tokio::spawn(retry(pool.clone(), flight.job, Some(index), "event timeout".to_owned()));
             }
         }
@@ -1319,7 +1396,13 @@ mod tests {
         until("the worker went down with the event", || pool.workers("alpha").is_empty()).await;
         assert!(pool.may_admit("alpha"), "served within the event timeout: new events are accepted");
         assert!(pool.admit("alpha", Duration::ZERO).await.is_ok());
+        let started = Instant::now();
         pool.dispatch(op_event("s", 1, "alpha"), spec("alpha"), 0).await;
+        assert!(
+            started.elapsed() < Duration::from_millis(200),
+            "the caller is not held while no worker serves the operation: {:?}",
+            started.elapsed()
+        );
         until("both events are acked once it is back", || !pool.in_flight("s", 0) && !pool.in_flight("s", 1)).await;
         let mut got = worker.got();
         got.sort();
@@ -1341,10 +1424,10 @@ mod tests {
         pool.dispatch(op_event("s", 4, "alpha"), alpha, 0).await;
         let waited = started.elapsed();
         assert!(
-            waited >= Duration::from_millis(300) && waited < Duration::from_secs(3),
-            "the call waits for one attempt's time, not forever: {waited:?}"
+            waited < Duration::from_millis(200),
+            "no worker serves it: it waits in the background, not in the caller: {waited:?}"
         );
-        assert!(pool.in_flight("s", 4), "its second attempt still waits");
+        assert!(pool.in_flight("s", 4), "it waits for a worker (in flight: no gap is declared for it)");
         until("FAILED is recorded", || !pool.in_flight("s", 4)).await;
         assert!(started.elapsed() >= Duration::from_millis(600), "two attempts' time");
         let stored = lock(&sink.stored).clone();
