@@ -82,6 +82,9 @@ pub struct ServiceSpec {
 pub struct ServiceProcess {
     spec: ServiceSpec,
     port: u16,
+    /// The `--metrics-listen` port the testkit chose (`None` when the spec
+    /// sets `--metrics-listen` itself).
+    metrics_port: Option<u16>,
     log_path: PathBuf,
     child: OwnedChild,
     starts: u32,
@@ -97,6 +100,7 @@ impl ServiceProcess {
             let mut process = Self {
                 spec: spec.clone(),
                 port: free_port(),
+                metrics_port: (!spec.args.iter().any(|a| a.starts_with("--metrics-listen"))).then(free_port),
                 log_path: log_path.clone(),
                 child: OwnedChild::default(),
                 starts: 0,
@@ -125,6 +129,12 @@ impl ServiceProcess {
         self.port
     }
 
+    /// `http://127.0.0.1:<port>/metrics`: the Prometheus endpoint, on a free
+    /// port of its own unless the spec passed `--metrics-listen` itself.
+    pub fn metrics_url(&self) -> Option<String> {
+        self.metrics_port.map(|port| format!("http://127.0.0.1:{port}/metrics"))
+    }
+
     /// `127.0.0.1:<port>`, as peers are configured with.
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
@@ -147,6 +157,9 @@ impl ServiceProcess {
     /// The command line, for logs and error messages.
     pub fn command_line(&self) -> String {
         let mut line = format!("{} --listen {}", self.spec.binary.display(), self.addr());
+        if let Some(port) = self.metrics_port {
+            line.push_str(&format!(" --metrics-listen 127.0.0.1:{port}"));
+        }
         for arg in &self.spec.args {
             line.push(' ');
             line.push_str(arg);
@@ -259,7 +272,11 @@ impl ServiceProcess {
             &format!("start #{} of {}: {}", self.starts, self.spec.name, self.command_line()),
         )?;
         let mut command = Command::new(&self.spec.binary);
-        command.arg("--listen").arg(self.addr()).args(&self.spec.args);
+        command.arg("--listen").arg(self.addr());
+        if let Some(port) = self.metrics_port {
+            command.arg("--metrics-listen").arg(format!("127.0.0.1:{port}"));
+        }
+        command.args(&self.spec.args);
         for (key, _) in std::env::vars_os() {
             if key.to_str().is_some_and(|k| CONFIG_PREFIXES.iter().any(|p| k.starts_with(p))) {
                 command.env_remove(key);

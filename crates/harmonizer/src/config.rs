@@ -15,6 +15,10 @@ pub struct Config {
     /// Address the gRPC server listens on.
     #[arg(long, env = "HARMONIZER_LISTEN", default_value = "0.0.0.0:50051")]
     pub listen: SocketAddr,
+    /// Where the Prometheus metrics endpoint (`GET /metrics`) listens; `off` serves none.
+    #[arg(long, env = "HARMONIZER_METRICS_LISTEN", default_value = "0.0.0.0:9091", value_parser = ordo_runtime::metrics::parse_listen)]
+    // Fully qualified: clap would otherwise treat it as an optional address.
+    pub metrics_listen: ::std::option::Option<SocketAddr>,
     /// The stateless service.
     #[arg(long, env = "ORDO_STATELESS", default_value = "127.0.0.1:50052")]
     pub stateless: String,

@@ -10,6 +10,7 @@
 pub mod config;
 pub mod error;
 pub mod follower;
+pub mod metrics;
 pub mod pool;
 pub mod process;
 pub mod registry;
@@ -78,6 +79,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     let push_gateway = PushGatewayClient::new(ordo_runtime::client::traced(&config.push_gateway)?)
         .max_decoding_message_size(ordo_runtime::server::MAX_MESSAGE_BYTES);
     let drain = config.common.drain_timeout;
+    tokio::spawn(sample_window(pool.clone(), config.window, shutdown.clone()));
     let shared = Arc::new(Shared {
         config,
         registry,
@@ -96,6 +98,34 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
         .with_service(size_limit::SizeLimitStatus::new(server, ordo_runtime::server::MAX_MESSAGE_BYTES))
         .serve(listener, shutdown, drain)
         .await
+}
+
+impl Shared {
+    /// `operation` as a metrics label value: itself when the registry in
+    /// use has it, else `unknown` (bounded cardinality).
+    pub fn operation_label<'a>(&self, operation: &'a str) -> &'a str {
+        if self.registry.catalog().get(operation).is_some() { operation } else { metrics::UNKNOWN }
+    }
+}
+
+/// How often the window gauges are sampled.
+const WINDOW_SAMPLE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Samples what the pool holds: events in flight, streams with events in
+/// flight, and the fullest window (the span of a stream's unsettled
+/// sequences over `--window`).
+async fn sample_window(pool: pool::Pool, window: u64, shutdown: Shutdown) {
+    let mut ticker = tokio::time::interval(WINDOW_SAMPLE);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let occupancy = pool.occupancy();
+        metrics::IN_FLIGHT.set(occupancy.events as f64);
+        metrics::WINDOW_STREAMS.set(occupancy.streams as f64);
+        metrics::WINDOW_FILL.set(occupancy.widest as f64 / window.max(1) as f64);
+    }
 }
 
 #[derive(Clone)]
@@ -123,8 +153,17 @@ impl Harmonizer for HarmonizerService {
     }
 
     async fn submit(&self, request: Request<Event>) -> Result<Response<EventResult>, Status> {
-        let result = submit::submit(&self.shared, request.into_inner()).await?;
-        Ok(Response::new(result))
+        let event = request.into_inner();
+        // The spec (an Arc, no allocation) names the operation label if it is known.
+        let spec = self.shared.registry.catalog().get(&event.operation).cloned();
+        match submit::submit(&self.shared, event).await {
+            Ok(result) => Ok(Response::new(result)),
+            Err(error) => {
+                let status = Status::from(error);
+                metrics::rejected(status.code(), spec.as_ref().map_or(metrics::UNKNOWN, |spec| spec.name.as_str()));
+                Err(status)
+            }
+        }
     }
 
     async fn list_operations(

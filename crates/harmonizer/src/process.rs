@@ -198,6 +198,7 @@ impl Call {
 
     async fn reject(&self, event: &Event, error: Error) {
         let status = Status::from(error);
+        crate::metrics::rejected(status.code(), self.shared.operation_label(&event.operation));
         let _ = self.send(EventResult::rejected(&limits::echo(&event.stream_id), event.sequence, &status)).await;
     }
 
@@ -282,6 +283,7 @@ impl Call {
     }
 
     async fn dispatch(&mut self, mut event: Event, checked: Checked) {
+        crate::metrics::accepted(&checked.spec.name);
         event.mode = self.streams.mode(&event.stream_id).unwrap_or(OrderingMode::Ordered) as i32;
         let span = telemetry::entry_span(
             "harmonizer.dispatch",

@@ -230,6 +230,7 @@ impl Streams {
             if awaited.ready.is_some() {
                 continue; // a repeat (re-served from the log): the first one counts
             }
+            crate::metrics::latency(now.saturating_duration_since(awaited.since));
             awaited.ready = Some(if result.status() == ResultStatus::Gap && awaited.why != Why::Gap {
                 Outgoing::GapSettled { stream: stream.to_owned(), sequence: result.sequence }
             } else {

@@ -58,6 +58,7 @@ pub async fn submit(shared: &Shared, mut event: Event) -> Result<EventResult, Er
         if event.sequence < meta.next && mode == OrderingMode::Unordered {
             return Err(Error::AlreadyReleased { stream: event.stream_id, sequence: event.sequence });
         }
+        crate::metrics::accepted(&checked.spec.name);
         let result = shared.pool.execute_stateless(&event, &checked.spec).await;
         if event.sequence < meta.next {
             return answer(result); // released, but already trimmed from the log
@@ -88,6 +89,7 @@ pub async fn submit(shared: &Shared, mut event: Event) -> Result<EventResult, Er
         })?
         .into_inner();
     if dispatch {
+        crate::metrics::accepted(&checked.spec.name);
         shared.pool.dispatch(event.clone(), checked.spec, checked.version).await;
     }
     let wait = async {

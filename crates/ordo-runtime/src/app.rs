@@ -11,7 +11,7 @@ use std::{future::Future, net::SocketAddr, process::ExitCode, time::Duration};
 
 use tokio::net::TcpListener;
 
-use crate::{Shutdown, shutdown, telemetry};
+use crate::{Shutdown, metrics, shutdown, telemetry};
 
 /// Flags every service takes.
 #[derive(Debug, Clone, clap::Args)]
@@ -29,6 +29,9 @@ pub trait ServiceConfig: clap::Parser + Send + 'static {
     /// Where the gRPC server listens.
     fn listen(&self) -> SocketAddr;
     fn common(&self) -> &CommonArgs;
+    /// Where the Prometheus endpoint listens (`--metrics-listen`); `None`
+    /// (`off`) serves none and records nothing.
+    fn metrics_listen(&self) -> Option<SocketAddr>;
     /// Cross-field checks clap cannot express. The message is shown as is.
     fn validate(&self) -> Result<(), String> {
         Ok(())
@@ -36,7 +39,8 @@ pub trait ServiceConfig: clap::Parser + Send + 'static {
 }
 
 /// Implements [`ServiceConfig`] for a clap config with fields `listen:
-/// SocketAddr` and `common: CommonArgs`, optionally with a validation method
+/// SocketAddr`, `metrics_listen: Option<SocketAddr>` (parsed by
+/// [`crate::metrics::parse_listen`]) and `common: CommonArgs`, optionally with a validation method
 /// (`fn(&Self) -> Result<(), String>`).
 #[macro_export]
 macro_rules! service_config {
@@ -50,6 +54,9 @@ macro_rules! service_config {
             }
             fn common(&self) -> &$crate::app::CommonArgs {
                 &self.common
+            }
+            fn metrics_listen(&self) -> ::std::option::Option<::std::net::SocketAddr> {
+                self.metrics_listen
             }
             fn validate(&self) -> Result<(), String> {
                 ($validate)(self)
@@ -107,6 +114,23 @@ where
         };
         let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!(service, listen = %local, "listening");
+        if let Some(addr) = config.metrics_listen() {
+            let metrics_listener = match TcpListener::bind(addr).await {
+                Ok(listener) => listener,
+                Err(error) => {
+                    tracing::error!(%addr, %error, "cannot listen for metrics");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            match metrics::install() {
+                Ok(handle) => metrics::spawn_server(metrics_listener, handle),
+                Err(error) => {
+                    tracing::error!(error = format!("{error:#}"), "cannot install the metrics recorder");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            }
+            tracing::info!(service, metrics_listen = %addr, "serving metrics");
+        }
         let token = shutdown::on_signals();
         let overdue = {
             let token = token.clone();

@@ -3,7 +3,8 @@
 //! server builder with health, reflection and tracing ([`server`]), client
 //! channels ([`client`]), shutdown and drain ([`shutdown`]), Redis
 //! connections and retries ([`redis_conn`]), and health that follows the
-//! required dependencies ([`readiness`]).
+//! required dependencies ([`readiness`]), and the Prometheus endpoint
+//! ([`metrics`]).
 //!
 //! Service crates must not read env vars or bind sockets themselves: their
 //! `main.rs` hands a parsed config, a bound listener and a shutdown token to
@@ -12,6 +13,7 @@
 pub mod app;
 pub mod backoff;
 pub mod client;
+pub mod metrics;
 pub mod readiness;
 pub mod redis_conn;
 pub mod server;

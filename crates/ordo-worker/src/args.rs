@@ -13,6 +13,10 @@ pub struct WorkerArgs {
     /// Address the gRPC server listens on.
     #[arg(long, env = "WORKER_LISTEN", default_value = "0.0.0.0:50053")]
     pub listen: SocketAddr,
+    /// Where the Prometheus metrics endpoint (`GET /metrics`) listens; `off` serves none.
+    #[arg(long, env = "WORKER_METRICS_LISTEN", default_value = "0.0.0.0:9093", value_parser = ordo_runtime::metrics::parse_listen)]
+    // Fully qualified: clap would otherwise treat it as an optional address.
+    pub metrics_listen: ::std::option::Option<SocketAddr>,
     /// Reassembler replicas (comma-separated host:port); results are spread
     /// over the healthy ones and redelivered elsewhere if one dies.
     #[arg(long, env = "ORDO_REASSEMBLERS", default_value = "127.0.0.1:50054", value_delimiter = ',')]
@@ -145,6 +149,9 @@ impl ServiceConfig for MainConfig {
     }
     fn common(&self) -> &CommonArgs {
         &self.0.common
+    }
+    fn metrics_listen(&self) -> Option<SocketAddr> {
+        self.0.metrics_listen
     }
     fn validate(&self) -> Result<(), String> {
         self.0.validate()

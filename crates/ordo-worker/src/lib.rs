@@ -69,6 +69,9 @@
 //!     fn common(&self) -> &CommonArgs {
 //!         &self.worker.common
 //!     }
+//!     fn metrics_listen(&self) -> Option<std::net::SocketAddr> {
+//!         self.worker.metrics_listen
+//!     }
 //!     fn validate(&self) -> Result<(), String> {
 //!         self.worker.validate()
 //!     }
@@ -86,6 +89,7 @@
 mod args;
 mod capabilities;
 mod limits;
+mod metrics;
 mod operation;
 pub mod remote;
 mod worker;

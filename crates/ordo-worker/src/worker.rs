@@ -136,6 +136,7 @@ impl Worker {
         };
         let (announce, _) = watch::channel(compute(&follower));
         log_capabilities(&announce.borrow());
+        crate::metrics::CONCURRENCY_LIMIT.set(args.concurrency as f64);
         let inner = Arc::new(Inner {
             natives: self.operations,
             follower: follower.clone(),
@@ -400,6 +401,8 @@ impl Inner {
             return;
         };
         let span = telemetry::event_span("worker.process", &event.stream_id, event.sequence, &event.trace_context);
+        let running = crate::metrics::Running::start();
+        let started = Instant::now();
         let expired = async {
             match deadline {
                 Some(deadline) => tokio::time::sleep_until(deadline).await,
@@ -415,20 +418,31 @@ impl Inner {
             outcome = self.execute(&item, event, budget, &span).instrument(span.clone()) => Ok(outcome),
         };
         drop(permit);
+        drop(running);
+        crate::metrics::DURATION.record(started.elapsed().as_secs_f64());
         lock(&cancels).remove(&dispatch_id);
         let mut ack =
             WorkAck { dispatch_id, stream_id: event.stream_id.clone(), sequence: event.sequence, ..Default::default() };
         match outcome {
             Err(why) => {
+                match why {
+                    "cancelled" => crate::metrics::CANCELS.increment(1),
+                    _ => crate::metrics::TIMEOUTS.increment(1),
+                }
                 tracing::debug!(stream = %event.stream_id, sequence = event.sequence, attempt = item.attempt, why, "attempt abandoned; nothing delivered");
                 return;
             }
             Ok(Outcome::HandBack(error)) => {
                 tracing::info!(stream = %event.stream_id, sequence = event.sequence, attempt = item.attempt, %error, "transient failure; handing the attempt back");
+                crate::metrics::HAND_BACKS.increment(1);
                 ack.retry = true;
                 ack.error = error;
             }
             Ok(Outcome::Completed(mut completed)) => {
+                match completed.result.as_ref().map(|r| r.status()) {
+                    Some(ordo_proto::ResultStatus::Ok) => crate::metrics::RESULTS_OK.increment(1),
+                    _ => crate::metrics::RESULTS_FAILED.increment(1),
+                }
                 if let Some(result) = completed.result.as_mut() {
                     result.trace_context = telemetry::inject(&span, &result.trace_context);
                 }

@@ -131,6 +131,7 @@ impl Hub {
     }
 
     fn publish(&self, batch: ReleasedBatch) {
+        batch.results.iter().for_each(crate::metrics::released);
         self.lock_firehoses().retain(|firehose| match firehose.tx.try_send(batch.stream_id.clone()) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {

@@ -19,6 +19,7 @@ pub mod amqp;
 pub mod hub;
 pub mod json;
 pub mod log;
+mod metrics;
 pub mod service;
 pub mod session;
 pub mod sse;
@@ -46,6 +47,10 @@ pub struct Config {
     /// Address the gRPC server listens on.
     #[arg(long, env = "PUSH_GATEWAY_LISTEN", default_value = "0.0.0.0:50055")]
     pub listen: SocketAddr,
+    /// Where the Prometheus metrics endpoint (`GET /metrics`) listens; `off` serves none.
+    #[arg(long, env = "PUSH_GATEWAY_METRICS_LISTEN", default_value = "0.0.0.0:9095", value_parser = ordo_runtime::metrics::parse_listen)]
+    // Fully qualified: clap would otherwise treat it as an optional address.
+    pub metrics_listen: ::std::option::Option<SocketAddr>,
     /// Redis holding the release logs.
     #[arg(long, env = "ORDO_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,

@@ -181,8 +181,10 @@ impl PushGateway for PushGatewayService {
         drop(items);
         let (results, result_rx) = mpsc::channel(OUT_BUFFER);
         let shutdown = self.shutdown.clone();
+        let subscriber = crate::metrics::Subscriber::new(&crate::metrics::SUBSCRIBERS_GRPC);
         tokio::spawn(async move {
             let _sessions = sessions;
+            let _subscriber = subscriber;
             // Flatten batches; the first stream error ends the whole call with its status.
             loop {
                 let item = tokio::select! {

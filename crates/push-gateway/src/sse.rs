@@ -195,7 +195,9 @@ async fn events(
         state.shutdown.clone(),
     ));
     let mut session = AbortOnDrop(session);
+    let subscriber = crate::metrics::Subscriber::new(&crate::metrics::SUBSCRIBERS_SSE);
     let body = async_stream::stream! {
+        let _subscriber = subscriber;
         while let Some(batch) = batch_rx.recv().await {
             for result in &batch.results {
                 let event = Event::default()

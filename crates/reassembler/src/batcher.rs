@@ -90,7 +90,18 @@ async fn run(store: Store, mut rx: mpsc::Receiver<(Vec<Item>, Reply)>, max_batch
             }
             // A Redis restart breaks the connection once: retried here, so the
             // senders see an ack, not an error, when Redis is back in time.
-            let result = ordo_runtime::redis_conn::call(|| store.apply(&items)).await.map_err(Arc::new);
+            crate::metrics::BATCH_SIZE.record(items.len() as f64);
+            let result = ordo_runtime::redis_conn::call(|| async {
+                let started = std::time::Instant::now();
+                let result = store.apply(&items).await;
+                match &result {
+                    Ok(_) => crate::metrics::SCRIPT_DURATION.record(started.elapsed().as_secs_f64()),
+                    Err(_) => crate::metrics::REDIS_ERRORS.increment(1),
+                }
+                result
+            })
+            .await
+            .map_err(Arc::new);
             if let Err(error) = &result {
                 tracing::warn!(%error, results = items.len(), "release script failed; senders will redeliver");
             }

@@ -12,6 +12,10 @@ pub struct Config {
     /// Address the gRPC server listens on.
     #[arg(long, env = "REASSEMBLER_LISTEN", default_value = "0.0.0.0:50054")]
     pub listen: SocketAddr,
+    /// Where the Prometheus metrics endpoint (`GET /metrics`) listens; `off` serves none.
+    #[arg(long, env = "REASSEMBLER_METRICS_LISTEN", default_value = "0.0.0.0:9094", value_parser = ordo_runtime::metrics::parse_listen)]
+    // Fully qualified: clap would otherwise treat it as an optional address.
+    pub metrics_listen: ::std::option::Option<SocketAddr>,
     /// Redis holding the reorder state. Use AOF persistence in production:
     /// reorder state must survive a Redis restart.
     #[arg(long, env = "ORDO_REDIS_URL", default_value = "redis://127.0.0.1:6379")]

@@ -10,6 +10,7 @@
 pub mod batcher;
 pub mod config;
 pub mod dead_letters;
+mod metrics;
 pub mod service;
 pub mod store;
 

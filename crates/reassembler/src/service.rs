@@ -84,7 +84,8 @@ impl ReassemblerService {
 /// Turns a delivered batch into store items. A malformed result (no result,
 /// no stream id) is logged and skipped, never retried: failing the batch would
 /// make the sender redeliver the same poison forever.
-fn to_items(batch: DeliverBatch) -> Vec<Item> {
+/// Each item's result status, in order, goes to `statuses` (for metrics).
+fn to_items(batch: DeliverBatch, statuses: &mut Vec<ordo_proto::ResultStatus>) -> Vec<Item> {
     batch
         .results
         .into_iter()
@@ -103,6 +104,7 @@ fn to_items(batch: DeliverBatch) -> Vec<Item> {
             // Continue the trace: whoever serves the released result is a child of this span.
             result.trace_context = ordo_runtime::telemetry::inject(&span, &result.trace_context);
             let dead_letter = dead_letters::letter_for(&result, completed.dead_letter);
+            statuses.push(result.status());
             Some(Item {
                 stream_id: result.stream_id.clone(),
                 sequence: result.sequence,
@@ -141,12 +143,21 @@ impl Reassembler for ReassemblerService {
                     ready?;
                     let batch_id = batch.batch_id;
                     let total = batch.results.len() as u32;
-                    let items = to_items(batch);
+                    let mut statuses = Vec::new();
+                    let items = to_items(batch, &mut statuses);
+                    let letters: Vec<bool> = items.iter().map(|item| !item.dead_letter.is_empty()).collect();
                     let flags = if items.is_empty() {
                         Vec::new()
                     } else {
                         batcher.submit(items).await.map_err(Error::from)?.map_err(Error::from)?
                     };
+                    for ((&new, &status), &letter) in flags.iter().zip(&statuses).zip(&letters) {
+                        if new {
+                            crate::metrics::stored(status, letter);
+                        } else {
+                            crate::metrics::DUPLICATES.increment(1);
+                        }
+                    }
                     let accepted = flags.iter().filter(|&&new| new).count() as u32;
                     Ok(DeliverAck { batch_id, accepted, duplicates: total - accepted })
                 }

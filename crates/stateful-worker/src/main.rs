@@ -29,6 +29,9 @@ impl ServiceConfig for Config {
     fn common(&self) -> &CommonArgs {
         &self.worker.common
     }
+    fn metrics_listen(&self) -> Option<SocketAddr> {
+        self.worker.metrics_listen
+    }
     fn validate(&self) -> Result<(), String> {
         self.worker.validate()
     }

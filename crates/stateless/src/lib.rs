@@ -23,6 +23,10 @@ pub struct Config {
     /// Address the gRPC server listens on.
     #[arg(long, env = "STATELESS_LISTEN", default_value = "0.0.0.0:50052")]
     pub listen: SocketAddr,
+    /// Where the Prometheus metrics endpoint (`GET /metrics`) listens; `off` serves none.
+    #[arg(long, env = "STATELESS_METRICS_LISTEN", default_value = "0.0.0.0:9092", value_parser = ordo_runtime::metrics::parse_listen)]
+    // Fully qualified: clap would otherwise treat it as an optional address.
+    pub metrics_listen: ::std::option::Option<SocketAddr>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -57,10 +61,15 @@ impl Stateless for StatelessService {
             &event.trace_context,
         );
         let _entered = span.enter();
-        let result = match (op.run)(&event.payload) {
-            Ok(output) => EventResult::ok(&event, output),
-            Err(reason) => EventResult::failed(&event, reason),
+        let started = std::time::Instant::now();
+        let (result, status) = match (op.run)(&event.payload) {
+            Ok(output) => (EventResult::ok(&event, output), "ok"),
+            Err(reason) => (EventResult::failed(&event, reason), "failed"),
         };
+        // Static label values (the operation names are the built-in ones): no allocation.
+        metrics::counter!("ordo_stateless_executions_total", "operation" => op.name, "status" => status).increment(1);
+        metrics::histogram!("ordo_stateless_execution_duration_seconds", "operation" => op.name)
+            .record(started.elapsed().as_secs_f64());
         Ok(Response::new(result))
     }
 

@@ -247,6 +247,8 @@ impl Bare {
         let child = Command::new(binary(name))
             .arg("--listen")
             .arg(&addr)
+            // The default metrics ports would clash between concurrent tests.
+            .args(["--metrics-listen", "off"])
             .args(args)
             .env("NO_COLOR", "1")
             .env_remove("ORDO_REDIS_URL")
@@ -488,6 +490,12 @@ async fn ctrl_c_on_up_sh_stops_like_just_down_and_delivers_in_flight_results() {
         ("ORDO_PUSH_GATEWAY", push_gateway),
         ("ORDO_DRAIN_TIMEOUT", "5s".into()),
         ("ORDO_UP_GRACE", "10".into()),
+        // Free metrics ports (the defaults, 9091-9095, may be taken here).
+        ("HARMONIZER_METRICS_LISTEN", port(0)),
+        ("STATELESS_METRICS_LISTEN", port(0)),
+        ("WORKER_METRICS_LISTEN", port(0)),
+        ("REASSEMBLER_METRICS_LISTEN", port(0)),
+        ("PUSH_GATEWAY_METRICS_LISTEN", port(0)),
     ]);
     wait_health(&harmonizer, ServingStatus::Serving, Duration::from_secs(60)).await;
 

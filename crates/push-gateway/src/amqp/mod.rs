@@ -229,11 +229,13 @@ impl Publisher {
             (true, None) => {
                 tracing::info!(exchange = %self.config.exchange, "leading AMQP publishing");
                 self.leader_since = Some(Instant::now());
+                crate::metrics::SUBSCRIBERS_AMQP.set(1.0);
                 self.need_scan = true;
             }
             (false, Some(_)) => {
                 tracing::warn!(exchange = %self.config.exchange, "lost the AMQP publishing lease to another replica");
                 self.leader_since = None;
+                crate::metrics::SUBSCRIBERS_AMQP.set(0.0);
                 self.dirty.clear();
                 self.queue.clear();
             }
@@ -388,6 +390,9 @@ impl Publisher {
             }
         }
         let moved = self.outbox.compare_and_set(stream, cursor, Some(last + 1)).await?;
+        if moved {
+            crate::metrics::AMQP_CONFIRMED.increment(entries.results.len() as u64);
+        }
         let more = !moved || entries.results.len() >= PAGE || last + 1 < entries.released;
         Ok(if more { Progress::More } else { Progress::Done })
     }
