@@ -375,6 +375,18 @@ impl Cluster {
         format!("http://127.0.0.1:{port}")
     }
 
+    /// Scrapes the Prometheus endpoint of the service process named `name`
+    /// (`harmonizer`, `stateless`, `push-gateway`, `worker-<i>`,
+    /// `reassembler-<i>`, as [`Cluster::log_tails`] names them).
+    pub async fn scrape(&self, name: &str) -> anyhow::Result<crate::metrics::Metrics> {
+        let process = self
+            .processes()
+            .find(|p| p.name() == name)
+            .with_context(|| format!("no service process named {name:?}"))?;
+        let url = process.metrics_url().with_context(|| format!("{name} was given --metrics-listen by the test"))?;
+        crate::metrics::scrape(&url).await.with_context(|| format!("scraping {name}"))
+    }
+
     /// A client of reassembler replica `i`.
     pub fn reassembler(&self, i: usize) -> ReassemblerClient<Channel> {
         ReassemblerClient::new(self.reassembler_channels[i].clone())

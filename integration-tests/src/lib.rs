@@ -18,6 +18,8 @@
 //!   feeder that counts what it sent), result checks.
 //! - [`cli`]: the built `ordo` command-line tool, run with arguments.
 //! - [`eventually`]: polling with a deadline instead of sleeping.
+//! - [`metrics`]: scraping a service's Prometheus endpoint
+//!   ([`Cluster::scrape`]) with a real parser of the text format.
 //! - [`otlp`]: an in-process OTLP trace collector.
 //! - [`sse`]: a Server-Sent Events client (the push-gateway's HTTP channel).
 //! - [`rabbitmq`]: the machine's RabbitMQ: a reconnecting queue consumer and
@@ -33,6 +35,7 @@ pub mod client;
 pub mod cluster;
 pub mod eventually;
 pub mod example;
+pub mod metrics;
 pub mod otlp;
 pub mod ports;
 pub mod process;

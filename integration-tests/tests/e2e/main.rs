@@ -16,6 +16,7 @@ mod give_up;
 mod grpcurl;
 mod http_operation;
 mod lifecycle;
+mod metrics;
 mod ordering;
 mod push;
 mod push_amqp;
