@@ -182,3 +182,31 @@ async fn every_service_counts_a_known_workload_on_its_metrics_endpoint() {
     })
     .await;
 }
+
+/// A metrics port that is taken is a configuration error (exit code 64,
+/// like the gRPC port), and a bad value is refused by the flag parser.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_taken_or_malformed_metrics_address_stops_the_service_at_start() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port of our own");
+    let metrics = taken.local_addr().expect("its address").to_string();
+    let run = |metrics: String| async move {
+        let listen = format!("127.0.0.1:{}", integration_tests::ports::free_port());
+        let output = tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::process::Command::new(integration_tests::process::binary("stateless"))
+                .args(["--listen", &listen, "--metrics-listen", &metrics])
+                .env("NO_COLOR", "1")
+                .output(),
+        )
+        .await
+        .expect("the service exits at once")
+        .expect("the binary runs");
+        (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+    let (code, stderr) = run(metrics).await;
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("cannot listen for metrics"), "{stderr}");
+    let (code, stderr) = run("nine".to_owned()).await;
+    assert_ne!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("--metrics-listen"), "{stderr}");
+}
