@@ -38,6 +38,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
             dead_letter_retention: config.dead_letter_retention,
         },
     );
+    tokio::spawn(sample_pending(store.clone(), shutdown.clone()));
     let (batcher, batch_loop) = batcher::Batcher::start(store.clone(), config.max_batch, shutdown.clone());
     let service = service::ReassemblerService::new(batcher, store, readiness.clone(), shutdown.clone());
     let served = GrpcServer::new()
@@ -59,4 +60,31 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
         () = hard_stop => tracing::warn!("script calls still running at the drain deadline; their senders redeliver"),
     }
     served
+}
+
+/// How often the results pending in Redis are sampled.
+const PENDING_SAMPLE: std::time::Duration = std::time::Duration::from_secs(10);
+/// Keys scanned per sample at most (a bound on its cost).
+const PENDING_SCAN_KEYS: usize = 100_000;
+
+/// Samples the results pending in Redis (every replica sees the same Redis:
+/// aggregate with `max`, not `sum`).
+async fn sample_pending(store: store::Store, shutdown: Shutdown) {
+    let mut ticker = tokio::time::interval(PENDING_SAMPLE);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        match store.pending_results(PENDING_SCAN_KEYS).await {
+            Ok((streams, results)) => {
+                metrics::PENDING_STREAMS.set(streams as f64);
+                metrics::PENDING_RESULTS.set(results as f64);
+            }
+            Err(error) => {
+                metrics::SAMPLE_ERRORS.increment(1);
+                tracing::debug!(%error, "cannot sample the pending results");
+            }
+        }
+    }
 }

@@ -3,13 +3,17 @@
 
 use std::sync::LazyLock;
 
-use ::metrics::{Counter, Histogram, counter, histogram};
+use ::metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 use ordo_proto::ResultStatus;
 
 pub static SCRIPT_DURATION: LazyLock<Histogram> = LazyLock::new(|| histogram!("ordo_release_script_duration_seconds"));
 pub static BATCH_SIZE: LazyLock<Histogram> = LazyLock::new(|| histogram!("ordo_release_batch_size"));
 pub static REDIS_ERRORS: LazyLock<Counter> =
     LazyLock::new(|| counter!("ordo_redis_errors_total", "operation" => "release_script"));
+pub static SAMPLE_ERRORS: LazyLock<Counter> =
+    LazyLock::new(|| counter!("ordo_redis_errors_total", "operation" => "sample_pending"));
+pub static PENDING_RESULTS: LazyLock<Gauge> = LazyLock::new(|| gauge!("ordo_results_pending"));
+pub static PENDING_STREAMS: LazyLock<Gauge> = LazyLock::new(|| gauge!("ordo_streams_pending"));
 pub static DUPLICATES: LazyLock<Counter> = LazyLock::new(|| counter!("ordo_duplicate_results_total"));
 
 /// Per result status: (stored, dead letters).

@@ -8,6 +8,9 @@ use ordo_core::keys;
 use ordo_proto::v1::{OrderingMode, StreamState};
 use redis::aio::ConnectionManager;
 
+/// Every stream's pending hash ([`keys::pending`]); braces are literal in a SCAN pattern.
+const PENDING_PATTERN: &str = "ordo:{*}:pend";
+
 /// One completed result on its way into Redis.
 #[derive(Debug, Clone)]
 pub struct Item {
@@ -97,6 +100,39 @@ impl Store {
             accepted[i] = *flag == b'1';
         }
         Ok(accepted)
+    }
+
+    /// Sums the pending hashes of every stream (results stored and waiting
+    /// for a predecessor; in UNORDERED streams, released markers above the
+    /// contiguous floor), scanning at most `max_keys` keys: `(streams, results)`.
+    pub async fn pending_results(&self, max_keys: usize) -> redis::RedisResult<(u64, u64)> {
+        let mut conn = self.conn.clone();
+        let (mut cursor, mut streams, mut results) = (0u64, 0u64, 0u64);
+        let mut scanned = 0usize;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(PENDING_PATTERN)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await?;
+            if !keys.is_empty() {
+                let mut pipe = redis::pipe();
+                for key in &keys {
+                    pipe.hlen(key);
+                }
+                let lengths: Vec<u64> = pipe.query_async(&mut conn).await?;
+                streams += lengths.iter().filter(|&&n| n > 0).count() as u64;
+                results += lengths.iter().sum::<u64>();
+            }
+            scanned += keys.len();
+            cursor = next;
+            if cursor == 0 || scanned >= max_keys {
+                return Ok((streams, results));
+            }
+        }
     }
 
     /// The reorder state of one stream.

@@ -366,3 +366,29 @@ fn dead_letters_are_trimmed_to_the_retention() {
         assert_eq!(kept.last().map(|(_, seq, _)| *seq), Some(1_999), "the newest are kept");
     });
 }
+
+/// `ordo_results_pending` samples every stream's pending hash: results
+/// stored behind a missing predecessor, and nothing once it arrived.
+#[test]
+fn pending_results_count_what_waits_for_a_predecessor() {
+    let redis = Redis::start();
+    runtime().block_on(async {
+        let client = redis::Client::open(redis.url.as_str()).expect("url");
+        let conn = redis::aio::ConnectionManager::new(client).await.expect("connect");
+        let store =
+            Store::new(conn, StoreConfig { retention: 1_000_000, ttl_ms: 60_000, dead_letter_retention: 1_000_000 });
+        assert_eq!(store.pending_results(1000).await.expect("scan"), (0, 0));
+        // a: 0 released, 2 and 3 wait for 1; b: 5 waits for 0..5; c: all released.
+        let items = [
+            item("pend-a", 0, OrderingMode::Ordered),
+            item("pend-a", 2, OrderingMode::Ordered),
+            item("pend-a", 3, OrderingMode::Ordered),
+            item("pend-b", 5, OrderingMode::Ordered),
+            item("pend-c", 0, OrderingMode::Ordered),
+        ];
+        store.apply(&items).await.expect("script");
+        assert_eq!(store.pending_results(1000).await.expect("scan"), (2, 3));
+        store.apply(&[item("pend-a", 1, OrderingMode::Ordered)]).await.expect("script");
+        assert_eq!(store.pending_results(1000).await.expect("scan"), (1, 1));
+    });
+}
