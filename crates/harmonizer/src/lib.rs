@@ -156,8 +156,15 @@ impl Harmonizer for HarmonizerService {
         let event = request.into_inner();
         // The spec (an Arc, no allocation) names the operation label if it is known.
         let spec = self.shared.registry.catalog().get(&event.operation).cloned();
+        let started = std::time::Instant::now();
         match submit::submit(&self.shared, event).await {
-            Ok(result) => Ok(Response::new(result)),
+            Ok(result) => {
+                // A PROCESSING answer is not the event's result: its latency is unknown here.
+                if result.status() != ordo_proto::ResultStatus::Processing {
+                    metrics::latency(started.elapsed());
+                }
+                Ok(Response::new(result))
+            }
             Err(error) => {
                 let status = Status::from(error);
                 metrics::rejected(status.code(), spec.as_ref().map_or(metrics::UNKNOWN, |spec| spec.name.as_str()));

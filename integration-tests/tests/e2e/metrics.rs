@@ -173,6 +173,32 @@ async fn every_service_counts_a_known_workload_on_its_metrics_endpoint() {
         m.text
     );
 
+    // Submit counts too: one accepted (answered inline, its latency
+    // observed) and one refused, as deltas of the harmonizer's counters.
+    let before = cluster.scrape("harmonizer").await.expect("the harmonizer is scraped");
+    let answered = cluster
+        .harmonizer()
+        .submit(event("metrics-submit", 0, "upper", "abc"))
+        .await
+        .expect("Submit answers")
+        .into_inner();
+    assert_eq!(answered.status(), ResultStatus::Ok, "{answered:?}");
+    let refused = cluster.harmonizer().submit(event("metrics-submit", 1, "no-such-op", "x")).await;
+    assert_eq!(refused.map_err(|s| s.code()).err(), Some(tonic::Code::NotFound));
+    let after = cluster.scrape("harmonizer").await.expect("the harmonizer is scraped");
+    let delta = |name: &str, labels: &[(&str, &str)]| after.sum(name, labels) - before.sum(name, labels);
+    assert_eq!(
+        (
+            delta("ordo_events_accepted_total", &[("operation", "upper")]),
+            delta("ordo_events_rejected_total", &[("code", "NOT_FOUND"), ("operation", "unknown")]),
+            after.histogram_count("ordo_event_latency_seconds", &[])
+                - before.histogram_count("ordo_event_latency_seconds", &[]),
+        ),
+        (1.0, 1.0, 1.0),
+        "{}",
+        after.text
+    );
+
     // Subscribers that leave are no longer counted.
     drop((grpc, sse));
     eventually(Duration::from_secs(10), || async {
