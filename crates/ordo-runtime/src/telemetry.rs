@@ -173,11 +173,26 @@ impl Extractor for HeaderExtractor<'_> {
     }
 }
 
-/// The span of one incoming gRPC call, child of the caller's `traceparent`.
-/// Used as the server's `trace_fn`.
+/// Calls that get no span of their own: health checks and reflection (polled
+/// by orchestrators and tools: a one-span trace each is noise), and the
+/// long-lived internal streams, which live as long as the process and carry
+/// many events, each with its own trace context in the message.
+const UNTRACED_PATHS: [&str; 5] = [
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.",
+    "/ordo.v1.StatefulWorker/Work",
+    "/ordo.v1.Reassembler/Deliver",
+    "/ordo.v1.PushGateway/Follow",
+];
+
+/// The span of one incoming gRPC call, child of the caller's `traceparent`
+/// (none for [`UNTRACED_PATHS`]). Used as the server's `trace_fn`.
 pub fn server_span(request: &http::Request<()>) -> Span {
-    let span =
-        tracing::info_span!("grpc", otel.name = request.uri().path(), otel.kind = "server", rpc.system = "grpc",);
+    let path = request.uri().path();
+    if UNTRACED_PATHS.iter().any(|prefix| path.starts_with(prefix)) {
+        return Span::none();
+    }
+    let span = tracing::info_span!("grpc", otel.name = path, otel.kind = "server", rpc.system = "grpc",);
     if !span.is_disabled() {
         let parent = global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers())));
         let _ = span.set_parent(parent);
@@ -207,5 +222,36 @@ impl tonic::service::Interceptor for TraceInterceptor {
         let cx = Span::current().context();
         global::get_text_map_propagator(|p| p.inject_context(&cx, &mut MetadataInjector(request.metadata_mut())));
         Ok(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span_for(path: &str) -> Span {
+        let request = http::Request::builder().uri(path).body(()).expect("a request");
+        server_span(&request)
+    }
+
+    #[test]
+    fn health_reflection_and_internal_streams_get_no_call_span() {
+        let subscriber = tracing_subscriber::registry();
+        tracing::subscriber::with_default(subscriber, || {
+            for path in [
+                "/grpc.health.v1.Health/Check",
+                "/grpc.health.v1.Health/Watch",
+                "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                "/ordo.v1.StatefulWorker/Work",
+                "/ordo.v1.Reassembler/Deliver",
+                "/ordo.v1.PushGateway/Follow",
+            ] {
+                assert!(span_for(path).is_none(), "{path} must not open a span (a one-span trace each)");
+            }
+            for path in ["/ordo.v1.Harmonizer/Submit", "/ordo.v1.PushGateway/Subscribe", "/ordo.v1.Stateless/Execute"] {
+                assert!(!span_for(path).is_none(), "{path} is traced");
+            }
+        });
     }
 }
