@@ -253,9 +253,11 @@ impl Call {
     /// waits up to `--worker-wait` for one.
     async fn admit(&mut self, event: Event, checked: Checked) -> Option<Blocked> {
         let stream = event.stream_id.as_str();
+        // The common case (a worker serves it) is decided first, so the
+        // stream's state is classified twice only while no worker serves it.
         if checked.route == Route::Stateful
-            && self.streams.classify(stream, event.sequence) == Admission::Dispatch
             && !self.shared.pool.may_admit(&checked.spec.name)
+            && self.streams.classify(stream, event.sequence) == Admission::Dispatch
         {
             let deadline = Instant::now() + self.shared.config.worker_wait;
             return Some(Blocked { event, checked, deadline, wait: Wait::Worker });
