@@ -36,6 +36,7 @@
 //! step with the in-flight tables by a ticket each event carries until it is
 //! settled.
 
+use ordo_runtime::sync::{lock, read, write};
 use std::{
     collections::{HashMap, HashSet},
     sync::{
@@ -222,19 +223,6 @@ impl Link {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Critical sections are plain map operations; a poisoned lock is still consistent.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    lock.write().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// The links and what each serves: picking a link for an operation, and
 /// whether an operation has (or lately had) a live worker.
 struct Routing {
@@ -266,14 +254,24 @@ impl Routing {
 
     /// The least-loaded healthy link serving `operation`, preferring one
     /// other than `avoid`.
+    /// One pass, no allocation (it runs per dispatch).
     fn pick(&self, operation: &str, avoid: Option<usize>) -> Option<usize> {
-        let candidates: Vec<usize> = (0..self.links.len()).filter(|&i| self.links[i].serves(operation)).collect();
-        candidates
-            .iter()
-            .copied()
-            .filter(|&i| Some(i) != avoid)
-            .min_by_key(|&i| self.links[i].load())
-            .or_else(|| candidates.first().copied())
+        let mut first = None;
+        let mut best: Option<(usize, usize)> = None;
+        for (i, link) in self.links.iter().enumerate() {
+            if !link.serves(operation) {
+                continue;
+            }
+            first.get_or_insert(i);
+            if Some(i) == avoid {
+                continue;
+            }
+            let load = link.load();
+            if best.is_none_or(|(_, least)| load < least) {
+                best = Some((i, load));
+            }
+        }
+        best.map(|(i, _)| i).or(first)
     }
 
     /// Some healthy link serves `operation` now.
