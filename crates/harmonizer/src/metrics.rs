@@ -29,13 +29,13 @@ static ACCEPTED: LazyLock<RwLock<HashMap<String, Counter>>> = LazyLock::new(RwLo
 /// One event accepted (dispatched to a worker or the stateless service);
 /// its operation is one of the registry's (it was checked).
 pub fn accepted(operation: &str) {
-    if let Some(counter) = ACCEPTED.read().unwrap_or_else(|p| p.into_inner()).get(operation) {
+    if let Some(counter) = ordo_runtime::sync::read(&ACCEPTED).get(operation) {
         counter.increment(1);
         return;
     }
     let counter = counter!("ordo_events_accepted_total", "operation" => operation.to_owned());
     counter.increment(1);
-    ACCEPTED.write().unwrap_or_else(|p| p.into_inner()).insert(operation.to_owned(), counter);
+    ordo_runtime::sync::write(&ACCEPTED).insert(operation.to_owned(), counter);
 }
 
 /// One event refused with `code`; `operation` is its label value (an

@@ -9,6 +9,7 @@
 //! While Redis is unreachable the service keeps the version it has. Before
 //! any version is published it uses its built-in catalog (version 0).
 
+use ordo_runtime::sync::lock;
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex},
@@ -199,9 +200,4 @@ impl Follower {
         tracing::info!(from = previous.version, to = next.version, pinned, "operation registry version changed");
         self.inner.changes.send_replace(next.version);
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Plain map operations: a poisoned lock is still consistent.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

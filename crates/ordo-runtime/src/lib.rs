@@ -18,6 +18,7 @@ pub mod readiness;
 pub mod redis_conn;
 pub mod server;
 pub mod shutdown;
+pub mod sync;
 pub mod telemetry;
 
 pub use shutdown::Shutdown;

@@ -26,7 +26,7 @@ impl OpLimits {
     pub(crate) async fn acquire(&self, spec: &OperationSpec) -> Option<OwnedSemaphorePermit> {
         let limit = spec.concurrency.filter(|&n| n > 0)?;
         let semaphore = {
-            let mut semaphores = self.semaphores.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut semaphores = ordo_runtime::sync::lock(&self.semaphores);
             if semaphores.len() >= MAX_LIMITS && !semaphores.contains_key(&(spec.name.clone(), limit)) {
                 // Only semaphores nobody holds or waits for (all permits back).
                 semaphores.retain(|(_, n), s| s.available_permits() < *n as usize || Arc::strong_count(s) > 1);

@@ -77,7 +77,7 @@ fn cached<T: Clone, E>(
     key: &str,
     make: impl FnOnce() -> Result<T, E>,
 ) -> Result<T, E> {
-    let mut cache = cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut cache = ordo_runtime::sync::lock(cache);
     if let Some(hit) = cache.get(key) {
         return Ok(hit.clone());
     }

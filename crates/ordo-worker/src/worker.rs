@@ -35,6 +35,7 @@
 //! and exits; the harmonizer re-dispatches everything unacked when the call
 //! ends.
 
+use ordo_runtime::sync::lock;
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     pin::Pin,
@@ -274,11 +275,6 @@ impl Attempt {
 /// id. Dispatch ids are unique per harmonizer, and each harmonizer has its
 /// own call, so the map is per call.
 type Cancels = Arc<Mutex<HashMap<u64, CancellationToken>>>;
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Critical sections are plain map operations; a poisoned lock is still consistent.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 /// A final FAILED result, recorded as a dead letter too.
 fn failed(event: &Event, attempts: u32, error: String) -> Completed {
