@@ -11,6 +11,7 @@
 //! the library's `run`.
 
 pub mod app;
+pub mod auth;
 pub mod backoff;
 pub mod client;
 pub mod metrics;
