@@ -61,6 +61,7 @@ pub struct Shared {
 }
 
 pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
+    metrics::describe();
     // Lazy: health is served (NOT_SERVING) at once, even while Redis is down.
     let redis = ordo_runtime::redis_conn::lazy(&config.redis_url)?;
     let (readiness, _watcher) = Readiness::watch(vec![Dependency::redis(redis.clone())], shutdown.clone());

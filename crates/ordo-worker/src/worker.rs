@@ -137,6 +137,7 @@ impl Worker {
         };
         let (announce, _) = watch::channel(compute(&follower));
         log_capabilities(&announce.borrow());
+        crate::metrics::describe();
         crate::metrics::CONCURRENCY_LIMIT.set(args.concurrency as f64);
         let inner = Arc::new(Inner {
             natives: self.operations,

@@ -93,6 +93,10 @@ pub struct Config {
     /// (an encoded ordo.v1.EventResult).
     #[arg(long, env = "PUSH_GATEWAY_AMQP_BODY", value_enum, default_value = "json")]
     pub amqp_body: amqp::BodyFormat,
+    /// How often the AMQP outbox lag (`ordo_amqp_outbox_lag_results`:
+    /// released results the broker has not confirmed) is sampled from Redis.
+    #[arg(long, env = "PUSH_GATEWAY_AMQP_LAG_INTERVAL", default_value = "10s", value_parser = ordo_core::duration::parse)]
+    pub amqp_lag_interval: Duration,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -121,6 +125,7 @@ impl Config {
             url: self.amqp_url.clone().unwrap_or_else(|| DEFAULT_AMQP_URL.to_owned()),
             exchange: self.amqp_exchange.clone(),
             body: self.amqp_body,
+            lag_interval: self.amqp_lag_interval,
         })
     }
 }
@@ -132,6 +137,9 @@ impl Config {
     fn check(&self) -> Result<(), String> {
         if self.subscriber_buffer == 0 {
             return Err("--subscriber-buffer must be at least 1".into());
+        }
+        if self.amqp_lag_interval.is_zero() {
+            return Err("--amqp-lag-interval must be more than 0".into());
         }
         if self.sse_keep_alive.is_zero() {
             return Err("--sse-keep-alive must be positive".into());
@@ -190,6 +198,7 @@ pub async fn run_with(
     // Lazy: health is served (NOT_SERVING) at once, even while Redis is down.
     let conn = ordo_runtime::redis_conn::lazy(&config.redis_url)?;
     let (readiness, _watcher) = Readiness::watch(vec![Dependency::redis(conn.clone())], shutdown.clone());
+    metrics::describe();
     let hub = hub::Hub::new(config.subscriber_buffer);
     let log = log::Log::new(conn, config.retention_age);
     let drain = config.common.drain_timeout;

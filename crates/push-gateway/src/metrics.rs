@@ -3,7 +3,9 @@
 
 use std::sync::LazyLock;
 
-use ::metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+use ::metrics::{
+    Counter, Gauge, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
 use ordo_proto::v1::EventResult;
 
 pub static SUBSCRIBERS_GRPC: LazyLock<Gauge> = LazyLock::new(|| gauge!("ordo_subscribers", "channel" => "grpc"));
@@ -11,6 +13,58 @@ pub static SUBSCRIBERS_SSE: LazyLock<Gauge> = LazyLock::new(|| gauge!("ordo_subs
 pub static SUBSCRIBERS_AMQP: LazyLock<Gauge> = LazyLock::new(|| gauge!("ordo_subscribers", "channel" => "amqp"));
 pub static REORDER_WAIT: LazyLock<Histogram> = LazyLock::new(|| histogram!("ordo_reorder_wait_seconds"));
 pub static AMQP_CONFIRMED: LazyLock<Counter> = LazyLock::new(|| counter!("ordo_amqp_confirmed_total"));
+pub static AMQP_LAG: LazyLock<Gauge> = LazyLock::new(|| gauge!("ordo_amqp_outbox_lag_results"));
+pub static AMQP_LAG_ERRORS: LazyLock<Counter> =
+    LazyLock::new(|| counter!("ordo_redis_errors_total", "operation" => "sample_amqp_lag"));
+
+/// Gives every metric of the push-gateway its `# HELP` line (and unit), and
+/// registers its fixed series at 0 (the AMQP ones only when AMQP is on: see
+/// [`describe_amqp`]). Called once at start, after `ordo_runtime::app::run`
+/// installed the recorder (a description given before that would be lost).
+pub fn describe() {
+    for gauge in [&SUBSCRIBERS_GRPC, &SUBSCRIBERS_SSE, &SUBSCRIBERS_AMQP] {
+        LazyLock::force(gauge);
+    }
+    LazyLock::force(&RELEASED);
+    LazyLock::force(&REORDER_WAIT);
+    describe_gauge!(
+        "ordo_subscribers",
+        Unit::Count,
+        "Open subscribers by channel: Subscribe calls (grpc), SSE streams (sse), and 1 while this replica holds the AMQP publishing lease (amqp)."
+    );
+    describe_histogram!(
+        "ordo_reorder_wait_seconds",
+        Unit::Seconds,
+        "From a result's completion (completed_unix_nanos, the producer's clock) to its release."
+    );
+    describe_counter!(
+        "ordo_results_released_total",
+        Unit::Count,
+        "Released results heard on the release channel (by each gateway replica), by status."
+    );
+    describe_counter!(
+        "ordo_amqp_confirmed_total",
+        Unit::Count,
+        "Results the AMQP broker confirmed (the exchange's publish cursor moved past them)."
+    );
+    describe_gauge!(
+        "ordo_amqp_outbox_lag_results",
+        Unit::Count,
+        "AMQP outbox lag: results released but not yet confirmed by the broker, summed over every stream in Redis (sampled; every replica sees the same Redis: aggregate with max)."
+    );
+    describe_counter!(
+        "ordo_redis_errors_total",
+        Unit::Count,
+        "Failed Redis calls of the push-gateway's own samplers, by operation (sample_amqp_lag)."
+    );
+}
+
+/// Registers the AMQP series at 0 when AMQP publishing starts (with AMQP
+/// off they would only say "0 lag" about an outbox nobody publishes).
+pub fn describe_amqp() {
+    LazyLock::force(&AMQP_CONFIRMED);
+    LazyLock::force(&AMQP_LAG_ERRORS);
+}
 
 /// Label values by `ResultStatus` number.
 const STATUSES: [&str; 6] = ["unspecified", "ok", "failed", "processing", "rejected", "gap"];

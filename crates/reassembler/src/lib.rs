@@ -25,6 +25,7 @@ use ordo_runtime::{
 
 /// Runs the reassembler until `shutdown`, then drains open batches.
 pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
+    metrics::describe();
     // Lazy: health is served (NOT_SERVING) at once, even while Redis is down.
     let conn = ordo_runtime::redis_conn::lazy(&config.redis_url)?;
     let (readiness, _watcher) = Readiness::watch(vec![Dependency::redis(conn.clone())], shutdown.clone());

@@ -3,6 +3,7 @@
 //! same result, so these need no ordering of their own; the harmonizer still
 //! records their results in the stream's log so mixed streams stay ordered.
 
+mod metrics;
 pub mod ops;
 
 use std::net::SocketAddr;
@@ -34,6 +35,7 @@ pub struct Config {
 ordo_runtime::service_config!(Config);
 
 pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
+    metrics::describe();
     GrpcServer::new()
         .with_service(StatelessServer::new(StatelessService))
         .serve(listener, shutdown, config.common.drain_timeout)
@@ -66,10 +68,7 @@ impl Stateless for StatelessService {
             Ok(output) => (EventResult::ok(&event, output), "ok"),
             Err(reason) => (EventResult::failed(&event, reason), "failed"),
         };
-        // Static label values (the operation names are the built-in ones): no allocation.
-        metrics::counter!("ordo_stateless_executions_total", "operation" => op.name, "status" => status).increment(1);
-        metrics::histogram!("ordo_stateless_execution_duration_seconds", "operation" => op.name)
-            .record(started.elapsed().as_secs_f64());
+        metrics::executed(op.name, status, started.elapsed().as_secs_f64());
         Ok(Response::new(result))
     }
 

@@ -30,6 +30,7 @@
 //! until both are confirmed). A queue bound to `dead-letter.#` thus gets every
 //! dead letter at least once, per stream in release order.
 
+mod lag;
 pub mod message;
 pub mod outbox;
 
@@ -62,6 +63,8 @@ pub struct AmqpConfig {
     pub url: String,
     pub exchange: String,
     pub body: BodyFormat,
+    /// How often the outbox lag is sampled ([`lag`]).
+    pub lag_interval: Duration,
 }
 
 /// Results read and published per stream per round (then confirmed).
@@ -113,8 +116,11 @@ enum Progress {
 
 /// Publishes until `shutdown`. Owns its broker connection; reconnects forever.
 pub async fn run(config: AmqpConfig, log: Log, hub: Arc<Hub>, shutdown: Shutdown) {
+    crate::metrics::describe_amqp();
+    let outbox = Outbox::new(log.connection(), &config.exchange);
+    let _lag = lag::spawn(outbox.clone(), config.lag_interval, shutdown.clone());
     let publisher = Publisher {
-        outbox: Outbox::new(log.connection(), &config.exchange),
+        outbox,
         firehose: hub.firehose(),
         log,
         config,

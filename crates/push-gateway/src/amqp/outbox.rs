@@ -199,6 +199,61 @@ impl Outbox {
     }
 }
 
+impl Outbox {
+    /// The outbox lag of this exchange: released results the broker has not
+    /// confirmed, summed over the streams found by scanning at most
+    /// `max_keys` meta keys (a bound on the cost of one sample; a deployment
+    /// with more streams gets a lower bound). Read-only, unlike [`Self::scan`].
+    pub async fn lag(&self, max_keys: usize) -> redis::RedisResult<u64> {
+        let mut conn = self.conn.clone();
+        let (mut position, mut scanned, mut lag) = (0u64, 0usize, 0u64);
+        let pattern = keys::meta("*");
+        loop {
+            let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(position)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(SCAN_COUNT)
+                .query_async(&mut conn)
+                .await?;
+            scanned += found.len();
+            let streams: Vec<String> = found.iter().filter_map(|key| stream_of_meta(key)).collect();
+            if !streams.is_empty() {
+                let mut pipe = redis::pipe();
+                for stream in &streams {
+                    pipe.hget(keys::meta(stream), "released");
+                }
+                pipe.cmd("HMGET").arg(&self.cursor_key).arg(&streams);
+                let mut replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+                let cursors: Vec<Option<u64>> = match replies.pop() {
+                    Some(value) => redis::from_redis_value(value)?,
+                    None => Vec::new(),
+                };
+                for (i, reply) in replies.iter().enumerate() {
+                    let released: Option<u64> = redis::from_redis_value_ref(reply)?;
+                    lag = lag.saturating_add(unconfirmed(released.unwrap_or(0), cursors.get(i).copied().flatten()));
+                }
+            }
+            position = next;
+            if position == 0 || scanned >= max_keys {
+                return Ok(lag);
+            }
+        }
+    }
+}
+
+/// Released results of one stream not yet confirmed: positions from its
+/// cursor (none yet: 0) up to `released`. A cursor past `released` means the
+/// stream expired and started again under the same id; the publisher then
+/// publishes it from 0, so all of it is unconfirmed.
+fn unconfirmed(released: u64, cursor: Option<u64>) -> u64 {
+    match cursor.unwrap_or(0) {
+        cursor if cursor > released => released,
+        cursor => released - cursor,
+    }
+}
+
 /// The stream id of a meta key `ordo:{<stream>}:meta`.
 fn stream_of_meta(key: &str) -> Option<String> {
     key.strip_prefix("ordo:{")?.strip_suffix("}:meta").map(str::to_owned)
@@ -207,6 +262,15 @@ fn stream_of_meta(key: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lag_is_released_minus_confirmed_per_stream() {
+        assert_eq!(unconfirmed(0, None), 0);
+        assert_eq!(unconfirmed(12, None), 12, "never published: everything released is unconfirmed");
+        assert_eq!(unconfirmed(12, Some(5)), 7);
+        assert_eq!(unconfirmed(12, Some(12)), 0);
+        assert_eq!(unconfirmed(3, Some(9)), 3, "a restarted stream is published again from 0");
+    }
 
     #[test]
     fn meta_keys_name_their_stream() {
