@@ -44,6 +44,8 @@ subcommand's --help (e.g. ORDO_HARMONIZER=host:50051).";
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    tls: channel::TlsFlags,
 }
 
 #[derive(Debug, Subcommand)]
@@ -76,6 +78,10 @@ enum Command {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(error) = channel::install_tls(&cli.tls) {
+        eprintln!("ordo: error: {error:#}");
+        return ExitCode::from(2);
+    }
     let outcome = match cli.command {
         Command::Health(args) => health::run(args).await,
         Command::Send(args) => send::run(args).await,

@@ -11,7 +11,7 @@ use std::{future::Future, net::SocketAddr, process::ExitCode, time::Duration};
 
 use tokio::net::TcpListener;
 
-use crate::{Shutdown, metrics, shutdown, telemetry};
+use crate::{Shutdown, metrics, shutdown, telemetry, tls};
 
 /// Flags every service takes.
 #[derive(Debug, Clone, clap::Args)]
@@ -22,6 +22,8 @@ pub struct CommonArgs {
     /// After SIGTERM/Ctrl-C, how long in-flight work may take to finish.
     #[arg(long, env = "ORDO_DRAIN_TIMEOUT", default_value = "10s", value_parser = ordo_core::duration::parse)]
     pub drain_timeout: Duration,
+    #[command(flatten)]
+    pub tls: tls::TlsArgs,
 }
 
 /// A service's configuration as `main` needs it.
@@ -87,6 +89,17 @@ where
     if let Err(message) = config.validate() {
         eprintln!("{service}: invalid configuration: {message}");
         return ExitCode::from(EXIT_CONFIG);
+    }
+    // Before anything dials or serves: every server and channel of the
+    // process reads this one setting (see `tls` for why it is process-wide).
+    match config.common().tls.load() {
+        Ok(settings) => {
+            tls::install(settings);
+        }
+        Err(error) => {
+            eprintln!("{service}: invalid configuration: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,

@@ -21,5 +21,6 @@ pub mod server;
 pub mod shutdown;
 pub mod sync;
 pub mod telemetry;
+pub mod tls;
 
 pub use shutdown::Shutdown;

@@ -7,6 +7,10 @@
 //! [`call`] is how services talk to Redis: transient errors (a connection that
 //! broke because Redis restarted) are retried a few times with the shared
 //! jittered backoff before the caller sees them.
+//!
+//! `rediss://` URLs connect over TLS (rustls), trusting `--redis-ca`, else
+//! `--tls-ca`, else the system roots, and presenting `--tls-cert`/`--tls-key`
+//! when Redis asks for a client certificate (see [`crate::tls`]).
 
 use std::{future::Future, time::Duration};
 
@@ -40,12 +44,40 @@ pub fn lazy(url: &str) -> anyhow::Result<ConnectionManager> {
         .set_min_delay(Duration::from_millis(50))
         .set_max_delay(Duration::from_millis(200));
     ConnectionManager::new_lazy_with_config(client, config)
-        .map_err(|e| anyhow::anyhow!("cannot set up a redis connection to {url:?}: {e}"))
+        .map_err(|e| anyhow::anyhow!("cannot set up a redis connection to {:?}: {e}", redact(url)))
 }
 
-/// A plain client for pub/sub connections.
+/// A plain client for pub/sub connections (TLS for `rediss://`, as the
+/// process is configured).
 pub fn client(url: &str) -> anyhow::Result<redis::Client> {
-    redis::Client::open(url).map_err(|e| anyhow::anyhow!("invalid redis url {url:?}: {e}"))
+    client_with(url, crate::tls::settings())
+}
+
+/// [`client`] with explicit TLS settings instead of the process's.
+pub fn client_with(url: &str, tls: &crate::tls::TlsSettings) -> anyhow::Result<redis::Client> {
+    let invalid = |e: RedisError| anyhow::anyhow!("invalid redis url {:?}: {e}", redact(url));
+    if !url.starts_with("rediss://") {
+        return redis::Client::open(url).map_err(invalid);
+    }
+    // redis builds its rustls config from the process's default provider.
+    crate::tls::ensure_crypto_provider();
+    let root_cert = tls.redis_ca_pem().map(<[u8]>::to_vec);
+    let client_tls = tls
+        .identity()
+        .map(|id| redis::ClientTlsConfig { client_cert: id.cert_pem().to_vec(), client_key: id.key_pem().to_vec() });
+    if root_cert.is_none() && client_tls.is_none() {
+        // The system roots (a managed Redis with a public certificate).
+        return redis::Client::open(url).map_err(invalid);
+    }
+    redis::Client::build_with_tls(url, redis::TlsCertificates { client_tls, root_cert }).map_err(invalid)
+}
+
+/// `url` without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://***{}", &url[..scheme], &url[at..]),
+        _ => url.to_owned(),
+    }
 }
 
 /// Whether retrying after `error` may succeed: the connection broke or was

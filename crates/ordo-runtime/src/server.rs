@@ -6,6 +6,10 @@
 //! Health tells the truth from the first moment: it is served as soon as the
 //! listener is, NOT_SERVING while a required dependency is unreachable
 //! ([`Readiness`]) and once shutdown starts, SERVING otherwise.
+//!
+//! TLS is the process's (`--tls-cert`/`--tls-key`, client certificates
+//! required with `--tls-client-ca`; see [`crate::tls`]); health and reflection
+//! are served over it like everything else, so probes need the same trust.
 
 use std::{convert::Infallible, time::Duration};
 
@@ -24,6 +28,7 @@ pub struct GrpcServer {
     routes: RoutesBuilder,
     names: Vec<&'static str>,
     readiness: Readiness,
+    tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl Default for GrpcServer {
@@ -34,7 +39,19 @@ impl Default for GrpcServer {
 
 impl GrpcServer {
     pub fn new() -> Self {
-        Self { routes: RoutesBuilder::default(), names: Vec::new(), readiness: Readiness::always() }
+        Self {
+            routes: RoutesBuilder::default(),
+            names: Vec::new(),
+            readiness: Readiness::always(),
+            tls: crate::tls::settings().grpc_server(),
+        }
+    }
+
+    /// Serves with `tls` instead of the process's TLS (`None`: plaintext);
+    /// for servers started inside tests.
+    pub fn with_tls(mut self, tls: Option<tonic::transport::ServerTlsConfig>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Health follows `readiness` (SERVING only while every required
@@ -102,7 +119,11 @@ impl GrpcServer {
             set_all(&health, &names, ServingStatus::NotServing).await;
         });
 
-        let server = Server::builder()
+        let mut builder = Server::builder();
+        if let Some(tls) = self.tls {
+            builder = builder.tls_config(tls)?;
+        }
+        let server = builder
             .tcp_nodelay(true)
             .http2_adaptive_window(Some(true))
             .max_frame_size(Some(1 << 20))

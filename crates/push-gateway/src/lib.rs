@@ -16,6 +16,7 @@
 //! ([`amqp::outbox`]).
 
 pub mod amqp;
+mod https;
 pub mod hub;
 pub mod json;
 pub mod log;
@@ -85,6 +86,10 @@ pub struct Config {
     /// (amqp://guest:guest@127.0.0.1:5672/%2f) unless `--amqp-url` says otherwise.
     #[arg(long, env = "PUSH_GATEWAY_AMQP", default_value_t = false)]
     pub amqp: bool,
+    /// PEM CA bundle trusted for an amqps:// broker, on top of the system
+    /// roots (default: --tls-ca). The client certificate is --tls-cert/--tls-key.
+    #[arg(long, env = "PUSH_GATEWAY_AMQP_CA", value_name = "PEM")]
+    pub amqp_ca: Option<std::path::PathBuf>,
     /// The durable topic exchange results are published to (routing key =
     /// stream id). Declared at connect if missing.
     #[arg(long, env = "PUSH_GATEWAY_AMQP_EXCHANGE", default_value = "ordo.results")]
@@ -126,6 +131,7 @@ impl Config {
             exchange: self.amqp_exchange.clone(),
             body: self.amqp_body,
             lag_interval: self.amqp_lag_interval,
+            ca: self.amqp_ca.clone(),
         })
     }
 }
@@ -146,6 +152,7 @@ impl Config {
         }
         if let Some(amqp) = self.amqp() {
             amqp.url.parse::<lapin::uri::AMQPUri>().map_err(|e| format!("--amqp-url is not an AMQP URL: {e}"))?;
+            amqp::tls::config(amqp.ca.as_deref())?;
             let exchange = &amqp.exchange;
             let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':');
             if exchange.is_empty() || exchange.len() > 255 || !exchange.chars().all(valid) {

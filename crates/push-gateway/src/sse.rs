@@ -128,13 +128,34 @@ async fn healthz(State(state): State<SseState>) -> Response {
 
 /// Serves `router` on `listener` until `shutdown`; open event streams end as
 /// their sessions see the shutdown, and whatever is left after `drain` is dropped.
+/// HTTPS with the process's `--tls-cert`/`--tls-key` when set ([`crate::https`]).
 pub async fn serve(listener: TcpListener, router: Router, shutdown: Shutdown, drain: Duration) -> anyhow::Result<()> {
+    let tls = ordo_runtime::tls::settings().http_server()?;
+    serve_with(listener, router, tls, shutdown, drain).await
+}
+
+/// [`serve`] with explicit TLS (`None`: plain HTTP) instead of the process's.
+pub async fn serve_with(
+    listener: TcpListener,
+    router: Router,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    shutdown: Shutdown,
+    drain: Duration,
+) -> anyhow::Result<()> {
     let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    tracing::info!(listen = %addr, "serving Server-Sent Events");
-    let server = axum::serve(listener, router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    tracing::info!(listen = %addr, https = tls.is_some(), "serving Server-Sent Events");
+    let server = async {
+        match tls {
+            Some(tls) => crate::https::serve(listener, router, tls, shutdown.clone()).await,
+            None => axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+                .await
+                .map_err(Into::into),
+        }
+    };
     tokio::select! {
-        served = server => served.map_err(Into::into),
-        () = ordo_runtime::shutdown::drain_deadline(shutdown, drain) => Ok(()),
+        served = server => served,
+        () = ordo_runtime::shutdown::drain_deadline(shutdown.clone(), drain) => Ok(()),
     }
 }
 

@@ -33,6 +33,7 @@
 mod lag;
 pub mod message;
 pub mod outbox;
+pub mod tls;
 
 use std::{
     collections::{HashSet, VecDeque},
@@ -65,6 +66,8 @@ pub struct AmqpConfig {
     pub body: BodyFormat,
     /// How often the outbox lag is sampled ([`lag`]).
     pub lag_interval: Duration,
+    /// `--amqp-ca`: extra CA trusted for `amqps://` ([`tls`]).
+    pub ca: Option<std::path::PathBuf>,
 }
 
 /// Results read and published per stream per round (then confirmed).
@@ -119,7 +122,16 @@ pub async fn run(config: AmqpConfig, log: Log, hub: Arc<Hub>, shutdown: Shutdown
     crate::metrics::describe_amqp();
     let outbox = Outbox::new(log.connection(), &config.exchange);
     let _lag = lag::spawn(outbox.clone(), config.lag_interval, shutdown.clone());
+    let tls = match tls::config(config.ca.as_deref()) {
+        Ok(tls) => tls,
+        Err(error) => {
+            // Checked at start-up; the file changed since.
+            tracing::error!(%error, "AMQP publishing off: its TLS settings are unusable");
+            return;
+        }
+    };
     let publisher = Publisher {
+        tls,
         outbox,
         firehose: hub.firehose(),
         log,
@@ -136,6 +148,7 @@ pub async fn run(config: AmqpConfig, log: Log, hub: Arc<Hub>, shutdown: Shutdown
 
 struct Publisher {
     config: AmqpConfig,
+    tls: lapin::tcp::OwnedTLSConfig,
     log: Log,
     outbox: Outbox,
     firehose: Firehose,
@@ -180,7 +193,8 @@ impl Publisher {
 
     async fn connect(&self) -> Result<(Connection, Channel), PublishError> {
         let properties = ConnectionProperties::default().with_connection_name("ordo-push-gateway".into());
-        let connect = Connection::connect(&self.config.url, properties);
+        let runtime = lapin::runtime::default_runtime()?;
+        let connect = Connection::connect_with_config(&self.config.url, properties, self.tls.clone(), runtime);
         let connection = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
             Ok(connection) => connection?,
             Err(_) => return Err(PublishError::ConnectTimeout),
