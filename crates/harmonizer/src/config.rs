@@ -4,7 +4,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use ordo_core::duration;
 use ordo_registry::Pin;
-use ordo_runtime::app::CommonArgs;
+use ordo_runtime::{app::CommonArgs, discovery::DiscoveryArgs};
 
 /// Ordo harmonizer: the front door. Validates events, routes them by
 /// operation (stateless → stateless service, stateful → workers), keeps a
@@ -22,11 +22,14 @@ pub struct Config {
     /// The stateless service.
     #[arg(long, env = "ORDO_STATELESS", default_value = "127.0.0.1:50052")]
     pub stateless: String,
-    /// Stateful workers (comma-separated); work goes to the least-loaded healthy one.
+    /// Stateful workers (comma-separated `host:port`, or `dns://name:port`:
+    /// every A/AAAA record of the name, re-resolved every --dns-refresh);
+    /// work goes to the least-loaded healthy one.
     #[arg(long, env = "ORDO_WORKERS", default_value = "127.0.0.1:50053", value_delimiter = ',')]
     pub workers: Vec<String>,
-    /// Reassembler replicas (comma-separated), for results the harmonizer
-    /// records itself (stateless results, FAILED placeholders).
+    /// Reassembler replicas (comma-separated `host:port` or
+    /// `dns://name:port`), for results the harmonizer records itself
+    /// (stateless results, FAILED placeholders).
     #[arg(long, env = "ORDO_REASSEMBLERS", default_value = "127.0.0.1:50054", value_delimiter = ',')]
     pub reassemblers: Vec<String>,
     /// The push gateway, from which released results are followed.
@@ -103,6 +106,8 @@ pub struct Config {
     )]
     pub stateful_ops: Vec<String>,
     #[command(flatten)]
+    pub discovery: DiscoveryArgs,
+    #[command(flatten)]
     pub common: CommonArgs,
 }
 
@@ -126,6 +131,8 @@ impl Config {
         if clean(&self.reassemblers).is_empty() {
             return Err("--reassemblers needs at least one address".into());
         }
+        ordo_runtime::discovery::parse_list(&self.workers).map_err(|error| format!("--workers: {error}"))?;
+        ordo_runtime::discovery::parse_list(&self.reassemblers).map_err(|error| format!("--reassemblers: {error}"))?;
         if let Some(op) = clean(&self.stateless_ops).iter().find(|op| clean(&self.stateful_ops).contains(op)) {
             return Err(format!("operation {op:?} is listed as both stateless and stateful"));
         }

@@ -30,6 +30,7 @@ use ordo_proto::v1::{
     push_gateway_client::PushGatewayClient,
     stateless_client::StatelessClient,
 };
+use ordo_runtime::discovery;
 use ordo_runtime::{
     Shutdown,
     client::TracedChannel,
@@ -65,10 +66,10 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     // Lazy: health is served (NOT_SERVING) at once, even while Redis is down.
     let redis = ordo_runtime::redis_conn::lazy(&config.redis_url)?;
     let (readiness, _watcher) = Readiness::watch(vec![Dependency::redis(redis.clone())], shutdown.clone());
-    let sink = ResultSink::start(&config::clean(&config.reassemblers))?;
+    let sink = ResultSink::start(discovery::watch(&config.reassemblers, &config.discovery)?)?;
     let stateless = StatelessClient::new(ordo_runtime::client::traced(&config.stateless)?);
     let pool = pool::Pool::start(
-        &config::clean(&config.workers),
+        discovery::watch(&config.workers, &config.discovery)?,
         sink.clone(),
         stateless,
         pool::PoolConfig { event_timeout: config.event_timeout, max_attempts: config.max_attempts },

@@ -31,6 +31,15 @@
 //! harmless: the reassembler keeps the first result of each (stream,
 //! sequence).
 //!
+//! **Links come and go with discovery.** The pool keeps one link per
+//! endpoint of its [`Peers`] watch (`--workers`, `dns://` names re-resolved).
+//! A new endpoint gets a link; a link whose endpoint disappeared is
+//! retired: it takes no new event at once, keeps its `Work` call open until
+//! the worker acked what it holds (a pod leaving a headless Service drains),
+//! and then ends like a broken link: whatever it still holds (the worker
+//! died, or its attempts time out) is dispatched again elsewhere, the path
+//! of a lost worker.
+//!
 //! [`Pool::in_flight`] answers whether an event is still being worked on
 //! (dispatched, or waiting to be dispatched again), from an index kept in
 //! step with the in-flight tables by a ticket each event carries until it is
@@ -52,9 +61,10 @@ use ordo_proto::v1::{
     stateful_worker_client::StatefulWorkerClient, stateless_client::StatelessClient,
 };
 use ordo_registry::OperationSpec;
-use ordo_runtime::{backoff::Backoff, client::TracedChannel};
+use ordo_runtime::{backoff::Backoff, client::TracedChannel, discovery::Peers};
 use result_sink::ResultSink;
 use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
 
@@ -66,6 +76,9 @@ const CANCEL_QUEUE: usize = 1024;
 /// What an operation's own `timeout` gets on top in the harmonizer: the
 /// worker's call times out first, and its hand-back arrives in time.
 const TIMEOUT_MARGIN: Duration = Duration::from_secs(1);
+/// How often a retired link looks whether its worker acked all it held
+/// (acks wake it sooner; this catches events the timeout sweep took).
+const DRAIN_POLL: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone, Copy)]
 pub struct PoolConfig {
@@ -187,6 +200,11 @@ struct Link {
     /// `None` until the worker's capabilities arrive on the open call: a
     /// link serves nothing before.
     served: RwLock<Option<Arc<Served>>>,
+    /// Cancelled when its endpoint left the peers: no new events, and its
+    /// driver ends once the worker acked what it holds.
+    retired: CancellationToken,
+    /// Its driver ended after it was retired: the slot may take a new link.
+    closed: AtomicBool,
 }
 
 impl Link {
@@ -197,6 +215,8 @@ impl Link {
             in_flight: Mutex::new(HashMap::new()),
             healthy: AtomicBool::new(false),
             served: RwLock::new(None),
+            retired: CancellationToken::new(),
+            closed: AtomicBool::new(false),
         }
     }
     fn load(&self) -> usize {
@@ -208,9 +228,10 @@ impl Link {
     fn served(&self) -> Option<Arc<Served>> {
         read(&self.served).clone()
     }
-    /// Healthy, and its worker's latest capabilities contain `operation`.
+    /// Healthy, not retired, and its worker's latest capabilities contain `operation`.
     fn serves(&self, operation: &str) -> bool {
         self.healthy.load(Ordering::Relaxed)
+            && !self.retired.is_cancelled()
             && read(&self.served).as_ref().is_some_and(|served| served.operations.contains(operation))
     }
     /// Tells the worker to stop an attempt the pool no longer waits for.
@@ -226,7 +247,10 @@ impl Link {
 /// The links and what each serves: picking a link for an operation, and
 /// whether an operation has (or lately had) a live worker.
 struct Routing {
-    links: Vec<Link>,
+    /// Indexed by slot: a link keeps its slot until its driver ended after
+    /// it was retired; only then may a new link take the slot, so an index
+    /// held by a driver always means its own link.
+    links: RwLock<Vec<Arc<Link>>>,
     /// When a link last stopped serving each operation (it went down, or
     /// announced capabilities without it); entries older than `recent` are
     /// dropped.
@@ -241,7 +265,7 @@ struct Routing {
 impl Routing {
     fn new(endpoints: &[String], recent: Duration) -> Self {
         Self {
-            links: endpoints.iter().map(|endpoint| Link::new(endpoint)).collect(),
+            links: RwLock::new(endpoints.iter().map(|endpoint| Arc::new(Link::new(endpoint))).collect()),
             lost: Mutex::default(),
             recent,
             changes: watch::Sender::new(0),
@@ -252,13 +276,68 @@ impl Routing {
         self.changes.send_modify(|generation| *generation = generation.wrapping_add(1));
     }
 
+    /// The link in slot `index`.
+    fn link(&self, index: usize) -> Option<Arc<Link>> {
+        read(&self.links).get(index).cloned()
+    }
+
+    /// Every slot's link, for a pass over them without holding the lock.
+    fn snapshot(&self) -> Vec<(usize, Arc<Link>)> {
+        read(&self.links).iter().cloned().enumerate().collect()
+    }
+
+    /// Brings the links in line with the peers now `wanted`: retires every
+    /// live link whose endpoint is not wanted any more, and returns the
+    /// wanted endpoints that have no live link yet (for [`Routing::add`]).
+    fn reconcile(&self, wanted: &[String]) -> Vec<String> {
+        let links = read(&self.links);
+        let mut retired = Vec::new();
+        for link in links.iter().filter(|link| !link.retired.is_cancelled()) {
+            if !wanted.contains(&link.endpoint) {
+                tracing::info!(endpoint = %link.endpoint, "worker address gone; retiring its link");
+                link.retired.cancel();
+                retired.extend(link.served().map(|served| served.operations.iter().cloned().collect::<Vec<_>>()));
+            }
+        }
+        let missing = wanted
+            .iter()
+            .filter(|endpoint| !links.iter().any(|link| !link.retired.is_cancelled() && link.endpoint == **endpoint))
+            .cloned()
+            .collect();
+        drop(links);
+        if !retired.is_empty() {
+            // Its operations count as served lately (events are admitted and
+            // wait) while the remaining or new workers take over.
+            self.remember_lost(retired.iter().flatten());
+            self.changed();
+        }
+        missing
+    }
+
+    /// A new link to `endpoint`, in the first slot whose retired link has
+    /// ended, else in a new slot; returns its slot.
+    fn add(&self, endpoint: &str) -> usize {
+        let mut links = write(&self.links);
+        let link = Arc::new(Link::new(endpoint));
+        match links.iter().position(|old| old.retired.is_cancelled() && old.closed.load(Ordering::Acquire)) {
+            Some(index) => {
+                links[index] = link;
+                index
+            }
+            None => {
+                links.push(link);
+                links.len() - 1
+            }
+        }
+    }
+
     /// The least-loaded healthy link serving `operation`, preferring one
     /// other than `avoid`.
     /// One pass, no allocation (it runs per dispatch).
     fn pick(&self, operation: &str, avoid: Option<usize>) -> Option<usize> {
         let mut first = None;
         let mut best: Option<(usize, usize)> = None;
-        for (i, link) in self.links.iter().enumerate() {
+        for (i, link) in read(&self.links).iter().enumerate() {
             if !link.serves(operation) {
                 continue;
             }
@@ -276,7 +355,7 @@ impl Routing {
 
     /// Some healthy link serves `operation` now.
     fn serves(&self, operation: &str) -> bool {
-        self.links.iter().any(|link| link.serves(operation))
+        read(&self.links).iter().any(|link| link.serves(operation))
     }
 
     /// A link served `operation` within the last `recent`.
@@ -286,8 +365,7 @@ impl Routing {
 
     /// The names of the healthy links' workers serving `operation` now.
     fn workers(&self, operation: &str) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .links
+        let mut names: Vec<String> = read(&self.links)
             .iter()
             .filter(|link| link.serves(operation))
             .filter_map(|link| link.served().map(|served| served.worker.clone()))
@@ -336,7 +414,7 @@ impl Routing {
 
     /// The worker of link `index` announced what it serves.
     fn set_capabilities(&self, index: usize, capabilities: Capabilities) {
-        let link = &self.links[index];
+        let Some(link) = self.link(index) else { return };
         let worker = if capabilities.worker.is_empty() { link.endpoint.clone() } else { capabilities.worker };
         let served = Arc::new(Served { operations: capabilities.operations.into_iter().collect(), worker });
         tracing::info!(
@@ -357,13 +435,14 @@ impl Routing {
     /// Link `index` opened a `Work` call (it serves nothing until its
     /// worker's capabilities arrive).
     fn link_up(&self, index: usize) {
-        self.links[index].healthy.store(true, Ordering::Relaxed);
+        let Some(link) = self.link(index) else { return };
+        link.healthy.store(true, Ordering::Relaxed);
         self.changed();
     }
 
     /// Link `index`'s `Work` call ended: it serves nothing now.
     fn link_down(&self, index: usize) {
-        let link = &self.links[index];
+        let Some(link) = self.link(index) else { return };
         link.healthy.store(false, Ordering::Relaxed);
         if let Some(previous) = write(&link.served).take() {
             self.remember_lost(previous.operations.iter());
@@ -420,12 +499,6 @@ struct Inner {
     parked: Arc<AtomicUsize>,
 }
 
-impl Inner {
-    fn links(&self) -> &[Link] {
-        &self.routing.links
-    }
-}
-
 /// Cheap to clone.
 #[derive(Clone)]
 pub struct Pool {
@@ -433,19 +506,18 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// Starts a link per endpoint `workers` holds now, and follows it: links
+    /// are added and retired as the endpoints change. Fails when an
+    /// endpoint held now is malformed.
     pub fn start(
-        workers: &[String],
+        mut workers: Peers,
         sink: ResultSink,
         stateless: StatelessClient<TracedChannel>,
         config: PoolConfig,
         shutdown: ordo_runtime::Shutdown,
     ) -> Result<Self, ordo_runtime::client::EndpointError> {
-        let clients = workers
-            .iter()
-            .map(|endpoint| Ok(StatefulWorkerClient::new(ordo_runtime::client::traced(endpoint)?)))
-            .collect::<Result<Vec<_>, ordo_runtime::client::EndpointError>>()?;
         let inner = Arc::new(Inner {
-            routing: Routing::new(workers, config.event_timeout),
+            routing: Routing::new(&[], config.event_timeout),
             sink,
             stateless,
             config,
@@ -453,9 +525,9 @@ impl Pool {
             index: Arc::default(),
             parked: Arc::default(),
         });
-        for (index, client) in clients.into_iter().enumerate() {
-            tokio::spawn(drive_link(Arc::downgrade(&inner), index, client, shutdown.clone()));
-        }
+        let now = workers.borrow_and_update().clone();
+        connect(&inner, &now, &shutdown)?;
+        tokio::spawn(follow_peers(Arc::downgrade(&inner), workers, shutdown.clone()));
         tokio::spawn(sweep_timeouts(Arc::downgrade(&inner), shutdown));
         Ok(Self { inner })
     }
@@ -562,7 +634,7 @@ impl Pool {
     }
 
     pub fn healthy_workers(&self) -> usize {
-        self.inner.links().iter().filter(|l| l.healthy.load(Ordering::Relaxed)).count()
+        read(&self.inner.routing.links).iter().filter(|l| l.healthy.load(Ordering::Relaxed)).count()
     }
 }
 
@@ -625,7 +697,10 @@ async fn place(inner: &Arc<Inner>, job: Job, avoid: Option<usize>) -> Result<(),
                 Ok(Err(_)) | Err(_) => return Err(job),
             }
         };
-        let link = &inner.links()[index];
+        let Some(link) = inner.routing.link(index) else {
+            avoid = None;
+            continue;
+        };
         let Some(tx) = link.sender() else {
             avoid = None;
             tokio::task::yield_now().await;
@@ -757,6 +832,36 @@ fn outbound(items: mpsc::Receiver<WorkItem>, cancels: mpsc::Receiver<WorkItem>) 
     })
 }
 
+/// Adds a link (and its driver) for each of `endpoints` without one, and
+/// retires the links of endpoints not among them.
+fn connect(
+    inner: &Arc<Inner>,
+    endpoints: &[String],
+    shutdown: &ordo_runtime::Shutdown,
+) -> Result<(), ordo_runtime::client::EndpointError> {
+    for endpoint in inner.routing.reconcile(endpoints) {
+        let client = StatefulWorkerClient::new(ordo_runtime::client::traced(&endpoint)?);
+        let index = inner.routing.add(&endpoint);
+        tokio::spawn(drive_link(Arc::downgrade(inner), index, client, shutdown.clone()));
+    }
+    Ok(())
+}
+
+/// Keeps the links in line with the worker endpoints as they change.
+async fn follow_peers(inner: Weak<Inner>, mut workers: Peers, shutdown: ordo_runtime::Shutdown) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = workers.changed() => if changed.is_err() { return },
+        }
+        let now = workers.borrow_and_update().clone();
+        let Some(pool) = inner.upgrade() else { return };
+        if let Err(error) = connect(&pool, &now, &shutdown) {
+            tracing::error!(%error, "a worker endpoint cannot be dialed");
+        }
+    }
+}
+
 async fn drive_link(
     inner: Weak<Inner>,
     index: usize,
@@ -766,13 +871,14 @@ async fn drive_link(
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
     loop {
         let Some(pool) = inner.upgrade() else { return };
-        let link = &pool.links()[index];
+        let Some(link) = pool.routing.link(index) else { return };
         let endpoint = link.endpoint.clone();
         let (items, items_rx) = mpsc::channel(LINK_QUEUE);
         let (cancels, cancels_rx) = mpsc::channel(CANCEL_QUEUE);
         let mut client = client.clone();
         let opened = tokio::select! {
             _ = shutdown.cancelled() => return,
+            _ = link.retired.cancelled() => Err(tonic::Status::cancelled("its address was retired")),
             opened = client.work(outbound(items_rx, cancels_rx)) => opened,
         };
         match opened {
@@ -783,9 +889,20 @@ async fn drive_link(
                 tracing::info!(%endpoint, "worker connected");
                 backoff.reset();
                 drop(pool);
+                // Retired: ends once the worker acked all it held.
+                let mut draining = false;
                 loop {
+                    if draining && lock(&link.in_flight).is_empty() {
+                        tracing::info!(%endpoint, "retired worker acked all it held");
+                        break;
+                    }
                     let ack = tokio::select! {
                         _ = shutdown.cancelled() => return,
+                        _ = link.retired.cancelled(), if !draining => {
+                            draining = true;
+                            continue;
+                        }
+                        _ = tokio::time::sleep(DRAIN_POLL), if draining => continue,
                         ack = acks.message() => ack,
                     };
                     let Some(pool) = inner.upgrade() else { return };
@@ -797,7 +914,7 @@ async fn drive_link(
                                     continue; // an announcement, not a dispatch ack
                                 }
                             }
-                            let flight = lock(&pool.links()[index].in_flight).remove(&ack.dispatch_id);
+                            let flight = lock(&link.in_flight).remove(&ack.dispatch_id);
                             // A delivered ack settles the event (dropping its
                             // ticket); anything else is handed back to retry.
                             if let Some(flight) = flight
@@ -833,7 +950,6 @@ async fn drive_link(
             }
         }
         let Some(pool) = inner.upgrade() else { return };
-        let link = &pool.links()[index];
         // Stop new dispatches first, then take what the dead stream held.
         if link.healthy.load(Ordering::Relaxed) {
             pool.routing.link_down(index);
@@ -847,8 +963,15 @@ async fn drive_link(
             tokio::spawn(retry(pool.clone(), flight.job, Some(index), "worker lost".to_owned()));
         }
         drop(pool);
+        if link.retired.is_cancelled() {
+            tracing::info!(%endpoint, "worker link retired");
+            // Last: from here on the slot may take a new link.
+            link.closed.store(true, Ordering::Release);
+            return;
+        }
         tokio::select! {
             _ = shutdown.cancelled() => return,
+            _ = link.retired.cancelled() => {}
             _ = backoff.wait() => {}
         }
     }
@@ -867,7 +990,7 @@ async fn sweep_timeouts(inner: Weak<Inner>, shutdown: ordo_runtime::Shutdown) {
         }
         let Some(pool) = inner.upgrade() else { return };
         let now = Instant::now();
-        for (index, link) in pool.links().iter().enumerate() {
+        for (index, link) in pool.routing.snapshot() {
             let expired: Vec<(u64, InFlight)> = {
                 let mut in_flight = lock(&link.in_flight);
                 let ids: Vec<u64> = in_flight.iter().filter(|(_, f)| f.deadline <= now).map(|(id, _)| *id).collect();
@@ -1016,11 +1139,11 @@ mod tests {
             attempt: 1,
             _ticket: Ticket::new(&index, &event("s", 0)),
         };
-        lock(&routing.links[0].in_flight).insert(1, InFlight { job, deadline: Instant::now() });
+        lock(&routing.link(0).expect("link 0").in_flight).insert(1, InFlight { job, deadline: Instant::now() });
         assert_eq!(routing.pick("x", None), Some(1));
 
         // An unhealthy link is never picked, whatever it announced.
-        routing.links[1].healthy.store(false, Ordering::Relaxed);
+        routing.link(1).expect("link 1").healthy.store(false, Ordering::Relaxed);
         assert_eq!(routing.pick("x", None), Some(0));
         assert_eq!(routing.pick("y", None), None);
         assert_eq!(routing.workers("x"), vec!["wa".to_owned()]);
@@ -1084,6 +1207,41 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(2), "accepted as soon as it appeared");
     }
 
+    #[test]
+    fn reconcile_retires_links_whose_address_left_and_names_the_new_ones() {
+        let routing = routing(Duration::from_secs(30));
+        for index in 0..3 {
+            routing.link_up(index);
+        }
+        routing.set_capabilities(0, capabilities("wa", &["x"]));
+        routing.set_capabilities(1, capabilities("wb", &["x"]));
+        let added = routing.reconcile(&["b:1".into(), "c:1".into(), "d:1".into()]);
+        assert_eq!(added, vec!["d:1".to_owned()], "only the address without a link");
+        let a = routing.link(0).expect("link 0");
+        assert!(a.retired.is_cancelled() && !a.serves("x"), "a retired link takes no new event");
+        assert_eq!(routing.pick("x", None), Some(1));
+        assert_eq!(routing.workers("x"), vec!["wb".to_owned()]);
+        assert!(routing.may_admit("x"));
+
+        // Its slot stays taken until its driver ended.
+        assert_eq!(routing.add("d:1"), 3);
+        assert_eq!(routing.reconcile(&["b:1".into(), "c:1".into(), "d:1".into()]), Vec::<String>::new());
+        a.closed.store(true, Ordering::Release);
+        assert_eq!(routing.add("e:1"), 0, "the ended link's slot is reused");
+        assert_eq!(routing.link(0).map(|link| link.endpoint.clone()), Some("e:1".to_owned()));
+
+        // An address that comes back gets a new link, not the retired one.
+        routing.link(1).expect("link 1").retired.cancel();
+        assert_eq!(
+            routing.reconcile(&["b:1".into(), "c:1".into(), "d:1".into(), "e:1".into()]),
+            vec!["b:1".to_owned()]
+        );
+        // Everything gone: every link retired, operations lately served.
+        assert!(routing.reconcile(&[]).is_empty());
+        assert!(routing.snapshot().iter().all(|(_, link)| link.retired.is_cancelled()));
+        assert!(!routing.serves("x") && routing.may_admit("x"));
+    }
+
     /// In-process stand-ins for workers and a reassembler, over real gRPC.
     mod fakes {
         use std::sync::atomic::AtomicBool;
@@ -1109,6 +1267,10 @@ mod tests {
             /// Ends its work stream on its first item, unacked, refuses calls
             /// for 300 ms, then acks everything (a worker that restarted).
             RestartOnFirst,
+            /// Acks every item as delivered after this long (a slow worker).
+            AckAfter(Duration),
+            /// Takes every item and never acks (a worker that hangs).
+            Hold,
         }
 
         #[derive(Clone)]
@@ -1179,6 +1341,12 @@ mod tests {
                                 *down_until = Some(Instant::now() + Duration::from_millis(300));
                                 return;
                             }
+                        }
+                        if me.behaviour == Behaviour::Hold {
+                            continue;
+                        }
+                        if let Behaviour::AckAfter(pause) = me.behaviour {
+                            tokio::time::sleep(pause).await;
                         }
                         let event = item.event.unwrap_or_default();
                         let ack = WorkAck {
@@ -1272,10 +1440,16 @@ mod tests {
 
         /// A pool of `workers` recording into `sink`; the stateless service is unused.
         pub async fn pool(workers: &[String], sink: &Sink, config: PoolConfig) -> (Pool, ordo_runtime::Shutdown) {
-            let sink = ResultSink::start(&[serve_sink(sink.clone()).await]).expect("sink endpoint");
+            pool_following(ordo_runtime::discovery::fixed(workers), sink, config).await
+        }
+
+        /// A pool of the workers `peers` holds (as it changes) recording into `sink`.
+        pub async fn pool_following(peers: Peers, sink: &Sink, config: PoolConfig) -> (Pool, ordo_runtime::Shutdown) {
+            let sink = ResultSink::start(ordo_runtime::discovery::fixed(&[serve_sink(sink.clone()).await]))
+                .expect("sink endpoint");
             let stateless = StatelessClient::new(ordo_runtime::client::traced("127.0.0.1:9").expect("endpoint"));
             let shutdown = ordo_runtime::Shutdown::new();
-            let pool = Pool::start(workers, sink, stateless, config, shutdown.clone()).expect("pool");
+            let pool = Pool::start(peers, sink, stateless, config, shutdown.clone()).expect("pool");
             (pool, shutdown)
         }
     }
@@ -1441,6 +1615,58 @@ mod tests {
         let letter = stored[0].dead_letter.clone().expect("its dead letter");
         assert_eq!(letter.attempts, 2);
         assert!(other.got().is_empty());
+        shutdown.cancel();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn workers_follow_the_peers_new_ones_get_work_gone_ones_drain_first() {
+        use fakes::{Behaviour, Worker};
+        let first = Worker::new("first", Some(&["alpha"]), Behaviour::AckAfter(Duration::from_millis(300)));
+        let second = Worker::new("second", Some(&["alpha"]), Behaviour::Ack);
+        let (first_address, second_address) =
+            (fakes::serve_worker(first.clone()).await, fakes::serve_worker(second.clone()).await);
+        let (peers, watched) = watch::channel(vec![first_address.clone()]);
+        let config = PoolConfig { event_timeout: Duration::from_secs(5), max_attempts: 3 };
+        let (pool, shutdown) = fakes::pool_following(watched, &fakes::Sink::default(), config).await;
+        until("the first worker announced itself", || pool.workers("alpha") == vec!["first".to_owned()]).await;
+        pool.dispatch(op_event("s", 0, "alpha"), spec("alpha"), 0).await;
+        until("the only worker has it", || first.got().len() == 1).await;
+
+        // The first address leaves while its worker still works on s#0; the second arrives.
+        peers.send_replace(vec![second_address.clone()]);
+        until("the second worker announced itself", || pool.workers("alpha") == vec!["second".to_owned()]).await;
+        pool.dispatch(op_event("s", 1, "alpha"), spec("alpha"), 0).await;
+        until("both events are acked", || !pool.in_flight("s", 0) && !pool.in_flight("s", 1)).await;
+        assert_eq!(first.got(), vec![("alpha".to_owned(), 1)], "the retired worker finished what it held");
+        assert_eq!(second.got(), vec![("alpha".to_owned(), 1)], "s#1 went to the new worker, s#0 was not re-sent");
+        until("the retired link ended", || pool.healthy_workers() == 1).await;
+
+        // Its address comes back: a new link, and work for it again.
+        peers.send_replace(vec![second_address, first_address]);
+        until("both serve", || pool.workers("alpha").len() == 2).await;
+        shutdown.cancel();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_gone_workers_unacked_event_is_dispatched_again_elsewhere() {
+        use fakes::{Behaviour, Worker};
+        let hung = Worker::new("hung", Some(&["alpha"]), Behaviour::Hold);
+        let other = Worker::new("other", Some(&["alpha"]), Behaviour::Ack);
+        let (hung_address, other_address) =
+            (fakes::serve_worker(hung.clone()).await, fakes::serve_worker(other.clone()).await);
+        let (peers, watched) = watch::channel(vec![hung_address]);
+        let config = PoolConfig { event_timeout: Duration::from_millis(500), max_attempts: 3 };
+        let sink = fakes::Sink::default();
+        let (pool, shutdown) = fakes::pool_following(watched, &sink, config).await;
+        until("the worker announced itself", || pool.workers("alpha").len() == 1).await;
+        pool.dispatch(op_event("s", 0, "alpha"), spec("alpha"), 0).await;
+        until("the worker has it", || hung.got().len() == 1).await;
+        peers.send_replace(vec![other_address]);
+        until("the event is acked", || !pool.in_flight("s", 0)).await;
+        assert_eq!(hung.got(), vec![("alpha".to_owned(), 1)]);
+        assert_eq!(other.got(), vec![("alpha".to_owned(), 2)], "not lost: the next attempt went to the other worker");
+        assert!(lock(&sink.stored).is_empty(), "no FAILED placeholder");
+        until("the retired link ended", || pool.healthy_workers() == 1).await;
         shutdown.cancel();
     }
 }

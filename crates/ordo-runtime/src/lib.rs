@@ -1,7 +1,8 @@
 //! What every Ordo binary shares, designed once: start-up and exit codes
 //! ([`app`]), telemetry and W3C trace propagation ([`telemetry`]), the gRPC
 //! server builder with health, reflection and tracing ([`server`]), client
-//! channels ([`client`]), shutdown and drain ([`shutdown`]), Redis
+//! channels ([`client`]) and the peers behind address lists ([`discovery`]),
+//! shutdown and drain ([`shutdown`]), Redis
 //! connections and retries ([`redis_conn`]), and health that follows the
 //! required dependencies ([`readiness`]), and the Prometheus endpoint
 //! ([`metrics`]).
@@ -14,6 +15,7 @@ pub mod app;
 pub mod auth;
 pub mod backoff;
 pub mod client;
+pub mod discovery;
 pub mod metrics;
 pub mod readiness;
 pub mod redis_conn;

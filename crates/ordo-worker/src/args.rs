@@ -4,7 +4,10 @@
 use std::{collections::BTreeSet, fmt, net::SocketAddr, str::FromStr, sync::OnceLock};
 
 use ordo_registry::Pin;
-use ordo_runtime::app::{CommonArgs, ServiceConfig};
+use ordo_runtime::{
+    app::{CommonArgs, ServiceConfig},
+    discovery::DiscoveryArgs,
+};
 
 /// Flags of every Ordo worker. Flatten them into your own config
 /// (`#[command(flatten)] worker: WorkerArgs`) to add flags of your own.
@@ -17,8 +20,10 @@ pub struct WorkerArgs {
     #[arg(long, env = "WORKER_METRICS_LISTEN", default_value = "0.0.0.0:9093", value_parser = ordo_runtime::metrics::parse_listen)]
     // Fully qualified: clap would otherwise treat it as an optional address.
     pub metrics_listen: ::std::option::Option<SocketAddr>,
-    /// Reassembler replicas (comma-separated host:port); results are spread
-    /// over the healthy ones and redelivered elsewhere if one dies.
+    /// Reassembler replicas (comma-separated `host:port`, or
+    /// `dns://name:port`: every A/AAAA record of the name, re-resolved every
+    /// --dns-refresh); results are spread over the healthy ones and
+    /// redelivered elsewhere if one dies.
     #[arg(long, env = "ORDO_REASSEMBLERS", default_value = "127.0.0.1:50054", value_delimiter = ',')]
     pub reassemblers: Vec<String>,
     /// Operations run at once by this worker; further events wait (back-pressure).
@@ -41,6 +46,8 @@ pub struct WorkerArgs {
     #[arg(long, env = "WORKER_NAME")]
     pub name: Option<String>,
     #[command(flatten)]
+    pub discovery: DiscoveryArgs,
+    #[command(flatten)]
     pub common: CommonArgs,
 }
 
@@ -53,6 +60,7 @@ impl WorkerArgs {
         if self.reassembler_list().is_empty() {
             return Err("--reassemblers needs at least one address".into());
         }
+        ordo_runtime::discovery::parse_list(&self.reassemblers).map_err(|error| format!("--reassemblers: {error}"))?;
         if self.name.as_deref().is_some_and(|n| n.trim().is_empty()) {
             return Err("--name must not be empty".into());
         }

@@ -122,7 +122,7 @@ impl Worker {
             Some(name) => name.trim().to_owned(),
             None => format!("{}:{}", hostname(), listener.local_addr()?.port()),
         };
-        let sink = ResultSink::start(&args.reassembler_list())?;
+        let sink = ResultSink::start(ordo_runtime::discovery::watch(&args.reassembler_list(), &args.discovery)?)?;
         let tasks = TaskTracker::new();
         let hard_stop = CancellationToken::new();
         let drain = args.common.drain_timeout;

@@ -8,6 +8,13 @@
 //! stream breaks, its unacknowledged results go to another healthy
 //! reassembler (or back to the same one once it returns): redelivery is safe
 //! because the release script drops duplicates.
+//!
+//! The endpoints are a [`Peers`] watch (`dns://` names re-resolved): a new
+//! endpoint gets a driver; the driver of an endpoint that disappeared is
+//! retired: it takes no new result, waits (for at most [`RETIRE_GRACE`])
+//! for the acks of what it sent, then hands everything it still holds to
+//! the other drivers (waiting for one while there is none), as a broken
+//! driver's [`reroute`] does.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -19,15 +26,23 @@ use std::{
 };
 
 use ordo_proto::v1::{Completed, DeliverBatch, reassembler_client::ReassemblerClient};
-use ordo_runtime::backoff::Backoff;
-use tokio::sync::{mpsc, oneshot};
+use ordo_runtime::{
+    backoff::Backoff,
+    discovery::Peers,
+    sync::{read, write},
+};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// Results per DeliverBatch.
 const MAX_BATCH: usize = 256;
 /// Unacknowledged batches per connection before the driver stops sending.
 const MAX_UNACKED: usize = 64;
 const QUEUE: usize = 8192;
+/// How long a retired driver waits for the acks of what it sent before it
+/// hands it to another reassembler (which stores it at most once more).
+pub const RETIRE_GRACE: Duration = Duration::from_secs(10);
 
 struct Pending {
     completed: Completed,
@@ -35,13 +50,22 @@ struct Pending {
 }
 
 struct Driver {
+    endpoint: String,
     tx: mpsc::Sender<Pending>,
     healthy: AtomicBool,
+    /// Cancelled when its endpoint left the peers.
+    retired: CancellationToken,
 }
 
 struct Inner {
-    drivers: Vec<Driver>,
+    /// The live drivers; a retired one leaves at once (its task finishes
+    /// what it holds on its own).
+    drivers: std::sync::RwLock<Vec<Arc<Driver>>>,
     next: AtomicUsize,
+    /// Bumped whenever a driver is added: [`route`] waits for one when there is none.
+    added: watch::Sender<u64>,
+    /// Stops following the peers once the last sink clone is gone.
+    _following: DropGuard,
 }
 
 /// The sink was dropped before the result was acknowledged.
@@ -56,59 +80,133 @@ pub struct ResultSink {
 }
 
 impl ResultSink {
-    /// Starts one driver per endpoint. Drivers finish their backlog and exit
-    /// once every clone of the sink is dropped.
-    pub fn start(endpoints: &[String]) -> Result<Self, ordo_runtime::client::EndpointError> {
-        let mut drivers = Vec::with_capacity(endpoints.len());
-        let mut receivers = Vec::with_capacity(endpoints.len());
-        let mut channels = Vec::with_capacity(endpoints.len());
-        for endpoint in endpoints {
-            channels.push((endpoint.clone(), ordo_runtime::client::traced(endpoint)?));
-            let (tx, rx) = mpsc::channel(QUEUE);
-            drivers.push(Driver { tx, healthy: AtomicBool::new(true) });
-            receivers.push(rx);
-        }
-        let inner = Arc::new(Inner { drivers, next: AtomicUsize::new(0) });
-        for (index, (rx, (endpoint, channel))) in receivers.into_iter().zip(channels).enumerate() {
-            let weak = Arc::downgrade(&inner);
-            tokio::spawn(drive(index, weak, rx, endpoint, ReassemblerClient::new(channel)));
-        }
+    /// Starts one driver per endpoint `endpoints` holds now, and follows it:
+    /// drivers are added and retired as the endpoints change. Drivers finish
+    /// their backlog and exit once every clone of the sink is dropped. Fails
+    /// when an endpoint held now is malformed. Must be called within a Tokio
+    /// runtime.
+    pub fn start(mut endpoints: Peers) -> Result<Self, ordo_runtime::client::EndpointError> {
+        let following = CancellationToken::new();
+        let inner = Arc::new(Inner {
+            drivers: std::sync::RwLock::default(),
+            next: AtomicUsize::new(0),
+            added: watch::Sender::new(0),
+            _following: following.clone().drop_guard(),
+        });
+        let now = endpoints.borrow_and_update().clone();
+        connect(&inner, &now)?;
+        tokio::spawn(follow(Arc::downgrade(&inner), endpoints, following));
         Ok(Self { inner })
+    }
+
+    /// The endpoints of the live (not retired) drivers.
+    pub fn endpoints(&self) -> Vec<String> {
+        read(&self.inner.drivers).iter().map(|driver| driver.endpoint.clone()).collect()
     }
 
     /// Hands `completed` to a reassembler; resolves once it is durably stored.
     pub async fn deliver(&self, completed: Completed) -> Result<(), SinkClosed> {
         let (done, acked) = oneshot::channel();
-        route(&self.inner, None, Pending { completed, done }).await?;
+        route(&self.inner, Pending { completed, done }).await?;
         acked.await.map_err(|_| SinkClosed)
     }
 }
 
-/// Sends to the next healthy driver other than `avoid` (round robin), or to
-/// any driver when none is healthy: the driver keeps retrying.
-async fn route(inner: &Inner, avoid: Option<usize>, mut pending: Pending) -> Result<(), SinkClosed> {
-    let n = inner.drivers.len();
-    let start = inner.next.fetch_add(1, Ordering::Relaxed);
-    for healthy_only in [true, false] {
-        for k in 0..n {
-            let i = (start + k) % n;
-            let driver = &inner.drivers[i];
-            if Some(i) == avoid || (healthy_only && !driver.healthy.load(Ordering::Relaxed)) {
-                continue;
+/// Adds a driver for each of `endpoints` without one, and retires the
+/// drivers of endpoints not among them.
+fn connect(inner: &Arc<Inner>, endpoints: &[String]) -> Result<(), ordo_runtime::client::EndpointError> {
+    let mut drivers = write(&inner.drivers);
+    drivers.retain(|driver| {
+        let wanted = endpoints.contains(&driver.endpoint);
+        if !wanted {
+            tracing::info!(endpoint = %driver.endpoint, "reassembler address gone; retiring its driver");
+            driver.retired.cancel();
+        }
+        wanted
+    });
+    let mut added = false;
+    for endpoint in endpoints {
+        if drivers.iter().any(|driver| driver.endpoint == *endpoint) {
+            continue;
+        }
+        let client = ReassemblerClient::new(ordo_runtime::client::traced(endpoint)?);
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let driver = Arc::new(Driver {
+            endpoint: endpoint.clone(),
+            tx,
+            healthy: AtomicBool::new(true),
+            retired: CancellationToken::new(),
+        });
+        drivers.push(driver.clone());
+        tokio::spawn(drive(driver, Arc::downgrade(inner), rx, client));
+        added = true;
+    }
+    drop(drivers);
+    if added {
+        inner.added.send_modify(|generation| *generation = generation.wrapping_add(1));
+    }
+    Ok(())
+}
+
+/// Keeps the drivers in line with the endpoints as they change, until the
+/// sink is gone.
+async fn follow(inner: Weak<Inner>, mut endpoints: Peers, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = endpoints.changed() => if changed.is_err() { return },
+        }
+        let now = endpoints.borrow_and_update().clone();
+        let Some(inner) = inner.upgrade() else { return };
+        if let Err(error) = connect(&inner, &now) {
+            tracing::error!(%error, "a reassembler endpoint cannot be dialed");
+        }
+    }
+}
+
+/// Sends to the next healthy driver (round robin), or to any driver when
+/// none is healthy: the driver keeps retrying. While there is no driver at
+/// all (no reassembler address resolved yet), waits for one.
+async fn route(inner: &Inner, mut pending: Pending) -> Result<(), SinkClosed> {
+    let mut added = inner.added.subscribe();
+    loop {
+        added.borrow_and_update();
+        let start = inner.next.fetch_add(1, Ordering::Relaxed);
+        let target = {
+            let drivers = read(&inner.drivers);
+            let n = drivers.len();
+            for healthy_only in [true, false] {
+                for k in 0..n {
+                    let driver = &drivers[(start + k) % n];
+                    if healthy_only && !driver.healthy.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    match driver.tx.try_send(pending) {
+                        Ok(()) => return Ok(()),
+                        Err(mpsc::error::TrySendError::Full(p) | mpsc::error::TrySendError::Closed(p)) => pending = p,
+                    }
+                }
             }
-            match driver.tx.try_send(pending) {
+            // Everyone is busy: wait for room at the next healthy (or any) driver.
+            (0..n)
+                .map(|k| &drivers[(start + k) % n])
+                .find(|driver| driver.healthy.load(Ordering::Relaxed))
+                .or_else(|| drivers.get(start % n.max(1)))
+                .cloned()
+        };
+        match target {
+            Some(driver) => match driver.tx.send(pending).await {
                 Ok(()) => return Ok(()),
-                Err(mpsc::error::TrySendError::Full(p) | mpsc::error::TrySendError::Closed(p)) => pending = p,
+                // Retired meanwhile: its receiver closed; try the others.
+                Err(mpsc::error::SendError(p)) => pending = p,
+            },
+            None => {
+                if added.changed().await.is_err() {
+                    return Err(SinkClosed);
+                }
             }
         }
     }
-    // Everyone is busy: wait for room at the next healthy (or any) driver.
-    let i = (0..n)
-        .map(|k| (start + k) % n)
-        .find(|&i| Some(i) != avoid && inner.drivers[i].healthy.load(Ordering::Relaxed))
-        .or_else(|| (0..n).find(|&i| Some(i) != avoid))
-        .ok_or(SinkClosed)?;
-    inner.drivers[i].tx.send(pending).await.map_err(|_| SinkClosed)
 }
 
 async fn next_item(backlog: &mut VecDeque<Pending>, rx: &mut mpsc::Receiver<Pending>) -> Option<Pending> {
@@ -128,12 +226,12 @@ fn take_more(batch: &mut Vec<Pending>, backlog: &mut VecDeque<Pending>, rx: &mut
 }
 
 async fn drive(
-    me: usize,
+    me: Arc<Driver>,
     inner: Weak<Inner>,
     mut rx: mpsc::Receiver<Pending>,
-    endpoint: String,
     client: ReassemblerClient<ordo_runtime::client::TracedChannel>,
 ) {
+    let endpoint = me.endpoint.clone();
     let mut backlog: VecDeque<Pending> = VecDeque::new();
     // Reconnect pacing, jittered so workers that lost the same replica do not
     // come back in step.
@@ -142,9 +240,15 @@ async fn drive(
     loop {
         // Don't open a call for nothing: wait for the first result.
         if backlog.is_empty() {
-            match rx.recv().await {
-                Some(p) => backlog.push_back(p),
-                None => return,
+            tokio::select! {
+                item = rx.recv() => match item {
+                    Some(p) => backlog.push_back(p),
+                    None => return,
+                },
+                _ = me.retired.cancelled() => {
+                    retire(&me, &inner, &mut rx, backlog).await;
+                    return;
+                }
             }
         }
         let (out, out_rx) = mpsc::channel::<DeliverBatch>(MAX_UNACKED);
@@ -165,14 +269,25 @@ async fn drive(
             results: first.iter().map(|p| p.completed.clone()).collect(),
         });
         unacked.insert(first_id, first);
-        match call.await {
-            Ok(response) => {
+        let opened = tokio::select! {
+            opened = call => Some(opened),
+            _ = me.retired.cancelled() => None,
+        };
+        match opened {
+            Some(Ok(response)) => {
                 let mut acks = response.into_inner();
-                set_health(&inner, me, true);
+                me.healthy.store(true, Ordering::Relaxed);
                 backoff.reset();
+                // Retired: no new results; wait (a while) for the acks of what was sent.
+                let grace = tokio::time::sleep(RETIRE_GRACE);
+                tokio::pin!(grace);
+                let mut retiring = false;
                 loop {
                     if closed && backlog.is_empty() && unacked.is_empty() {
                         return;
+                    }
+                    if retiring && unacked.is_empty() {
+                        break;
                     }
                     tokio::select! {
                         ack = acks.message() => match ack {
@@ -190,7 +305,15 @@ async fn drive(
                                 break;
                             }
                         },
-                        item = next_item(&mut backlog, &mut rx), if !closed && unacked.len() < MAX_UNACKED => {
+                        _ = me.retired.cancelled(), if !retiring => {
+                            retiring = true;
+                            grace.as_mut().reset(tokio::time::Instant::now() + RETIRE_GRACE);
+                        }
+                        _ = &mut grace, if retiring => {
+                            tracing::warn!(%endpoint, unacked = unacked.len(), "retired reassembler did not ack in time; redelivering elsewhere");
+                            break;
+                        }
+                        item = next_item(&mut backlog, &mut rx), if !closed && !retiring && unacked.len() < MAX_UNACKED => {
                             let Some(item) = item else { closed = true; continue };
                             let mut batch = vec![item];
                             take_more(&mut batch, &mut backlog, &mut rx);
@@ -205,12 +328,13 @@ async fn drive(
                     }
                 }
             }
-            Err(status) => {
+            Some(Err(status)) => {
                 tracing::warn!(%endpoint, %status, "cannot open a delivery stream to reassembler");
             }
+            None => {}
         }
-        // Connection lost: everything unacked goes first, in batch order.
-        set_health(&inner, me, false);
+        // Connection lost (or retired): everything unacked goes first, in batch order.
+        me.healthy.store(false, Ordering::Relaxed);
         let mut ids: Vec<u64> = unacked.keys().copied().collect();
         ids.sort_unstable();
         for id in ids.into_iter().rev() {
@@ -218,35 +342,62 @@ async fn drive(
                 backlog.push_front(p);
             }
         }
+        if me.retired.is_cancelled() {
+            retire(&me, &inner, &mut rx, backlog).await;
+            return;
+        }
         while let Ok(p) = rx.try_recv() {
             backlog.push_back(p);
         }
-        reroute(&inner, me, &mut backlog);
+        reroute(&inner, &me, &mut backlog);
         if closed && backlog.is_empty() {
             return;
         }
-        backoff.wait().await;
+        tokio::select! {
+            _ = backoff.wait() => {}
+            _ = me.retired.cancelled() => {}
+        }
     }
 }
 
-fn set_health(inner: &Weak<Inner>, me: usize, healthy: bool) {
-    if let Some(inner) = inner.upgrade() {
-        inner.drivers[me].healthy.store(healthy, Ordering::Relaxed);
+/// The end of a retired driver: takes nothing more, and hands all it still
+/// holds (in order) to the other drivers, waiting for room or for a driver.
+async fn retire(me: &Driver, inner: &Weak<Inner>, rx: &mut mpsc::Receiver<Pending>, mut backlog: VecDeque<Pending>) {
+    // Closed first: a result routed to this driver a moment ago is in the
+    // channel (taken below); any later one finds it closed and goes elsewhere.
+    rx.close();
+    while let Some(p) = rx.recv().await {
+        backlog.push_back(p);
+    }
+    if backlog.is_empty() {
+        tracing::info!(endpoint = %me.endpoint, "reassembler driver retired");
+        return;
+    }
+    tracing::info!(endpoint = %me.endpoint, results = backlog.len(), "retired reassembler driver hands its results to the others");
+    let Some(inner) = inner.upgrade() else { return };
+    for p in backlog {
+        // Fails only when the sink is gone: the callers stopped waiting.
+        if route(&inner, p).await.is_err() {
+            return;
+        }
     }
 }
 
 /// Moves the backlog of a broken driver to healthy peers, keeping what they
 /// have no room for.
-fn reroute(inner: &Weak<Inner>, me: usize, backlog: &mut VecDeque<Pending>) {
+fn reroute(inner: &Weak<Inner>, me: &Arc<Driver>, backlog: &mut VecDeque<Pending>) {
     let Some(inner) = inner.upgrade() else { return };
-    let peers: Vec<usize> =
-        (0..inner.drivers.len()).filter(|&i| i != me && inner.drivers[i].healthy.load(Ordering::Relaxed)).collect();
+    let peers: Vec<Arc<Driver>> = read(&inner.drivers)
+        .iter()
+        .filter(|driver| !Arc::ptr_eq(driver, me) && driver.healthy.load(Ordering::Relaxed))
+        .cloned()
+        .collect();
     if peers.is_empty() {
         return;
     }
     let mut kept = VecDeque::new();
     for (k, p) in backlog.drain(..).enumerate() {
-        let peer = &inner.drivers[peers[k % peers.len()]];
+        let peer = &peers[k % peers.len()];
         if let Err(mpsc::error::TrySendError::Full(p) | mpsc::error::TrySendError::Closed(p)) = peer.tx.try_send(p) {
             kept.push_back(p);
         }
