@@ -107,6 +107,9 @@ pub struct Config {
     pub stateful_ops: Vec<String>,
     #[command(flatten)]
     pub discovery: DiscoveryArgs,
+    /// Bearer-token authorization of Process and Submit (off unless a key is given).
+    #[command(flatten)]
+    pub auth: ordo_runtime::auth::AuthArgs,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -116,6 +119,8 @@ ordo_runtime::service_config!(Config, validate = Config::check);
 impl Config {
     /// Cross-field checks clap cannot express.
     fn check(&self) -> Result<(), String> {
+        // Unreadable or malformed key files stop the start with exit code 64.
+        ordo_runtime::auth::Auth::from_args(&self.auth)?;
         if self.window == 0 {
             return Err("--window must be at least 1".into());
         }

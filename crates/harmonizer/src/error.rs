@@ -35,6 +35,10 @@ pub enum Error {
     Unavailable(&'static str),
     #[error("shutting down")]
     ShuttingDown,
+    /// No valid token (UNAUTHENTICATED), or one that may not write the stream
+    /// (PERMISSION_DENIED).
+    #[error(transparent)]
+    Denied(#[from] ordo_runtime::auth::Denied),
 }
 
 impl From<Error> for Status {
@@ -54,6 +58,7 @@ impl From<Error> for Status {
                 Status::unavailable(message)
             }
             Error::NoWorker(_) | Error::Unavailable(_) | Error::ShuttingDown => Status::unavailable(message),
+            Error::Denied(denied) => Status::from(denied),
         }
     }
 }

@@ -59,6 +59,8 @@ pub struct Shared {
     /// it has been down a while, instead of each waiting out the retries.
     pub readiness: Readiness,
     pub shutdown: Shutdown,
+    /// Which streams a call's token may write (off: every call may write any).
+    pub auth: ordo_runtime::auth::Auth,
 }
 
 pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
@@ -80,6 +82,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     let registry = registry::Registry::new(follower, config.max_payload_bytes, config.gap_timeout);
     let push_gateway = PushGatewayClient::new(ordo_runtime::client::traced(&config.push_gateway)?)
         .max_decoding_message_size(ordo_runtime::server::MAX_MESSAGE_BYTES);
+    let auth = ordo_runtime::auth::Auth::from_args(&config.auth).map_err(anyhow::Error::msg)?;
+    auth.log_startup("harmonizer");
     let drain = config.common.drain_timeout;
     tokio::spawn(sample_window(pool.clone(), config.window, shutdown.clone()));
     let shared = Arc::new(Shared {
@@ -91,6 +95,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
         redis,
         readiness: readiness.clone(),
         shutdown: shutdown.clone(),
+        auth,
     });
     let server = HarmonizerServer::new(HarmonizerService { shared })
         .max_decoding_message_size(ordo_runtime::server::MAX_MESSAGE_BYTES)
@@ -145,21 +150,24 @@ impl Harmonizer for HarmonizerService {
     type ProcessStream = ResultStream;
 
     async fn process(&self, request: Request<Streaming<Event>>) -> Result<Response<Self::ProcessStream>, Status> {
+        // A missing or invalid token fails the call before any event is read.
+        let grant = self.shared.auth.authorize(request.metadata())?;
         if self.shared.shutdown.is_cancelled() {
             return Err(error::Error::ShuttingDown.into());
         }
         let (out, rx) = tokio::sync::mpsc::channel(CALL_BUFFER);
         let span = tracing::Span::current();
-        tokio::spawn(process::run(self.shared.clone(), request.into_inner(), out, span));
+        tokio::spawn(process::run(self.shared.clone(), request.into_inner(), out, span, grant));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn submit(&self, request: Request<Event>) -> Result<Response<EventResult>, Status> {
+        let grant = self.shared.auth.authorize(request.metadata());
         let event = request.into_inner();
         // The spec (an Arc, no allocation) names the operation label if it is known.
         let spec = self.shared.registry.catalog().get(&event.operation).cloned();
         let started = std::time::Instant::now();
-        match submit::submit(&self.shared, event).await {
+        match submit::submit(&self.shared, grant, event).await {
             Ok(result) => {
                 // A PROCESSING answer is not the event's result: its latency is unknown here.
                 if result.status() != ordo_proto::ResultStatus::Processing {

@@ -25,6 +25,12 @@
 //!   timeout, then the call ends with UNAVAILABLE (unless the client had
 //!   half-closed already): events sent after the shutdown began were not
 //!   accepted and must be resent elsewhere.
+//!
+//! Authorization (`ordo_runtime::auth`): the call's bearer token is checked
+//! once, when the call opens; a missing or invalid one fails the call with
+//! UNAUTHENTICATED before any event is read. An event of a stream the token
+//! may not write is refused like any other bad event: its own REJECTED
+//! result (PERMISSION_DENIED), and the call goes on with the others.
 
 use std::sync::Arc;
 
@@ -33,7 +39,7 @@ use ordo_proto::v1::{Completed, Event, EventResult, FollowBatch, OrderingMode};
 use ordo_runtime::telemetry;
 use tokio::{sync::mpsc, time::Instant};
 use tonic::{Code, Status, Streaming};
-use tracing::Span;
+use tracing::{Instrument as _, Span};
 
 use crate::{
     Shared,
@@ -77,13 +83,20 @@ enum Inbound {
     Broken(Status),
 }
 
-pub async fn run(shared: Arc<Shared>, mut inbound: Streaming<Event>, out: Out, call_span: Span) {
+pub async fn run(
+    shared: Arc<Shared>,
+    mut inbound: Streaming<Event>,
+    out: Out,
+    call_span: Span,
+    grant: ordo_runtime::auth::Grant,
+) {
     let mut call = Call {
         streams: Streams::new(shared.config.window, shared.config.stream_processing_threshold),
         follower: Follower::start(shared.push_gateway.clone()),
         shared: shared.clone(),
         out,
         call_span,
+        grant,
     };
     let mut state = Inbound::Open;
     let mut blocked: Option<Blocked> = None;
@@ -189,6 +202,8 @@ struct Call {
     follower: Follower,
     out: Out,
     call_span: Span,
+    /// What the call's token allows (everything with auth off).
+    grant: ordo_runtime::auth::Grant,
 }
 
 impl Call {
@@ -223,6 +238,10 @@ impl Call {
                 return None;
             }
         };
+        if let Err(denied) = self.grant.check_write(&event.stream_id) {
+            self.reject(&event, Error::Denied(denied)).await;
+            return None;
+        }
         let gap_timeout = checked.gap_timeout;
         let stream = event.stream_id.as_str();
         if !self.streams.knows(stream) {
@@ -287,16 +306,27 @@ impl Call {
     async fn dispatch(&mut self, mut event: Event, checked: Checked) {
         crate::metrics::accepted(&checked.spec.name);
         event.mode = self.streams.mode(&event.stream_id).unwrap_or(OrderingMode::Ordered) as i32;
-        let span = telemetry::entry_span(
+        // The root of the event's own trace (linked to the call's span): a
+        // call of thousands of events is not one trace of thousands of spans.
+        let span = telemetry::event_root_span(
             "harmonizer.dispatch",
             &event.stream_id,
             event.sequence,
             &event.trace_context,
             &self.call_span,
         );
+        if !span.is_disabled() {
+            span.record(telemetry::attr::OPERATION, checked.spec.name.as_str());
+        }
+        // What goes downstream is the event's context, not the call's.
         event.trace_context = telemetry::inject(&span, &event.trace_context);
+        span.in_scope(|| {
+            tracing::debug!(stream = %event.stream_id, sequence = event.sequence, operation = %checked.spec.name, "dispatching");
+        });
         match checked.route {
-            Route::Stateful => self.shared.pool.dispatch(event, checked.spec, checked.version).await,
+            Route::Stateful => {
+                self.shared.pool.dispatch(event, checked.spec, checked.version).instrument(span).await;
+            }
             Route::Stateless => self.shared.pool.run_stateless(event, checked.spec),
         }
     }

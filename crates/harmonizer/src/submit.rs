@@ -11,18 +11,25 @@
 //! first. Over the message size limit: RESOURCE_EXHAUSTED (`size_limit.rs`).
 //! A stateful event whose operation no live worker serves (and none did
 //! within `--event-timeout`) waits up to `--worker-wait` for one, then is
-//! refused with UNAVAILABLE.
+//! refused with UNAVAILABLE. With authorization on, the token must allow
+//! writing the event's stream (UNAUTHENTICATED / PERMISSION_DENIED).
 
-use ordo_proto::v1::{Event, EventResult, OrderingMode, SubscribeRequest};
+use ordo_proto::v1::{Event, EventResult, FollowRequest, OrderingMode, StreamCursor};
 use ordo_runtime::telemetry;
 
 use crate::{Shared, error::Error, registry::Route, state, stored};
 
-pub async fn submit(shared: &Shared, mut event: Event) -> Result<EventResult, Error> {
+pub async fn submit(
+    shared: &Shared,
+    grant: Result<ordo_runtime::auth::Grant, ordo_runtime::auth::Denied>,
+    mut event: Event,
+) -> Result<EventResult, Error> {
+    let grant = grant?;
     if shared.shutdown.is_cancelled() {
         return Err(Error::ShuttingDown);
     }
     let checked = shared.registry.check(&event)?;
+    grant.check_write(&event.stream_id)?;
     let route = checked.route;
     if shared.readiness.down_for(crate::REDIS_GRACE) {
         return Err(Error::Unavailable("reorder state (Redis)"));
@@ -47,6 +54,9 @@ pub async fn submit(shared: &Shared, mut event: Event) -> Result<EventResult, Er
         &event.trace_context,
         &tracing::Span::current(),
     );
+    if !span.is_disabled() {
+        span.record(telemetry::attr::OPERATION, checked.spec.name.as_str());
+    }
     event.trace_context = telemetry::inject(&span, &event.trace_context);
 
     if route == Route::Stateless {
@@ -77,14 +87,20 @@ pub async fn submit(shared: &Shared, mut event: Event) -> Result<EventResult, Er
     if dispatch {
         shared.pool.admit(&checked.spec.name, shared.config.worker_wait).await?;
     }
-    // Subscribe before dispatching so the release can't slip past us.
+    // Follow before dispatching so the release can't slip past us. Follow,
+    // not Subscribe: it is internal (mTLS, no token), and the caller's token
+    // may write the stream without being allowed to read it. The gateway ends
+    // a Follow call when its requests end, so `keep_open` lives until the wait is over.
     let from = if mode == OrderingMode::Ordered { event.sequence } else { meta.released };
+    let (keep_open, requests) = tokio::sync::mpsc::channel(1);
+    let cursor = StreamCursor { stream_id: event.stream_id.clone(), from_sequence: from };
+    let _ = keep_open.try_send(FollowRequest { add: vec![cursor] });
     let mut push = shared.push_gateway.clone();
-    let mut results = push
-        .subscribe(SubscribeRequest { stream_id: event.stream_id.clone(), from_sequence: from, streams: vec![] })
+    let mut batches = push
+        .follow(tokio_stream::wrappers::ReceiverStream::new(requests))
         .await
         .map_err(|status| {
-            tracing::warn!(%status, "cannot subscribe to the push gateway");
+            tracing::warn!(%status, "cannot follow the stream on the push gateway");
             Error::Unavailable("push gateway")
         })?
         .into_inner();
@@ -93,15 +109,23 @@ pub async fn submit(shared: &Shared, mut event: Event) -> Result<EventResult, Er
         shared.pool.dispatch(event.clone(), checked.spec, checked.version).await;
     }
     let wait = async {
-        while let Ok(Some(result)) = results.message().await {
-            if result.sequence == event.sequence {
-                return Some(result);
+        while let Ok(Some(batch)) = batches.message().await {
+            if !batch.error.is_empty() {
+                // The cursor cannot be served (older than retention).
+                tracing::warn!(error = batch.error, "cannot follow the stream on the push gateway");
+                return Err(Error::Unavailable("push gateway"));
+            }
+            if let Some(result) = batch.results.into_iter().find(|result| result.sequence == event.sequence) {
+                return Ok(Some(result));
             }
         }
-        None
+        Ok(None)
     };
-    match tokio::time::timeout(shared.config.unary_threshold, wait).await {
-        Ok(Some(result)) => answer(result),
+    let waited = tokio::time::timeout(shared.config.unary_threshold, wait).await;
+    drop(keep_open);
+    match waited {
+        Ok(Ok(Some(result))) => answer(result),
+        Ok(Err(error)) => Err(error),
         _ => Ok(EventResult::processing(&event)),
     }
 }

@@ -204,7 +204,10 @@ impl Verifier {
                 format!("the token's issuer (iss) is not {:?}", self.issuer.as_deref().unwrap_or_default())
             }
             ErrorKind::InvalidAudience => {
-                format!("the token's audience (aud) does not include {:?}", self.audience.as_deref().unwrap_or_default())
+                format!(
+                    "the token's audience (aud) does not include {:?}",
+                    self.audience.as_deref().unwrap_or_default()
+                )
             }
             ErrorKind::MissingRequiredClaim(claim) => format!("the token has no {claim} claim"),
             ErrorKind::InvalidAlgorithm => "the token's algorithm does not match its key".to_owned(),
@@ -285,19 +288,20 @@ impl Auth {
         verifier.verify(token)
     }
 
-    /// What the `authorization: Bearer …` metadata of a gRPC call allows.
-    pub fn authorize(&self, metadata: &MetadataMap) -> Result<Grant, Status> {
+    /// What the `authorization: Bearer …` metadata of a gRPC call allows
+    /// (`Denied` converts into the call's status).
+    pub fn authorize(&self, metadata: &MetadataMap) -> Result<Grant, Denied> {
         if !self.is_on() {
             return Ok(Grant::everything());
         }
-        let header = match metadata.get(AUTHORIZATION) {
-            Some(value) => Some(value.to_str().map_err(|_| {
-                Status::unauthenticated("the authorization metadata is not ASCII; expected Bearer <token>")
-            })?),
-            None => None,
-        };
-        let token = bearer(header)?;
-        Ok(self.verify(token)?)
+        let header =
+            match metadata.get(AUTHORIZATION) {
+                Some(value) => Some(value.to_str().map_err(|_| {
+                    unauthenticated("the authorization metadata is not ASCII; expected Bearer <token>")
+                })?),
+                None => None,
+            };
+        self.verify(bearer(header)?)
     }
 }
 
@@ -358,11 +362,7 @@ impl Grant {
 
     fn denied(&self, what: &str, stream: &str, allowed: &[String]) -> Denied {
         let subject = self.subject.as_deref().unwrap_or_default();
-        let allowed = if allowed.is_empty() {
-            "none".to_owned()
-        } else {
-            ordo_core::limits::echo(&allowed.join(", "))
-        };
+        let allowed = if allowed.is_empty() { "none".to_owned() } else { ordo_core::limits::echo(&allowed.join(", ")) };
         Denied::PermissionDenied(format!(
             "the token of {subject:?} may not {what} stream {:?} (it may {what}: {allowed})",
             ordo_core::limits::echo(stream)
