@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the tools Ordo's recipes need, on a Debian machine that already has
 # Rust (rustup's cargo) and python3 with pip: just, redis-server, fonts-dejavu-core, grpcurl 1.8.6,
+# promtool (Debian's prometheus package), check-jsonschema (PyPI),
 # cargo-nextest, and the Python packages of the examples the tests run
 # (examples/python-operation/requirements.txt: grpcio, grpcio-tools, protobuf).
 # Idempotent: every tool already on PATH (every package already importable) is
@@ -163,6 +164,37 @@ install_python() {
   apt_install python3 python3-pip
 }
 
+# The metrics tests check deploy/prometheus/prometheus.yml with `promtool
+# check config` and lint a live scrape with `promtool check metrics`;
+# Debian ships promtool in its `prometheus` package (the server is not
+# started: nothing here enables it).
+install_promtool() {
+  if have promtool; then
+    log "promtool: present ($(promtool --version 2>&1 | head -n 1))"
+    return
+  fi
+  if ! apt_has_candidate prometheus; then
+    log "error: apt has no prometheus package (promtool); the metrics tests need it"
+    return 1
+  fi
+  apt_install prometheus
+  promtool --version >/dev/null
+}
+
+# compose/docker-compose.yml is validated against the Compose Specification
+# JSON schema, which check-jsonschema vendors (`--builtin-schema
+# vendor.compose-spec`); Debian's docker-compose 1.29 predates the spec's
+# top-level `name`, so it cannot judge the file.
+CHECK_JSONSCHEMA_PIP_SPEC="check-jsonschema==0.39.0"
+install_check_jsonschema() {
+  if python3 -c 'import check_jsonschema' >/dev/null 2>&1; then
+    log "check-jsonschema: present"
+    return
+  fi
+  pip_install "$CHECK_JSONSCHEMA_PIP_SPEC"
+  python3 -c 'import check_jsonschema'
+}
+
 install_nextest() {
   if have cargo-nextest || cargo nextest --version >/dev/null 2>&1; then
     log "cargo-nextest: present"
@@ -183,5 +215,7 @@ install_fonts
 install_python
 install_grpcurl
 install_python_packages
+install_promtool
+install_check_jsonschema
 install_nextest
 log "done"
