@@ -34,6 +34,17 @@ pub struct CollectedSpan {
     pub span_id: String,
     pub parent_span_id: String,
     pub name: String,
+    /// The span's attributes, values as text (`42`, `true`, `"s"` → `s`).
+    pub attributes: BTreeMap<String, String>,
+    /// The spans this one links to: (trace id, span id), hex.
+    pub links: Vec<(String, String)>,
+}
+
+impl CollectedSpan {
+    /// An attribute's value as text, if the span has it.
+    pub fn attribute(&self, key: &str) -> Option<&str> {
+        self.attributes.get(key).map(String::as_str)
+    }
 }
 
 type Store = Arc<Mutex<Vec<CollectedSpan>>>;
@@ -75,6 +86,15 @@ impl OtlpCollector {
         self.spans.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Every span received so far, by trace id.
+    pub fn traces(&self) -> BTreeMap<String, Vec<CollectedSpan>> {
+        let mut traces: BTreeMap<String, Vec<CollectedSpan>> = BTreeMap::new();
+        for span in self.spans() {
+            traces.entry(span.trace_id.clone()).or_default().push(span);
+        }
+        traces
+    }
+
     /// For each trace id, the services that exported spans of it.
     pub fn services_by_trace(&self) -> BTreeMap<String, BTreeSet<String>> {
         let mut traces: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
@@ -93,6 +113,16 @@ impl Drop for OtlpCollector {
 
 struct Sink {
     spans: Store,
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::StringValue(s) => s.clone(),
+        Value::BoolValue(b) => b.to_string(),
+        Value::IntValue(i) => i.to_string(),
+        Value::DoubleValue(d) => d.to_string(),
+        other => format!("{other:?}"),
+    }
 }
 
 fn string_attribute(attributes: &[KeyValue], key: &str) -> Option<String> {
@@ -126,6 +156,12 @@ impl TraceService for Sink {
                     span_id: hex(&span.span_id),
                     parent_span_id: hex(&span.parent_span_id),
                     name: span.name,
+                    attributes: span
+                        .attributes
+                        .iter()
+                        .filter_map(|kv| Some((kv.key.clone(), text(kv.value.as_ref()?.value.as_ref()?))))
+                        .collect(),
+                    links: span.links.iter().map(|link| (hex(&link.trace_id), hex(&link.span_id))).collect(),
                 });
             }
         }

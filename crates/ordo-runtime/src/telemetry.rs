@@ -7,12 +7,25 @@
 //! ([`TraceInterceptor`], [`server_span`]), and each event/result message
 //! carries the context of the *event* in its `trace_context` map
 //! ([`event_span`], [`inject`]). Per-event spans use the target
-//! [`EVENT_TARGET`]; the log layer never enables them, so without an OTLP
-//! endpoint they cost (almost) nothing on the hot path.
+//! [`EVENT_TARGET`]; without an OTLP endpoint no layer enables them, so
+//! they cost (almost) nothing on the hot path.
+//!
+//! Trace shape: a unary call (`Submit`, `Execute`, `Subscribe`) is one trace,
+//! its event a child of the call's span. A `Process` call carries any number
+//! of events, so each of its events gets a trace of its own
+//! ([`event_root_span`]: the client's per-event `trace_context` if it sent
+//! one, else a new root), linked to the call's span; the call's own trace
+//! stays a few spans. Every per-event span carries `ordo.stream_id` and
+//! `ordo.sequence`; the worker's also `ordo.attempt` and `ordo.worker`, and
+//! where the operation is known, `ordo.operation`.
+//!
+//! JSON log lines written inside an exported span carry its `trace_id` and
+//! `span_id` ([`json_log`]); only with an OTLP endpoint do spans have ids.
 
 use std::{collections::HashMap, str::FromStr};
 
 use anyhow::Context as _;
+use opentelemetry::trace::TraceContextExt as _;
 use opentelemetry::{
     global,
     propagation::{Extractor, Injector},
@@ -24,9 +37,20 @@ use opentelemetry_sdk::{
     runtime,
     trace::{SdkTracerProvider, span_processor_with_async_runtime::BatchSpanProcessor},
 };
-use tracing::Span;
+use tracing::{Span, Subscriber};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::{EnvFilter, Layer, Registry, layer::SubscriberExt, util::SubscriberInitExt};
+use tracing_subscriber::{
+    EnvFilter, Layer, Registry,
+    fmt::{
+        MakeWriter,
+        format::{Format, Json, JsonFields},
+    },
+    layer::SubscriberExt,
+    registry::LookupSpan,
+    util::SubscriberInitExt,
+};
+
+pub mod json_log;
 
 /// Target of the per-event spans.
 pub const EVENT_TARGET: &str = "ordo::event";
@@ -65,26 +89,45 @@ impl Drop for TelemetryGuard {
     }
 }
 
-const DEFAULT_LOG_FILTER: &str = "info,h2=warn,hyper=warn,tower=warn,ordo::event=off";
+const DEFAULT_LOG_FILTER: &str = "info,h2=warn,hyper=warn,tower=warn";
 const DEFAULT_TRACE_FILTER: &str = "info,h2=off,hyper=off,tower=off,tonic=off";
+
+/// The log layer's filter: `RUST_LOG` (or the default) plus a directive for
+/// the per-event spans. They are off for the log unless `events_visible`
+/// (JSON log and OTLP on): then the JSON log sees them, so a line written
+/// inside one carries that event's trace and span id. Without OTLP they
+/// stay off everywhere, which keeps them free on the hot path.
+fn log_directives(rust_log: Option<&str>, events_visible: bool) -> String {
+    let level = if events_visible { "info" } else { "off" };
+    format!("{},{EVENT_TARGET}={level}", rust_log.unwrap_or(DEFAULT_LOG_FILTER))
+}
+
+/// The `--log-format json` layer: tracing-subscriber's JSON lines with
+/// `trace_id` and `span_id` added ([`json_log::WithTraceIds`]).
+fn json_layer<S, W>(writer: W) -> tracing_subscriber::fmt::Layer<S, JsonFields, json_log::WithTraceIds<Format<Json>>, W>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> MakeWriter<'w> + 'static,
+{
+    tracing_subscriber::fmt::layer().json().with_writer(writer).map_event_format(json_log::WithTraceIds)
+}
 
 /// Installs the global subscriber. Must run inside a tokio runtime (the OTLP
 /// exporter's batch processor runs on it).
 pub fn init(service: &'static str, format: LogFormat) -> anyhow::Result<TelemetryGuard> {
     global::set_text_map_propagator(TraceContextPropagator::new());
-    let log_filter = match std::env::var("RUST_LOG") {
-        Ok(directives) => {
-            EnvFilter::try_new(format!("{directives},ordo::event=off")).context("RUST_LOG is not a valid filter")?
-        }
-        Err(_) => EnvFilter::new(DEFAULT_LOG_FILTER),
-    };
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok().filter(|e| !e.is_empty());
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let events_visible = endpoint.is_some() && format == LogFormat::Json;
+    let log_filter = EnvFilter::try_new(log_directives(rust_log.as_deref(), events_visible))
+        .context("RUST_LOG is not a valid filter")?;
     let log_layer: Box<dyn Layer<Registry> + Send + Sync> = match format {
-        LogFormat::Text => Box::new(fmt.with_target(false).with_filter(log_filter)),
-        LogFormat::Json => Box::new(fmt.json().with_filter(log_filter)),
+        LogFormat::Text => Box::new(
+            tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false).with_filter(log_filter),
+        ),
+        LogFormat::Json => Box::new(json_layer(std::io::stderr).with_filter(log_filter)),
     };
 
-    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok().filter(|e| !e.is_empty());
     let (otel_layer, provider) = match endpoint {
         Some(endpoint) => {
             let exporter = opentelemetry_otlp::SpanExporter::builder()
@@ -130,15 +173,40 @@ pub fn inject(span: &Span, incoming: &Carrier) -> Carrier {
     if carrier.is_empty() { incoming.clone() } else { carrier }
 }
 
-/// A per-event span named `name`, child of the context in `carrier` (if any).
+/// Attribute names of the per-event spans. OpenTelemetry's semantic
+/// conventions have no stream or sequence, hence Ordo's own prefix.
+pub mod attr {
+    pub const STREAM_ID: &str = "ordo.stream_id";
+    pub const SEQUENCE: &str = "ordo.sequence";
+    /// The attempt a worker makes (1 for the first).
+    pub const ATTEMPT: &str = "ordo.attempt";
+    /// The worker's name (`--name`).
+    pub const WORKER: &str = "ordo.worker";
+    pub const OPERATION: &str = "ordo.operation";
+}
+
+/// One per-event span; `ordo.attempt`, `ordo.worker` and `ordo.operation`
+/// are declared empty so that the services that know them can `record` them.
+macro_rules! per_event_span {
+    ($name:expr, $stream_id:expr, $sequence:expr $(, parent: $parent:expr)?) => {
+        tracing::info_span!(
+            target: EVENT_TARGET,
+            $(parent: $parent,)?
+            "event",
+            otel.name = $name,
+            ordo.stream_id = $stream_id,
+            ordo.sequence = $sequence,
+            ordo.attempt = tracing::field::Empty,
+            ordo.worker = tracing::field::Empty,
+            ordo.operation = tracing::field::Empty,
+        )
+    };
+}
+
+/// A per-event span named `name`, child of the context in `carrier` (if
+/// any): how every hop after the entry continues the event's trace.
 pub fn event_span(name: &'static str, stream_id: &str, sequence: u64, carrier: &Carrier) -> Span {
-    let span = tracing::info_span!(
-        target: EVENT_TARGET,
-        "event",
-        otel.name = name,
-        ordo.stream_id = stream_id,
-        ordo.sequence = sequence,
-    );
+    let span = per_event_span!(name, stream_id, sequence);
     if !span.is_disabled() && !carrier.is_empty() {
         let parent = global::get_text_map_propagator(|p| p.extract(carrier));
         let _ = span.set_parent(parent);
@@ -146,20 +214,33 @@ pub fn event_span(name: &'static str, stream_id: &str, sequence: u64, carrier: &
     span
 }
 
-/// The span of an event entering Ordo: a child of the context the client put
-/// in the event, or else of `call` (the span of the gRPC call carrying it).
+/// The span of an event entering Ordo by a unary call (`Submit`): a child of
+/// the context the client put in the event, or else of `call` (the span of
+/// the gRPC call carrying it), so that the call and its event are one trace.
 pub fn entry_span(name: &'static str, stream_id: &str, sequence: u64, carrier: &Carrier, call: &Span) -> Span {
     if !carrier.is_empty() {
         return event_span(name, stream_id, sequence, carrier);
     }
-    tracing::info_span!(
-        target: EVENT_TARGET,
-        parent: call,
-        "event",
-        otel.name = name,
-        ordo.stream_id = stream_id,
-        ordo.sequence = sequence,
-    )
+    per_event_span!(name, stream_id, sequence, parent: call)
+}
+
+/// The span of an event entering Ordo on a `Process` call, the root of the
+/// event's own trace: a child of the context the client put in the event
+/// (the client's per-event trace) if there is one, else a new trace. It is
+/// linked to `call`, whose trace thus stays small however many events the
+/// call carries (a call of 2048 events used to be one trace of ~10,000 spans).
+pub fn event_root_span(name: &'static str, stream_id: &str, sequence: u64, carrier: &Carrier, call: &Span) -> Span {
+    let span = per_event_span!(name, stream_id, sequence, parent: None);
+    if span.is_disabled() {
+        return span;
+    }
+    if !carrier.is_empty() {
+        let parent = global::get_text_map_propagator(|p| p.extract(carrier));
+        let _ = span.set_parent(parent);
+    }
+    // Invalid (not exported) call spans are skipped by add_link.
+    span.add_link(call.context().span().span_context().clone());
+    span
 }
 
 struct HeaderExtractor<'a>(&'a http::HeaderMap);
@@ -174,15 +255,20 @@ impl Extractor for HeaderExtractor<'_> {
 }
 
 /// Calls that get no span of their own: health checks and reflection (polled
-/// by orchestrators and tools: a one-span trace each is noise), and the
+/// by orchestrators and tools: a one-span trace each is noise), the
 /// long-lived internal streams, which live as long as the process and carry
-/// many events, each with its own trace context in the message.
-const UNTRACED_PATHS: [&str; 5] = [
+/// many events, each with its own trace context in the message, and the
+/// internal per-event `Stateless/Execute`, whose event carries its trace
+/// context too (its `stateless.execute` span is in the event's trace; a call
+/// span would be a trace of its own whenever the caller runs outside a span,
+/// as the harmonizer's background stateless runs do).
+const UNTRACED_PATHS: [&str; 6] = [
     "/grpc.health.v1.Health/",
     "/grpc.reflection.",
     "/ordo.v1.StatefulWorker/Work",
     "/ordo.v1.Reassembler/Deliver",
     "/ordo.v1.PushGateway/Follow",
+    "/ordo.v1.Stateless/Execute",
 ];
 
 /// The span of one incoming gRPC call, child of the caller's `traceparent`
@@ -192,7 +278,16 @@ pub fn server_span(request: &http::Request<()>) -> Span {
     if UNTRACED_PATHS.iter().any(|prefix| path.starts_with(prefix)) {
         return Span::none();
     }
-    let span = tracing::info_span!("grpc", otel.name = path, otel.kind = "server", rpc.system = "grpc",);
+    // `/ordo.v1.Harmonizer/Process` → service `ordo.v1.Harmonizer`, method `Process`.
+    let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or((path, ""));
+    let span = tracing::info_span!(
+        "grpc",
+        otel.name = path,
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = service,
+        rpc.method = method,
+    );
     if !span.is_disabled() {
         let parent = global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers())));
         let _ = span.set_parent(parent);
@@ -234,6 +329,79 @@ mod tests {
         server_span(&request)
     }
 
+    /// Runs `f` under a subscriber that exports (to nowhere) every span,
+    /// per-event ones included, as `init` does with an OTLP endpoint.
+    fn with_tracer(f: impl FnOnce()) {
+        global::set_text_map_propagator(TraceContextPropagator::new());
+        let provider = SdkTracerProvider::builder().build();
+        let subscriber =
+            tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, f);
+    }
+
+    fn trace_of(span: &Span) -> opentelemetry::trace::TraceId {
+        span.context().span().span_context().trace_id()
+    }
+
+    #[test]
+    fn a_process_event_is_a_trace_of_its_own_and_later_hops_continue_it() {
+        with_tracer(|| {
+            let call = span_for("/ordo.v1.Harmonizer/Process");
+            let _inside = call.enter();
+            let first = event_root_span("harmonizer.dispatch", "s", 0, &Carrier::new(), &call);
+            let second = event_root_span("harmonizer.dispatch", "s", 1, &Carrier::new(), &call);
+            assert_ne!(trace_of(&first), trace_of(&call), "an event of a Process call is not in the call's trace");
+            assert_ne!(trace_of(&first), trace_of(&second), "each event is its own trace");
+            // What is injected downstream is the event's context, so the worker continues the event's trace.
+            let carrier = inject(&first, &Carrier::new());
+            let worker = event_span("worker.process", "s", 0, &carrier);
+            assert_eq!(trace_of(&worker), trace_of(&first));
+            assert!(inject(&worker, &carrier).contains_key("traceparent"), "{carrier:?}");
+        });
+    }
+
+    #[test]
+    fn a_process_event_with_its_own_trace_context_continues_it() {
+        with_tracer(|| {
+            let client = tracing::info_span!("client");
+            let carrier = inject(&client, &Carrier::new());
+            let call = span_for("/ordo.v1.Harmonizer/Process");
+            let event = event_root_span("harmonizer.dispatch", "s", 0, &carrier, &call);
+            assert_eq!(trace_of(&event), trace_of(&client), "the client's per-event trace is continued");
+            assert_ne!(trace_of(&event), trace_of(&call));
+        });
+    }
+
+    #[test]
+    fn a_submitted_event_is_in_its_call_trace() {
+        with_tracer(|| {
+            let call = span_for("/ordo.v1.Harmonizer/Submit");
+            let event = entry_span("harmonizer.submit", "s", 0, &Carrier::new(), &call);
+            assert_eq!(trace_of(&event), trace_of(&call), "Submit stays one trace");
+        });
+    }
+
+    #[test]
+    fn without_an_exporter_per_event_spans_are_disabled_and_carriers_pass_through() {
+        // The default log filter of every service without an OTLP endpoint.
+        // (Callsite interest is process-wide: run under nextest, one process
+        // per test, as `just test` does, so no other test's tracer enables them.)
+        let filter = EnvFilter::new(log_directives(None, false));
+        let subscriber = tracing_subscriber::registry().with(tracing_subscriber::fmt::layer().with_filter(filter));
+        tracing::subscriber::with_default(subscriber, || {
+            let call = span_for("/ordo.v1.Harmonizer/Process");
+            let incoming = Carrier::from([("traceparent".to_owned(), "from-the-client".to_owned())]);
+            for span in [
+                event_root_span("harmonizer.dispatch", "s", 0, &incoming, &call),
+                entry_span("harmonizer.submit", "s", 0, &Carrier::new(), &call),
+                event_span("worker.process", "s", 0, &incoming),
+            ] {
+                assert!(span.is_disabled(), "per-event spans cost nothing without OTLP: {span:?}");
+                assert_eq!(inject(&span, &incoming), incoming);
+            }
+        });
+    }
+
     #[test]
     fn health_reflection_and_internal_streams_get_no_call_span() {
         let subscriber = tracing_subscriber::registry();
@@ -246,10 +414,12 @@ mod tests {
                 "/ordo.v1.StatefulWorker/Work",
                 "/ordo.v1.Reassembler/Deliver",
                 "/ordo.v1.PushGateway/Follow",
+                "/ordo.v1.Stateless/Execute",
             ] {
                 assert!(span_for(path).is_none(), "{path} must not open a span (a one-span trace each)");
             }
-            for path in ["/ordo.v1.Harmonizer/Submit", "/ordo.v1.PushGateway/Subscribe", "/ordo.v1.Stateless/Execute"] {
+            for path in ["/ordo.v1.Harmonizer/Submit", "/ordo.v1.Harmonizer/Process", "/ordo.v1.PushGateway/Subscribe"]
+            {
                 assert!(!span_for(path).is_none(), "{path} is traced");
             }
         });

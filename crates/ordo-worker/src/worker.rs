@@ -398,6 +398,12 @@ impl Inner {
             return;
         };
         let span = telemetry::event_span("worker.process", &event.stream_id, event.sequence, &event.trace_context);
+        if !span.is_disabled() {
+            // Every attempt is a span of the event's trace: which one, and where.
+            span.record(telemetry::attr::ATTEMPT, item.attempt);
+            span.record(telemetry::attr::WORKER, self.name.as_str());
+            span.record(telemetry::attr::OPERATION, event.operation.as_str());
+        }
         let running = crate::metrics::Running::start();
         let started = Instant::now();
         let expired = async {
