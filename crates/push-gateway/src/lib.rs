@@ -70,9 +70,11 @@ pub struct Config {
     /// (`GET /streams/{stream_id}/events`), or `off`.
     #[arg(long, env = "PUSH_GATEWAY_SSE_LISTEN", default_value = "0.0.0.0:50056", value_parser = parse_optional_addr)]
     pub sse_listen: ::std::option::Option<SocketAddr>,
-    /// CORS origin allowed to read the event streams from a browser (`*` = any).
-    #[arg(long, env = "PUSH_GATEWAY_SSE_ALLOW_ORIGIN", default_value = "*")]
-    pub sse_allow_origin: String,
+    /// Origins (comma-separated, e.g. `https://app.example.com`) whose browser
+    /// pages may read the event streams (CORS); `*` for any, only when given.
+    /// Default: none (no CORS headers: same-origin pages and non-browser clients only).
+    #[arg(long, env = "PUSH_GATEWAY_SSE_ALLOW_ORIGIN", value_delimiter = ',', value_name = "ORIGINS")]
+    pub sse_allow_origin: Vec<String>,
     /// Interval of SSE keep-alive comments (keeps idle connections open
     /// through proxies).
     #[arg(long, env = "PUSH_GATEWAY_SSE_KEEP_ALIVE", default_value = "15s", value_parser = ordo_core::duration::parse)]
@@ -102,6 +104,9 @@ pub struct Config {
     /// released results the broker has not confirmed) is sampled from Redis.
     #[arg(long, env = "PUSH_GATEWAY_AMQP_LAG_INTERVAL", default_value = "10s", value_parser = ordo_core::duration::parse)]
     pub amqp_lag_interval: Duration,
+    /// Bearer-token authorization of Subscribe and SSE (off unless a key is given).
+    #[command(flatten)]
+    pub auth: ordo_runtime::auth::AuthArgs,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -141,6 +146,9 @@ ordo_runtime::service_config!(Config, validate = Config::check);
 impl Config {
     /// Cross-field checks clap cannot express.
     fn check(&self) -> Result<(), String> {
+        // Unreadable or malformed key files stop the start with exit code 64.
+        ordo_runtime::auth::Auth::from_args(&self.auth)?;
+        sse::cors(&self.sse_allow_origin)?;
         if self.subscriber_buffer == 0 {
             return Err("--subscriber-buffer must be at least 1".into());
         }
@@ -218,6 +226,9 @@ pub async fn run_with(
         tracing::info!(exchange = %amqp.exchange, "AMQP publishing on");
         Owned(tokio::spawn(amqp::run(amqp, log.clone(), hub.clone(), stop.clone())))
     });
+    let auth = ordo_runtime::auth::Auth::from_args(&config.auth).map_err(anyhow::Error::msg)?;
+    auth.log_startup("push-gateway");
+    let cors = sse::cors(&config.sse_allow_origin).map_err(anyhow::Error::msg)?;
     let sse = sse_listener.map(|listener| {
         let state = sse::SseState {
             hub: hub.clone(),
@@ -225,8 +236,9 @@ pub async fn run_with(
             shutdown: stop.clone(),
             keep_alive: config.sse_keep_alive,
             readiness: readiness.clone(),
+            auth: auth.clone(),
         };
-        let router = sse::router(state, &config.sse_allow_origin);
+        let router = sse::router(state, cors);
         let stop = stop.clone();
         Owned(tokio::spawn(async move {
             let served = sse::serve(listener, router, stop.clone(), drain).await;
@@ -237,7 +249,7 @@ pub async fn run_with(
         }))
     });
 
-    let service = service::PushGatewayService::new(hub, log, stop.clone(), readiness.clone());
+    let service = service::PushGatewayService::new(hub, log, stop.clone(), readiness.clone()).with_auth(auth);
     let served = GrpcServer::new()
         .with_readiness(readiness)
         .with_service(service.into_server())

@@ -5,6 +5,10 @@
 //! UNAVAILABLE (not OK: the stream is not over), so subscribers and the
 //! harmonizer's followers resume elsewhere from their last position + 1
 //! instead of holding the gateway open until its drain timeout.
+//!
+//! With authorization on (`--auth-*`), `Subscribe` needs a bearer token that
+//! may read every stream it asks for (UNAUTHENTICATED / PERMISSION_DENIED).
+//! `Follow` is internal (the harmonizer's) and is protected by mTLS instead.
 
 use std::{collections::HashMap, pin::Pin, sync::Arc};
 
@@ -53,6 +57,7 @@ pub struct PushGatewayService {
     log: Log,
     shutdown: Shutdown,
     readiness: Readiness,
+    auth: ordo_runtime::auth::Auth,
 }
 
 /// A Redis outage shorter than this is ridden out by retries (a restart);
@@ -78,7 +83,13 @@ impl Drop for Sessions {
 
 impl PushGatewayService {
     pub fn new(hub: Arc<Hub>, log: Log, shutdown: Shutdown, readiness: Readiness) -> Self {
-        Self { hub, log, shutdown, readiness }
+        Self { hub, log, shutdown, readiness, auth: ordo_runtime::auth::Auth::off() }
+    }
+
+    /// Checks every Subscribe's token with `auth`.
+    pub fn with_auth(mut self, auth: ordo_runtime::auth::Auth) -> Self {
+        self.auth = auth;
+        self
     }
 
     /// UNAVAILABLE at once for a new call while Redis has been unreachable
@@ -170,7 +181,11 @@ impl PushGateway for PushGatewayService {
     type FollowStream = FollowStream;
 
     async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+        let grant = self.auth.authorize(request.metadata())?;
         let cursors = validate_cursors(request.into_inner())?;
+        for cursor in &cursors {
+            grant.check_read(&cursor.stream_id)?;
+        }
         self.check_ready()?;
         // Refuse a cursor older than retention up front, with its status.
         for cursor in &cursors {

@@ -22,6 +22,13 @@
 //!
 //! `GET /healthz` answers `200 ok` while Redis answers and the gateway is not
 //! shutting down, `503` otherwise (the same truth as gRPC health).
+//!
+//! With authorization on (`--auth-*`), an event stream needs a bearer token
+//! that may read the stream: `Authorization: Bearer <token>`, or
+//! `?access_token=<token>` since a browser's `EventSource` cannot set
+//! headers. No or a bad token: `401` with `WWW-Authenticate: Bearer`; a token
+//! without read permission for the stream: `403`. CORS headers are sent only
+//! for the origins of `--sse-allow-origin` (none by default).
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
 
@@ -57,6 +64,8 @@ pub struct SseState {
     pub keep_alive: Duration,
     /// Whether Redis answers (see [`ordo_runtime::readiness`]).
     pub readiness: Readiness,
+    /// Who may read which streams (off: everyone).
+    pub auth: ordo_runtime::auth::Auth,
 }
 
 /// Every way a request can fail, and its HTTP status.
@@ -68,6 +77,9 @@ pub enum SseError {
     Log(#[from] LogError),
     #[error("release log unreachable; retry with Last-Event-ID")]
     Unavailable,
+    /// 401 (no or a bad token) or 403 (the token may not read the stream).
+    #[error(transparent)]
+    Denied(#[from] ordo_runtime::auth::Denied),
 }
 
 /// A Redis outage shorter than this is ridden out by retries (a restart);
@@ -77,6 +89,7 @@ const REFUSE_AFTER: Duration = Duration::from_secs(1);
 impl IntoResponse for SseError {
     fn into_response(self) -> Response {
         let status = match &self {
+            SseError::Denied(denied) => return denied_response(denied),
             SseError::BadRequest(_) => StatusCode::BAD_REQUEST,
             SseError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             SseError::Log(LogError::Expired { .. }) => StatusCode::GONE,
@@ -94,26 +107,76 @@ impl IntoResponse for SseError {
     }
 }
 
-/// The HTTP routes. `allow_origin`: the CORS origin allowed to read the
-/// events (`*` for any).
-pub fn router(state: SseState, allow_origin: &str) -> Router {
-    let origin = if allow_origin == "*" {
-        AllowOrigin::any()
-    } else {
-        match HeaderValue::from_str(allow_origin) {
-            Ok(origin) => AllowOrigin::exact(origin),
-            Err(_) => AllowOrigin::list([]),
+/// 401 and 403 as RFC 6750 says, with `WWW-Authenticate: Bearer`.
+fn denied_response(denied: &ordo_runtime::auth::Denied) -> Response {
+    use ordo_runtime::auth::Denied;
+    let (status, challenge) = match denied {
+        Denied::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, r#"Bearer realm="ordo", error="invalid_token""#),
+        Denied::PermissionDenied(_) => (StatusCode::FORBIDDEN, r#"Bearer realm="ordo", error="insufficient_scope""#),
+    };
+    let mut response = (status, format!("{denied}\n")).into_response();
+    response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+    response
+}
+
+/// The CORS layer for `--sse-allow-origin`: `None` (no CORS headers) for an
+/// empty list, any origin for `*` alone, else exactly the origins listed.
+pub fn cors(origins: &[String]) -> Result<Option<CorsLayer>, String> {
+    let origins: Vec<&str> = origins.iter().map(|o| o.trim()).filter(|o| !o.is_empty()).collect();
+    let allow = match origins.as_slice() {
+        [] => return Ok(None),
+        ["*"] => AllowOrigin::any(),
+        _ => {
+            let mut values = Vec::new();
+            for origin in origins {
+                // A browser's Origin is scheme://host[:port], never with a path: anything else never matches.
+                let scheme_ok = origin.starts_with("http://") || origin.starts_with("https://");
+                let path_free = origin.splitn(4, '/').nth(3).is_none();
+                if origin == "*" || !scheme_ok || !path_free {
+                    return Err(format!(
+                        "--sse-allow-origin {origin:?}: give `*` alone, or origins like https://app.example.com (scheme://host[:port], no path)"
+                    ));
+                }
+                values.push(
+                    HeaderValue::from_str(origin)
+                        .map_err(|_| format!("--sse-allow-origin {origin:?} is not a valid origin"))?,
+                );
+            }
+            AllowOrigin::list(values)
         }
     };
-    let cors = CorsLayer::new()
-        .allow_origin(origin)
-        .allow_methods([http::Method::GET])
-        .allow_headers([header::HeaderName::from_static("last-event-id"), header::CACHE_CONTROL]);
-    Router::new()
-        .route("/streams/{stream_id}/events", get(events))
-        .route("/healthz", get(healthz))
-        .layer(cors)
-        .with_state(state)
+    Ok(Some(CorsLayer::new().allow_origin(allow).allow_methods([http::Method::GET]).allow_headers([
+        header::HeaderName::from_static("last-event-id"),
+        header::CACHE_CONTROL,
+        header::AUTHORIZATION,
+    ])))
+}
+
+/// The HTTP routes, with `cors` (from [`cors`]) when browsers of other
+/// origins may read the events.
+pub fn router(state: SseState, cors: Option<CorsLayer>) -> Router {
+    let router = Router::new().route("/streams/{stream_id}/events", get(events)).route("/healthz", get(healthz));
+    let router = match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    };
+    router.with_state(state)
+}
+
+/// The bearer token of a request: the `Authorization` header, else the
+/// `access_token` query parameter (for `EventSource`, which cannot set headers).
+fn token<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Result<Option<&'a str>, ordo_runtime::auth::Denied> {
+    if let Some(value) = headers.get(header::AUTHORIZATION) {
+        let value = value
+            .to_str()
+            .map_err(|_| ordo_runtime::auth::Denied::Unauthenticated("the Authorization header is not ASCII".into()))?;
+        return ordo_runtime::auth::bearer(Some(value));
+    }
+    Ok(query
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("access_token="))
+        .filter(|t| !t.is_empty()))
 }
 
 async fn healthz(State(state): State<SseState>) -> Response {
@@ -195,9 +258,11 @@ async fn events(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, SseError> {
+    let grant = state.auth.verify(token(&headers, query.as_deref())?)?;
     if stream_id.is_empty() || stream_id.len() > MAX_STREAM_ID_BYTES {
         return Err(SseError::BadRequest(format!("the stream id must be 1 to {MAX_STREAM_ID_BYTES} bytes")));
     }
+    grant.check_read(&stream_id)?;
     let from = start_position(&headers, query.as_deref())?;
     if state.readiness.down_for(REFUSE_AFTER) {
         return Err(SseError::Unavailable);
@@ -243,6 +308,31 @@ async fn events(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cors_is_off_by_default_and_star_only_when_alone() {
+        let list = |items: &[&str]| items.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert!(cors(&[]).expect("empty is fine").is_none(), "no origin: no CORS layer");
+        assert!(cors(&list(&[" ", ""])).expect("blank entries are ignored").is_none());
+        assert!(cors(&list(&["*"])).expect("* alone").is_some());
+        assert!(cors(&list(&["https://app.example.com", "http://127.0.0.1:8080"])).expect("a list").is_some());
+        for bad in [&["*", "https://a.example"][..], &["https://a.example/"], &["https://a.example/x"], &["a.example"]]
+        {
+            assert!(cors(&list(bad)).is_err(), "{bad:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn the_token_comes_from_the_header_else_access_token() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(token(&headers, Some("from=3")), Ok(None));
+        assert_eq!(token(&headers, Some("from=3&access_token=abc.def.ghi")), Ok(Some("abc.def.ghi")));
+        assert_eq!(token(&headers, Some("access_token=")), Ok(None));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer h.e.ader"));
+        assert_eq!(token(&headers, Some("access_token=q.u.ery")), Ok(Some("h.e.ader")), "the header wins");
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic dXNlcg=="));
+        assert!(token(&headers, None).is_err());
+    }
 
     #[test]
     fn last_event_id_wins_over_from() {
