@@ -17,13 +17,14 @@ use ordo_proto::v1::{
 };
 use ordo_registry::Store;
 use tempfile::TempDir;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::{
     eventually::eventually,
     ports::free_port,
     process::{ServiceProcess, ServiceSpec, binary, indent},
-    redis_server::RedisServer,
+    redis_server::{RedisServer, RedisTlsFiles},
+    tls::TestPki,
 };
 
 /// Default time each service gets to report SERVING.
@@ -81,6 +82,9 @@ pub struct ClusterBuilder {
     env: Vec<(String, String)>,
     startup_deadline: Duration,
     durable_redis: bool,
+    /// The test client's TLS when the services run with TLS ([`ClusterBuilder::tls`]).
+    tls: Option<ClientTlsConfig>,
+    redis_tls: Option<RedisTlsFiles>,
 }
 
 impl Default for ClusterBuilder {
@@ -97,6 +101,8 @@ impl Default for ClusterBuilder {
             env: Vec::new(),
             startup_deadline: STARTUP_DEADLINE,
             durable_redis: false,
+            tls: None,
+            redis_tls: None,
         }
     }
 }
@@ -113,6 +119,28 @@ impl ClusterBuilder {
     /// A redis-server that survives SIGKILL (append-only file, fsync always).
     pub fn durable_redis(mut self) -> Self {
         self.durable_redis = true;
+        self
+    }
+
+    /// Every service with TLS from `pki` on every server and channel (and
+    /// SSE over https); `mtls` also makes every gRPC server require client
+    /// certificates. The cluster's own clients trust the CA and present
+    /// the test client's certificate.
+    pub fn tls(mut self, pki: &TestPki, mtls: bool) -> Self {
+        self.env.extend(pki.service_env(mtls));
+        self.tls = Some(pki.client_tls());
+        self
+    }
+
+    /// A redis-server that also listens for TLS; the services get its
+    /// `rediss://` URL and trust `pki`'s CA through `ORDO_REDIS_CA`.
+    pub fn redis_tls(mut self, pki: &TestPki) -> Self {
+        self.redis_tls = Some(RedisTlsFiles {
+            cert: pki.path("service.pem"),
+            key: pki.path("service-key.pem"),
+            ca: pki.path("ca.pem"),
+        });
+        self.env.push(("ORDO_REDIS_CA".to_owned(), pki.path("ca.pem").display().to_string()));
         self
     }
 
@@ -228,8 +256,10 @@ impl ClusterBuilder {
             env: self.env.clone(),
         };
 
-        let redis = RedisServer::start_with(dir, self.durable_redis).await.context("redis-server")?;
-        let redis_url = redis.url();
+        let redis = RedisServer::start_with_tls(dir, self.durable_redis, self.redis_tls.clone())
+            .await
+            .context("redis-server")?;
+        let redis_url = redis.tls_url().unwrap_or_else(|| redis.url());
 
         let stateless = ServiceProcess::start(
             spec("stateless".into(), &bins.stateless, self.stateless_args.clone()),
@@ -288,7 +318,7 @@ impl ClusterBuilder {
         let harmonizer =
             ServiceProcess::start(spec("harmonizer".into(), &bins.harmonizer, args), dir, deadline).await?;
 
-        Ok(Parts { redis, stateless, reassemblers, push_gateway, workers, harmonizer, sse_port })
+        Ok(Parts { redis, stateless, reassemblers, push_gateway, workers, harmonizer, sse_port, tls: self.tls })
     }
 }
 
@@ -307,6 +337,7 @@ struct Parts {
     workers: Vec<ServiceProcess>,
     harmonizer: ServiceProcess,
     sse_port: Option<u16>,
+    tls: Option<ClientTlsConfig>,
 }
 
 /// A running Ordo topology. Dropping it kills every process.
@@ -322,12 +353,25 @@ pub struct Cluster {
     push_gateway_channel: Channel,
     reassembler_channels: Vec<Channel>,
     sse_port: Option<u16>,
+    tls: Option<ClientTlsConfig>,
     logs: TempDir,
 }
 
 /// A lazily connecting channel: it reconnects by itself after a restart.
 fn lazy_channel(uri: String) -> Channel {
     Endpoint::from_shared(uri).expect("a testkit URI is valid").connect_timeout(Duration::from_secs(2)).connect_lazy()
+}
+
+/// [`lazy_channel`] to `127.0.0.1:<port>`, over TLS when `tls` is given.
+fn service_channel(process: &ServiceProcess, tls: Option<&ClientTlsConfig>) -> Channel {
+    match tls {
+        None => lazy_channel(process.uri()),
+        Some(tls) => Endpoint::from_shared(format!("https://{}", process.addr()))
+            .and_then(|e| e.tls_config(tls.clone()))
+            .expect("a testkit URI and TLS config are valid")
+            .connect_timeout(Duration::from_secs(2))
+            .connect_lazy(),
+    }
 }
 
 impl Cluster {
@@ -342,9 +386,10 @@ impl Cluster {
 
     fn assemble(parts: Parts, logs: TempDir) -> Self {
         Self {
-            harmonizer_channel: lazy_channel(parts.harmonizer.uri()),
-            push_gateway_channel: lazy_channel(parts.push_gateway.uri()),
-            reassembler_channels: parts.reassemblers.iter().map(|r| lazy_channel(r.uri())).collect(),
+            harmonizer_channel: service_channel(&parts.harmonizer, parts.tls.as_ref()),
+            push_gateway_channel: service_channel(&parts.push_gateway, parts.tls.as_ref()),
+            reassembler_channels: parts.reassemblers.iter().map(|r| service_channel(r, parts.tls.as_ref())).collect(),
+            tls: parts.tls,
             harmonizer: parts.harmonizer,
             workers: parts.workers,
             push_gateway: parts.push_gateway,
@@ -366,13 +411,15 @@ impl Cluster {
         PushGatewayClient::new(self.push_gateway_channel.clone())
     }
 
-    /// `http://127.0.0.1:<port>` of the push-gateway's Server-Sent Events.
+    /// `http://127.0.0.1:<port>` of the push-gateway's Server-Sent Events
+    /// (`https://` when the cluster runs with TLS).
     ///
     /// # Panics
     /// When the test set `--sse-listen` itself.
     pub fn sse_url(&self) -> String {
         let port = self.sse_port.expect("the testkit chose no SSE port: the test passed --sse-listen itself");
-        format!("http://127.0.0.1:{port}")
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{port}")
     }
 
     /// Scrapes the Prometheus endpoint of the service process named `name`

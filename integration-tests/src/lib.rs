@@ -25,6 +25,7 @@
 //! - [`rabbitmq`]: the machine's RabbitMQ: a reconnecting queue consumer and
 //!   a guard that stops the broker and always starts it again.
 //! - [`text`]: the paper's input text.
+//! - [`tls`]: a CA, service and client certificates generated at test time.
 //!
 //! The binaries are not built by this crate: `cargo build --workspace --bins`
 //! (or `just test`) first. Set `TEST_LOG=1` to print every process's log tail
@@ -43,6 +44,7 @@ pub mod rabbitmq;
 pub mod redis_server;
 pub mod sse;
 pub mod text;
+pub mod tls;
 
 pub use client::{ProcessCall, stream_text, text_events};
 pub use cluster::{Cluster, ClusterBuilder, WorkerSpec};

@@ -238,7 +238,7 @@ impl ServiceProcess {
             if self.child.pid().is_none() {
                 bail!("{} is not running", self.spec.name);
             }
-            if health_status(&addr).await == Some(ServingStatus::Serving) {
+            if health_status_with(&addr, crate::tls::probe_tls(&self.spec.env)).await == Some(ServingStatus::Serving) {
                 return Ok(());
             }
             if start.elapsed() >= deadline {
@@ -370,10 +370,19 @@ pub fn send_signal(pid: u32, signal: &str) -> anyhow::Result<()> {
 /// `grpc.health.v1.Health/Check` of the whole server (`service: ""`), or
 /// `None` when it does not answer within a second.
 pub async fn health_status(addr: &str) -> Option<ServingStatus> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+    health_status_with(addr, None).await
+}
+
+/// [`health_status`] over TLS when `tls` is given (a service started with `ORDO_TLS_*`).
+pub async fn health_status_with(addr: &str, tls: Option<tonic::transport::ClientTlsConfig>) -> Option<ServingStatus> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
         .ok()?
         .connect_timeout(Duration::from_secs(1))
         .timeout(Duration::from_secs(1));
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls).ok()?;
+    }
     let channel = endpoint.connect().await.ok()?;
     let response = HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await.ok()?;
     ServingStatus::try_from(response.into_inner().status).ok()

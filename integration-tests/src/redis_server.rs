@@ -2,6 +2,10 @@
 //! persistence (`--save '' --appendonly no`), its own working directory. It
 //! can be killed and restarted on the same port. The machine's shared Redis
 //! on 6379 is never touched.
+//!
+//! With [`RedisServer::start_with_tls`] it also listens for TLS on a second
+//! port (`rediss://`, [`RedisServer::tls_url`]); the plain port stays for the
+//! testkit's own PING and checks.
 
 use std::{
     path::{Path, PathBuf},
@@ -36,6 +40,16 @@ pub struct RedisServer {
     child: OwnedChild,
     /// Append-only file with an fsync per write: survives SIGKILL.
     durable: bool,
+    /// The TLS port and the server's certificate, key and CA files.
+    tls: Option<(u16, RedisTlsFiles)>,
+}
+
+/// The PEM files of a TLS redis-server (it does not ask clients for certificates).
+#[derive(Debug, Clone)]
+pub struct RedisTlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
 }
 
 impl RedisServer {
@@ -57,6 +71,11 @@ impl RedisServer {
     /// file fsynced on every write (`appendfsync always`), so a SIGKILL and
     /// restart loses nothing — the production setting for reorder state.
     pub async fn start_with(dir: &Path, durable: bool) -> anyhow::Result<Self> {
+        Self::start_with_tls(dir, durable, None).await
+    }
+
+    /// Like [`RedisServer::start_with`], plus a TLS port when `tls` is given.
+    pub async fn start_with_tls(dir: &Path, durable: bool, tls: Option<RedisTlsFiles>) -> anyhow::Result<Self> {
         let mut last_error = None;
         for _ in 0..3 {
             let mut server = Self {
@@ -66,6 +85,7 @@ impl RedisServer {
                 log_path: dir.join("redis.log"),
                 child: OwnedChild::default(),
                 durable,
+                tls: tls.clone().map(|files| (free_port(), files)),
             };
             match server.launch().await {
                 Ok(()) => return Ok(server),
@@ -91,6 +111,11 @@ impl RedisServer {
 
     pub fn log_path(&self) -> &Path {
         &self.log_path
+    }
+
+    /// `rediss://127.0.0.1:<tls port>` when started with TLS.
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls.as_ref().map(|(port, _)| format!("rediss://127.0.0.1:{port}"))
     }
 
     /// SIGSTOP: Redis freezes with its connections open until [`RedisServer::resume`].
@@ -129,6 +154,21 @@ impl RedisServer {
                 ["--appendonly", "yes", "--appendfsync", "always"]
             } else {
                 ["--appendonly", "no", "--appendfsync", "everysec"]
+            })
+            .args(match &self.tls {
+                Some((port, files)) => vec![
+                    "--tls-port".into(),
+                    port.to_string().into(),
+                    "--tls-cert-file".into(),
+                    files.cert.clone().into_os_string(),
+                    "--tls-key-file".into(),
+                    files.key.clone().into_os_string(),
+                    "--tls-ca-cert-file".into(),
+                    files.ca.clone().into_os_string(),
+                    "--tls-auth-clients".into(),
+                    "no".into(),
+                ],
+                None => Vec::<std::ffi::OsString>::new(),
             })
             .arg("--dir")
             .arg(&self.dir)

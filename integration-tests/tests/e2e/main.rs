@@ -24,6 +24,7 @@ mod python_operation;
 mod registry;
 mod shutdown;
 mod telemetry;
+mod tls;
 mod worker_pool;
 
 use std::time::Duration;
