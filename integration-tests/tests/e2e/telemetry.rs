@@ -263,6 +263,7 @@ async fn process_call_is_one_trace_per_event_with_stream_sequence_attempt_and_wo
     let traces =
         once_exported(&collector, &mut cluster, |spans| process_traces(spans, &STREAMS, PER_STREAM, &worker)).await;
     let distinct: BTreeSet<&String> = traces.events.values().map(|(trace, _)| trace).collect();
+    eprintln!("{} events, {} traces: {:?}", total, distinct.len(), traces.events);
     assert_eq!(distinct.len(), total, "one trace per event: {:?}", traces.events);
     let (client_trace, _) = &traces.events[&(STREAMS[1].to_owned(), 0)];
     assert_eq!(client_trace, CLIENT_TRACE, "the event continues the trace context the client put in it");
