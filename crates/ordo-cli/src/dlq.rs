@@ -102,6 +102,8 @@ struct ReplayArgs {
     harmonizer: String,
     #[command(flatten)]
     common: Common,
+    #[command(flatten)]
+    token: crate::token::TokenFlag,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -192,7 +194,7 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let channel = channel::connect(&args.harmonizer, Some(args.common.timeout)).await?;
     let mut harmonizer = HarmonizerClient::new(channel).max_decoding_message_size(channel::MAX_MESSAGE_BYTES);
     let result = harmonizer
-        .submit(event)
+        .submit(args.token.request(event)?)
         .await
         .map_err(|status| anyhow::anyhow!("Submit to {} failed: {}", args.harmonizer, display::rpc_error(&status)))
         .with_context(|| format!("replaying dead letter {}", letter.id))?

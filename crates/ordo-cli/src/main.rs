@@ -16,6 +16,7 @@ mod registry;
 mod send;
 mod submit;
 mod subscribe;
+mod token;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -25,6 +26,8 @@ Examples:
   ordo send --text 'hello, ordered world' --op shout --expect 'HELLO, ORDERED WORLD'
   ordo submit --stream s1 --seq 0 --op upper --payload hi
   ordo subscribe --stream s1 --from 0
+  ordo token --hs256-secret-file secret --sub alice --write 'orders-*' --read 'orders-*' --ttl 1h
+  ORDO_TOKEN=$(ordo token ...) ordo submit --stream orders-1 --seq 0 --op upper --payload hi
   ordo dlq list --stream s1
   ordo dlq show 1700000000000-0
   ordo dlq replay 1700000000000-0 --stream s1-retry --sequence 0
@@ -73,6 +76,12 @@ enum Command {
     Dlq(dlq::Args),
     /// The operation registry in Redis: publish a file as a new version, list, show, diff, pin, unpin, roll back.
     Registry(registry::Args),
+    /// Mint a bearer token (JWT) for services with authorization on, and print it.
+    ///
+    /// The token may send events to the streams matching a --write glob and
+    /// read the results of those matching a --read glob. Pass it to the
+    /// client subcommands with --token or ORDO_TOKEN.
+    Token(token::Args),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -89,6 +98,7 @@ async fn main() -> ExitCode {
         Command::Subscribe(args) => subscribe::run(args).await,
         Command::Dlq(args) => dlq::run(args).await,
         Command::Registry(args) => registry::run(args).await,
+        Command::Token(args) => token::run(args),
     };
     match outcome {
         Ok(code) => code,

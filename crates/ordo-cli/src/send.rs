@@ -51,6 +51,8 @@ pub struct Args {
     /// Give up (exit 1) if not every result has arrived after this long.
     #[arg(long, env = "ORDO_TIMEOUT", default_value = "60s", value_parser = ordo_core::duration::parse)]
     timeout: Duration,
+    #[command(flatten)]
+    token: crate::token::TokenFlag,
 }
 
 fn parse_latency(text: &str) -> Result<String, String> {
@@ -104,7 +106,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
 
     let started = Instant::now();
     let mut responses = client
-        .process(requests)
+        .process(args.token.request(requests)?)
         .await
         .map_err(|status| anyhow::anyhow!("Process call to {} failed: {}", args.addr, display::rpc_error(&status)))?
         .into_inner();

@@ -34,6 +34,8 @@ pub struct Args {
     /// Give up (exit 1) after this long.
     #[arg(long, env = "ORDO_TIMEOUT", default_value = "30s", value_parser = ordo_core::duration::parse)]
     timeout: Duration,
+    #[command(flatten)]
+    token: crate::token::TokenFlag,
 }
 
 fn parse_attribute(text: &str) -> Result<(String, String), String> {
@@ -58,7 +60,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         ..Default::default()
     };
     let result = client
-        .submit(event)
+        .submit(args.token.request(event)?)
         .await
         .map_err(|status| anyhow::anyhow!("Submit to {} failed: {}", args.addr, display::rpc_error(&status)))?
         .into_inner();

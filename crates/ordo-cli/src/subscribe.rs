@@ -26,6 +26,8 @@ pub struct Args {
     /// Stop after printing this many results.
     #[arg(long)]
     count: Option<u64>,
+    #[command(flatten)]
+    token: crate::token::TokenFlag,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -36,7 +38,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut client = PushGatewayClient::new(channel).max_decoding_message_size(channel::MAX_MESSAGE_BYTES);
     let request = SubscribeRequest { stream_id: args.stream.clone(), from_sequence: args.from, streams: Vec::new() };
     let mut results = client
-        .subscribe(request)
+        .subscribe(args.token.request(request)?)
         .await
         .map_err(|status| anyhow::anyhow!("Subscribe to {} failed: {}", args.addr, display::rpc_error(&status)))?
         .into_inner();
