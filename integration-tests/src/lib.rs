@@ -34,6 +34,7 @@
 pub mod cli;
 pub mod client;
 pub mod cluster;
+pub mod dns;
 pub mod eventually;
 pub mod example;
 pub mod metrics;

@@ -81,6 +81,8 @@ pub struct ServiceSpec {
 #[derive(Debug)]
 pub struct ServiceProcess {
     spec: ServiceSpec,
+    /// The loopback address it listens on (127.0.0.1 unless [`ServiceProcess::start_on`]).
+    host: std::net::Ipv4Addr,
     port: u16,
     /// The `--metrics-listen` port the testkit chose (`None` when the spec
     /// sets `--metrics-listen` itself).
@@ -99,6 +101,7 @@ impl ServiceProcess {
         loop {
             let mut process = Self {
                 spec: spec.clone(),
+                host: std::net::Ipv4Addr::LOCALHOST,
                 port: free_port(),
                 metrics_port: (!spec.args.iter().any(|a| a.starts_with("--metrics-listen"))).then(free_port),
                 log_path: log_path.clone(),
@@ -121,6 +124,31 @@ impl ServiceProcess {
         }
     }
 
+    /// Starts `spec` listening on `host:port` (another loopback address,
+    /// e.g. 127.0.0.2, so that several services share one port number as
+    /// the pods behind a DNS name do), and waits until it is SERVING.
+    pub async fn start_on(
+        spec: ServiceSpec,
+        host: std::net::Ipv4Addr,
+        port: u16,
+        log_dir: &Path,
+        deadline: Duration,
+    ) -> anyhow::Result<Self> {
+        let log_path = log_dir.join(format!("{}.log", spec.name));
+        let mut process = Self {
+            metrics_port: (!spec.args.iter().any(|a| a.starts_with("--metrics-listen"))).then(free_port),
+            spec,
+            host,
+            port,
+            log_path,
+            child: OwnedChild::default(),
+            starts: 0,
+        };
+        process.launch()?;
+        process.wait_serving(deadline).await?;
+        Ok(process)
+    }
+
     pub fn name(&self) -> &str {
         &self.spec.name
     }
@@ -137,7 +165,7 @@ impl ServiceProcess {
 
     /// `127.0.0.1:<port>`, as peers are configured with.
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.host, self.port)
     }
 
     /// `http://127.0.0.1:<port>`, for clients.

@@ -84,6 +84,9 @@ impl GrpcServer {
         let (health, health_service) = tonic_health::server::health_reporter();
         let status = |ready: bool| if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
         set_all(&health, &self.names, status(self.readiness.is_ready())).await;
+        // Liveness (the Kubernetes probe): the process answers. Never follows
+        // readiness, so a Redis outage or a drain does not get pods restarted.
+        health.set_service_status(LIVENESS, ServingStatus::Serving).await;
 
         // List only what this server serves, not every service in the descriptor set.
         let reflection = || {
@@ -145,6 +148,11 @@ impl GrpcServer {
         result
     }
 }
+
+/// The `grpc.health.v1` service name that is SERVING as long as the
+/// process answers (liveness probes); `""` and the service names follow
+/// readiness.
+pub const LIVENESS: &str = "liveness";
 
 async fn set_all(health: &HealthReporter, names: &[&'static str], status: ServingStatus) {
     for name in names {

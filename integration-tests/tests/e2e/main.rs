@@ -11,6 +11,7 @@ mod bad_input;
 mod cancel;
 mod contract;
 mod dead_letters;
+mod discovery;
 mod failover;
 mod give_up;
 mod grpcurl;
