@@ -318,3 +318,83 @@ async fn bad_tls_files_exit_64_with_a_clear_message() {
         assert!(stderr.contains(wanted), "{shown}: expected {wanted:?} in {stderr}");
     }
 }
+
+/// A TLS-terminating proxy in front of the machine's (plaintext) RabbitMQ:
+/// a real `amqps://` endpoint without reconfiguring the shared broker.
+/// Counts the TLS handshakes it completed.
+async fn amqps_proxy(
+    pki: &TestPki,
+) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>, tokio::task::JoinHandle<()>) {
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+    let chain = CertificateDer::pem_file_iter(pki.path("service.pem"))
+        .expect("the service certificate")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("PEM");
+    let key = PrivateKeyDer::from_pem_file(pki.path("service-key.pem")).expect("the service key");
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        tokio_rustls::rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .expect("a server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let handshakes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = handshakes.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, counted) = (acceptor.clone(), counted.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let Ok(mut broker) = tokio::net::TcpStream::connect("127.0.0.1:5672").await else { return };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut broker).await;
+            });
+        }
+    });
+    (port, handshakes, task)
+}
+
+/// `amqps://` with `--amqp-ca`: the push-gateway publishes every released
+/// result, in order, through TLS (the proxy saw the handshake).
+#[tokio::test(flavor = "multi_thread")]
+async fn amqps_with_a_custom_ca_publishes_in_order() {
+    use integration_tests::rabbitmq::{self, QueueConsumer};
+    const N: usize = 8;
+    rabbitmq::require_broker().await;
+    let pki = pki();
+    let (port, handshakes, proxy) = amqps_proxy(&pki).await;
+    let exchange = rabbitmq::unique_name("ordo.test.amqps");
+    let consumer = QueueConsumer::bind(&exchange, "amqps").await.expect("a queue bound to the exchange");
+    let url = format!("amqps://guest:guest@127.0.0.1:{port}/%2f");
+    let ca = path(&pki, "ca.pem");
+    let cluster = Cluster::builder()
+        .push_gateway_args(["--amqp-url", url.as_str(), "--amqp-exchange", exchange.as_str(), "--amqp-ca", ca.as_str()])
+        .start()
+        .await;
+    let text = "amqps ok";
+    assert_eq!(text.len(), N);
+    let results =
+        stream_text(&cluster.harmonizer(), "amqps", text, "async-echo", "fixed:0ms", OrderingMode::Ordered, DEADLINE)
+            .await
+            .expect("every result");
+    crate::assert_ok(check_in_order_exactly_once(&results, N as u64), "the call");
+    let delivered = |got: &[rabbitmq::Received]| {
+        got.iter().filter_map(|m| m.position).collect::<std::collections::BTreeSet<_>>().len() >= N
+    };
+    consumer.wait_until(DEADLINE, delivered).await.expect("every result through amqps");
+    let positions: Vec<u64> = consumer.received().iter().filter_map(|m| m.position).collect();
+    let mut first_seen = Vec::new();
+    for p in positions {
+        if !first_seen.contains(&p) {
+            first_seen.push(p);
+        }
+    }
+    assert_eq!(first_seen, (0..N as u64).collect::<Vec<_>>(), "published in release order");
+    assert!(handshakes.load(std::sync::atomic::Ordering::SeqCst) >= 1, "the gateway connected over TLS");
+    proxy.abort();
+    let _ = consumer.delete().await;
+}
