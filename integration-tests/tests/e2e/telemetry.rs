@@ -323,3 +323,54 @@ async fn submit_is_one_trace_across_all_five_services() {
     assert_eq!(process.attribute("ordo.attempt"), Some("1"), "{process:?}");
     assert_eq!(process.attribute("ordo.worker"), Some(cluster.worker_name(0).as_str()), "{process:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_attempt_is_a_span_of_the_events_trace_with_its_number_and_worker() {
+    let collector = OtlpCollector::start().await.expect("the collector starts");
+    let mut cluster = Cluster::builder()
+        .workers(2)
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint())
+        .env("OTEL_BSP_SCHEDULE_DELAY", "200")
+        .env("ORDO_DRAIN_TIMEOUT", "2s")
+        .harmonizer_args(["--event-timeout", "300ms", "--max-attempts", "2"])
+        .start()
+        .await;
+    let stream = "traced-attempts";
+    let mut call = ProcessCall::open(&cluster.harmonizer());
+    // Every attempt outlives the event timeout: two attempts, then FAILED.
+    call.send(with_attr(event(stream, 0, "async-echo", "slow"), "latency", "fixed:2s")).await.expect("send");
+    call.wait_for_total(1, DEADLINE).await.expect("the FAILED result arrives");
+    let results = call.finish(LINGER).await.expect("the call ends cleanly");
+    assert_eq!(results[0].status(), ordo_proto::ResultStatus::Failed, "{results:?}");
+
+    let workers = [cluster.worker_name(0), cluster.worker_name(1)];
+    let attempts = once_exported(&collector, &mut cluster, |spans| {
+        let dispatch = spans
+            .iter()
+            .find(|s| s.name == "harmonizer.dispatch" && s.attribute("ordo.stream_id") == Some(stream))
+            .ok_or("no dispatch span yet")?;
+        let trace: Vec<&CollectedSpan> = spans.iter().filter(|s| s.trace_id == dispatch.trace_id).collect();
+        let attempts: BTreeMap<String, String> = trace
+            .iter()
+            .filter(|s| s.name == "worker.process")
+            .filter_map(|s| Some((s.attribute("ordo.attempt")?.to_owned(), s.attribute("ordo.worker")?.to_owned())))
+            .collect();
+        // The FAILED result the harmonizer released in the event's place is in its trace too.
+        let released = ["reassembler.store", "push.deliver", "harmonizer.respond"]
+            .iter()
+            .all(|name| trace.iter().any(|s| s.name == *name));
+        if attempts.len() == 2 && released {
+            Ok(attempts)
+        } else {
+            Err(format!(
+                "attempts {attempts:?}, released {released}: {:?}",
+                trace.iter().map(|s| &s.name).collect::<Vec<_>>()
+            ))
+        }
+    })
+    .await;
+    assert_eq!(attempts.keys().map(String::as_str).collect::<Vec<_>>(), ["1", "2"], "{attempts:?}");
+    for worker in attempts.values() {
+        assert!(workers.contains(worker), "{worker} is one of {workers:?}");
+    }
+}
