@@ -374,3 +374,43 @@ async fn every_attempt_is_a_span_of_the_events_trace_with_its_number_and_worker(
         assert!(workers.contains(worker), "{worker} is one of {workers:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stateless_event_of_a_process_call_is_one_trace_and_makes_no_other() {
+    const N: u64 = 5;
+    let collector = OtlpCollector::start().await.expect("the collector starts");
+    let mut cluster = Cluster::builder()
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint())
+        .env("OTEL_BSP_SCHEDULE_DELAY", "200")
+        .env("ORDO_DRAIN_TIMEOUT", "2s")
+        .start()
+        .await;
+    let stream = "traced-stateless";
+    let mut call = ProcessCall::open(&cluster.harmonizer());
+    for sequence in 0..N {
+        call.send(event(stream, sequence, "upper", "abc")).await.expect("send");
+    }
+    call.wait_for_total(N as usize, DEADLINE).await.expect("every result arrives");
+    let results = call.finish(LINGER).await.expect("the call ends cleanly");
+    assert_ok(check_in_order_exactly_once(&results, N), stream);
+
+    once_exported(&collector, &mut cluster, |spans| {
+        let mut stateless_traces = BTreeSet::new();
+        for span in spans.iter().filter(|s| s.service_name == "stateless") {
+            stateless_traces.insert(span.trace_id.as_str());
+        }
+        let event_traces: BTreeSet<&str> = spans
+            .iter()
+            .filter(|s| s.name == "harmonizer.dispatch" && s.attribute("ordo.stream_id") == Some(stream))
+            .map(|s| s.trace_id.as_str())
+            .collect();
+        // The harmonizer runs stateless events in the background, outside any
+        // span: a call span of Execute would be a one-span trace of its own.
+        if event_traces.len() == N as usize && stateless_traces == event_traces {
+            Ok(())
+        } else {
+            Err(format!("event traces {event_traces:?}, traces with stateless spans {stateless_traces:?}"))
+        }
+    })
+    .await;
+}
