@@ -85,6 +85,8 @@ pub struct ClusterBuilder {
     /// The test client's TLS when the services run with TLS ([`ClusterBuilder::tls`]).
     tls: Option<ClientTlsConfig>,
     redis_tls: Option<RedisTlsFiles>,
+    /// The Redis ACL user every service connects as ([`ClusterBuilder::redis_user`]).
+    redis_user: Option<crate::redis_acl::AclUser>,
 }
 
 impl Default for ClusterBuilder {
@@ -103,6 +105,7 @@ impl Default for ClusterBuilder {
             durable_redis: false,
             tls: None,
             redis_tls: None,
+            redis_user: None,
         }
     }
 }
@@ -119,6 +122,13 @@ impl ClusterBuilder {
     /// A redis-server that survives SIGKILL (append-only file, fsync always).
     pub fn durable_redis(mut self) -> Self {
         self.durable_redis = true;
+        self
+    }
+
+    /// Every service connects to Redis as `user` (created before they start;
+    /// the `default` user is then off, so [`Cluster::redis_url`] no longer works).
+    pub fn redis_user(mut self, user: crate::redis_acl::AclUser) -> Self {
+        self.redis_user = Some(user);
         self
     }
 
@@ -259,7 +269,10 @@ impl ClusterBuilder {
         let redis = RedisServer::start_with_tls(dir, self.durable_redis, self.redis_tls.clone())
             .await
             .context("redis-server")?;
-        let redis_url = redis.tls_url().unwrap_or_else(|| redis.url());
+        let mut redis_url = redis.tls_url().unwrap_or_else(|| redis.url());
+        if let Some(user) = &self.redis_user {
+            redis_url = user.apply(&redis_url).await.context("the Redis ACL user")?;
+        }
 
         let stateless = ServiceProcess::start(
             spec("stateless".into(), &bins.stateless, self.stateless_args.clone()),

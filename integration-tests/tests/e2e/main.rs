@@ -7,6 +7,7 @@
 //! (`TEST_LOG=1` prints every service's log tail). Tests named `*amqp*` need
 //! the machine's RabbitMQ and run one at a time (`.config/nextest.toml`).
 
+mod auth;
 mod bad_input;
 mod cancel;
 mod contract;
