@@ -11,6 +11,7 @@ mod auth;
 mod bad_input;
 mod cancel;
 mod contract;
+mod dashboard;
 mod dead_letters;
 mod discovery;
 mod failover;

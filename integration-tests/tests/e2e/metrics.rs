@@ -25,15 +25,25 @@ const UNKNOWN_OPS: u64 = 2;
 const OVERSIZED: u64 = 1;
 const CONCURRENCY: u64 = 7;
 
-#[tokio::test(flavor = "multi_thread")]
-async fn every_service_counts_a_known_workload_on_its_metrics_endpoint() {
-    let cluster = Cluster::builder()
+/// The cluster the known workload runs on (one worker, a payload limit the
+/// oversized events break).
+pub fn workload_cluster() -> integration_tests::ClusterBuilder {
+    Cluster::builder()
         .workers(1)
         .harmonizer_args(["--max-payload-bytes", "64"])
         .worker_args(["--concurrency".to_owned(), CONCURRENCY.to_string()])
-        .start()
-        .await;
-    let stream = "metrics";
+}
+
+/// Subscribers on the gRPC and SSE channels, open while the workload ran.
+pub struct Subscribers {
+    pub grpc: tonic::Streaming<ordo_proto::v1::EventResult>,
+    pub sse: sse::SseStream,
+}
+
+/// Runs the known workload on stream `stream` of `cluster` (built from
+/// [`workload_cluster`]): `N` events, one FAILED, some refused, with a
+/// subscriber on gRPC and SSE that saw every released result.
+pub async fn known_workload(cluster: &Cluster, stream: &str) -> Subscribers {
     let mut events: Vec<_> = (0..N)
         .map(|seq| {
             if seq == FAILED_AT {
@@ -78,6 +88,14 @@ async fn every_service_counts_a_known_workload_on_its_metrics_endpoint() {
     }
     let seen = sse.collect(N as usize, DEADLINE).await.expect("SSE delivers");
     assert_eq!(seen.len() as u64, N);
+    Subscribers { grpc, sse }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_service_counts_a_known_workload_on_its_metrics_endpoint() {
+    let cluster = workload_cluster().start().await;
+    let stream = "metrics";
+    let Subscribers { grpc, sse } = known_workload(&cluster, stream).await;
 
     // The harmonizer: accepted by operation, rejected by code with bounded
     // operation labels, attempts, end-to-end latency.
@@ -235,4 +253,261 @@ async fn a_taken_or_malformed_metrics_address_stops_the_service_at_start() {
     let (code, stderr) = run("nine".to_owned()).await;
     assert_ne!(code, Some(0), "{stderr}");
     assert!(stderr.contains("--metrics-listen"), "{stderr}");
+}
+
+/// Retries, timeouts, cancels and FAILED at non-zero values, exactly: one
+/// event of `N` outlives every attempt (as in `give_up`). Its first attempt
+/// times out at the harmonizer, is cancelled on its worker and retried once;
+/// the retry times out too, and the event is given up (FAILED in its place).
+/// The other events take 1 ms against a 1 s attempt time, so none of them
+/// times out (if the machine stalls for a second, this test says so).
+///
+/// On the worker side each abandoned attempt ends once, but by whichever
+/// comes first: the harmonizer's cancel (sent when its sweep, every 250 ms,
+/// finds the attempt past its time) or the attempt's own deadline (the same
+/// 1 s, counted from its arrival). So cancels + timeouts is exactly 2, and
+/// the split between them is only bounded.
+#[tokio::test(flavor = "multi_thread")]
+async fn timeouts_retries_cancels_and_failed_are_counted_as_they_happen() {
+    const N: u64 = 12;
+    const STUCK: u64 = 4;
+    let cluster =
+        Cluster::builder().workers(2).harmonizer_args(["--event-timeout", "1s", "--max-attempts", "2"]).start().await;
+    let stream = "metrics-timeouts";
+    let events = (0..N)
+        .map(|seq| {
+            let latency = if seq == STUCK { "fixed:5s" } else { "fixed:1ms" };
+            with_attr(event(stream, seq, "async-echo", format!("{seq}")), "latency", latency)
+        })
+        .collect();
+    let mut call = ProcessCall::open(&cluster.harmonizer());
+    call.feed(events, None);
+    call.wait_for_counts(&BTreeMap::from([(stream.to_owned(), N as usize)]), DEADLINE).await.expect("every answer");
+    let results = call.finish(LINGER).await.expect("the call ends cleanly");
+    let failed: Vec<u64> = results.iter().filter(|r| r.status() == ResultStatus::Failed).map(|r| r.sequence).collect();
+    assert_eq!(failed, vec![STUCK], "{results:?}");
+
+    eventually(DEADLINE, || async {
+        let m = cluster.scrape("harmonizer").await?;
+        let got = (
+            m.sum("ordo_harmonizer_attempts_total", &[]),
+            m.sum("ordo_harmonizer_retries_total", &[]),
+            m.sum("ordo_harmonizer_timeouts_total", &[]),
+            m.sum("ordo_harmonizer_failed_total", &[]),
+            m.sum("ordo_harmonizer_hand_backs_total", &[]),
+        );
+        let want = ((N + 1) as f64, 1.0, 2.0, 1.0, 0.0);
+        if got == want { Ok(()) } else { Err(anyhow::anyhow!("harmonizer: {got:?}, want {want:?}\n{}", m.text)) }
+    })
+    .await;
+    // Both workers' counters, summed: which one ran which attempt is the pool's choice.
+    eventually(DEADLINE, || async {
+        let mut total = (0.0, 0.0, 0.0, 0.0, 0.0);
+        for i in 0..2 {
+            let m = cluster.scrape(&cluster.worker_name(i)).await?;
+            total.0 += m.sum("ordo_worker_attempts_total", &[]);
+            total.1 += m.sum("ordo_worker_results_total", &[("status", "ok")]);
+            total.2 += m.sum("ordo_worker_cancels_total", &[]);
+            total.3 += m.sum("ordo_worker_timeouts_total", &[]);
+            total.4 += m.sum("ordo_worker_in_flight", &[]);
+        }
+        let (attempts, ok, cancels, timeouts, in_flight) = total;
+        let exact = (attempts, ok, cancels + timeouts, in_flight);
+        let want = ((N + 1) as f64, (N - 1) as f64, 2.0, 0.0);
+        anyhow::ensure!(
+            exact == want,
+            "workers: {total:?} (cancels + timeouts = {}), want {want:?}",
+            cancels + timeouts
+        );
+        Ok(())
+    })
+    .await;
+    // The FAILED placeholder is stored and released like any result, with its dead letter.
+    eventually(DEADLINE, || async {
+        let r = cluster.scrape("reassembler-0").await?;
+        let p = cluster.scrape("push-gateway").await?;
+        let got = (
+            r.sum("ordo_results_stored_total", &[("status", "failed")]),
+            r.sum("ordo_dead_letters_total", &[("status", "failed")]),
+            p.sum("ordo_results_released_total", &[("status", "failed")]),
+            p.sum("ordo_results_released_total", &[("status", "ok")]),
+        );
+        let want = (1.0, 1.0, 1.0, (N - 1) as f64);
+        if got == want { Ok(()) } else { Err(anyhow::anyhow!("reassembler/push-gateway: {got:?}, want {want:?}")) }
+    })
+    .await;
+}
+
+/// A worker killed (SIGKILL) mid-stream: the events it held are retried on
+/// the other one. How many it held at that instant is not deterministic, so
+/// the retry count is bounded (at least one, since both workers are kept
+/// busy; at most the events not yet answered), while the identities between
+/// the counters are exact: attempts = accepted + retries, nothing timed
+/// out, handed back or given up, and every event got exactly one OK result.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_workers_events_are_counted_as_retries() {
+    const N: u64 = 300;
+    let mut cluster = Cluster::builder().workers(2).worker_args(["--concurrency", "16"]).start().await;
+    let stream = "metrics-failover".to_owned();
+    let mut call = ProcessCall::open(&cluster.harmonizer());
+    let events = (0..N)
+        .map(|seq| with_attr(event(&stream, seq, "async-echo", format!("{seq}")), "latency", "fixed:20ms"))
+        .collect();
+    call.feed(events, Some(Duration::from_millis(2)));
+    call.wait_for_total(40, DEADLINE).await.expect("the first results arrive");
+    let answered = call.received().len() as u64;
+    assert!(answered < N, "the stream finished before the kill; the test would prove nothing");
+    cluster.worker_process(0).kill();
+    call.wait_for_counts(&BTreeMap::from([(stream.clone(), N as usize)]), DEADLINE)
+        .await
+        .expect("the stream completes");
+    let results = call.finish(LINGER).await.expect("the call ends cleanly");
+    if let Err(e) = integration_tests::client::check_in_order_exactly_once(&results, N) {
+        panic!("{e}");
+    }
+    assert!(results.iter().all(|r| r.status() == ResultStatus::Ok), "{results:?}");
+
+    let m = eventually(DEADLINE, || async {
+        let m = cluster.scrape("harmonizer").await?;
+        let accepted = m.sum("ordo_events_accepted_total", &[("operation", "async-echo")]);
+        let (attempts, retries) =
+            (m.sum("ordo_harmonizer_attempts_total", &[]), m.sum("ordo_harmonizer_retries_total", &[]));
+        anyhow::ensure!(accepted == N as f64, "accepted {accepted}\n{}", m.text);
+        anyhow::ensure!(attempts == accepted + retries, "attempts {attempts} != {accepted} + {retries}\n{}", m.text);
+        anyhow::ensure!(m.sum("ordo_harmonizer_in_flight_events", &[]) == 0.0, "still in flight\n{}", m.text);
+        Ok(m)
+    })
+    .await;
+    let retries = m.sum("ordo_harmonizer_retries_total", &[]);
+    assert!(
+        retries >= 1.0 && retries <= (N - answered) as f64,
+        "retries {retries} (answered before the kill: {answered})"
+    );
+    for name in ["ordo_harmonizer_timeouts_total", "ordo_harmonizer_failed_total", "ordo_harmonizer_hand_backs_total"] {
+        assert_eq!(m.sum(name, &[]), 0.0, "{name}\n{}", m.text);
+    }
+    // The survivor ran its own share and every retry; the dead one's count died with it.
+    let survivor = cluster.scrape(&cluster.worker_name(1)).await.expect("the surviving worker is scraped");
+    let ran = survivor.sum("ordo_worker_results_total", &[("status", "ok")]);
+    assert!(ran >= retries && ran <= N as f64, "survivor results {ran}, retries {retries}\n{}", survivor.text);
+    eprintln!("killed a worker after {answered} answers: {retries} retries, the survivor produced {ran} results");
+}
+
+/// A TCP proxy to the machine's RabbitMQ that can be made unreachable: while
+/// down it accepts and at once drops every connection (and the ones it
+/// forwarded), so the gateway sees a broker that is gone, on a port that
+/// stays ours.
+struct BrokerProxy {
+    port: u16,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cut: tokio::sync::watch::Sender<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BrokerProxy {
+    async fn start(up: bool) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a port for the proxy");
+        let port = listener.local_addr().expect("its address").port();
+        let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(up));
+        let (cut, cuts) = tokio::sync::watch::channel(0u64);
+        let up = flag.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !up.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let mut cuts = cuts.clone();
+                // Only a cut after this connection was made ends it.
+                cuts.borrow_and_update();
+                tokio::spawn(async move {
+                    let Ok(mut broker) = tokio::net::TcpStream::connect("127.0.0.1:5672").await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut broker) => {}
+                        _ = cuts.changed() => {}
+                    }
+                });
+            }
+        });
+        Self { port, up: flag, cut, task }
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    fn set_up(&self, up: bool) {
+        self.up.store(up, std::sync::atomic::Ordering::SeqCst);
+        if !up {
+            self.cut.send_modify(|n| *n += 1);
+        }
+    }
+}
+
+impl Drop for BrokerProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The AMQP outbox lag (`ordo_amqp_outbox_lag_results`) counts what was
+/// released and not confirmed: with the broker unreachable from the start it
+/// is exactly the number of released results (nothing is confirmed); once the
+/// broker is reachable it drains to 0 and the confirms match. A second
+/// outage mid-run makes it grow again, and it drains again.
+#[tokio::test(flavor = "multi_thread")]
+async fn amqp_outbox_lag_grows_while_the_broker_is_unreachable_and_drains_to_zero() {
+    const N: u64 = 25;
+    integration_tests::rabbitmq::require_broker().await;
+    let proxy = BrokerProxy::start(false).await;
+    let exchange = integration_tests::rabbitmq::unique_name("ordo.test.lag");
+    let cluster = Cluster::builder()
+        .push_gateway_args(["--amqp-url", &proxy.url(), "--amqp-exchange", &exchange, "--amqp-lag-interval", "200ms"])
+        .start()
+        .await;
+    let gauge = |want: f64, confirmed: f64| {
+        let cluster = &cluster;
+        async move {
+            eventually(DEADLINE, || async {
+                let m = cluster.scrape("push-gateway").await?;
+                let got = (m.sum("ordo_amqp_outbox_lag_results", &[]), m.sum("ordo_amqp_confirmed_total", &[]));
+                anyhow::ensure!(m.has("ordo_amqp_outbox_lag_results"), "no lag gauge yet\n{}", m.text);
+                if got == (want, confirmed) {
+                    Ok(())
+                } else {
+                    Err(anyhow::anyhow!("(lag, confirmed) {got:?}, want {:?}", (want, confirmed)))
+                }
+            })
+            .await;
+        }
+    };
+    let run = |stream: String| {
+        let cluster = &cluster;
+        async move {
+            let mut call = ProcessCall::open(&cluster.harmonizer());
+            call.feed((0..N).map(|seq| event(&stream, seq, "upper", format!("{seq}"))).collect(), None);
+            call.wait_for_counts(&BTreeMap::from([(stream, N as usize)]), DEADLINE).await.expect("every answer");
+            call.finish(LINGER).await.expect("the call ends cleanly");
+        }
+    };
+
+    // Unreachable from the start: every released result is lag.
+    gauge(0.0, 0.0).await;
+    run("lag-a".to_owned()).await;
+    gauge(N as f64, 0.0).await;
+    // Reachable: published, confirmed, drained.
+    proxy.set_up(true);
+    gauge(0.0, N as f64).await;
+    // Gone again mid-run: the lag grows by what was released meanwhile.
+    proxy.set_up(false);
+    run("lag-b".to_owned()).await;
+    gauge(N as f64, N as f64).await;
+    proxy.set_up(true);
+    gauge(0.0, (2 * N) as f64).await;
+
+    // The exchange the gateway declared is the test's own: remove it.
+    if let Ok(consumer) = integration_tests::rabbitmq::QueueConsumer::bind(&exchange, "#").await {
+        let _ = consumer.delete().await;
+    }
 }
