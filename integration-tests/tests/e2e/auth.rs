@@ -301,6 +301,23 @@ async fn tokens_decide_who_writes_and_reads_which_streams() {
     assert!(output.status.success(), "an RS256 token with kid k1 verifies: {}", cli::stderr(&output));
     let output = run(submit("rsa-1", &format!("{rsa_token}x"))).await;
     assert!(cli::stderr(&output).contains("Unauthenticated"), "a broken signature: {}", cli::stderr(&output));
+
+    // grpcurl as the README shows it: `-H "authorization: Bearer $TOKEN"`.
+    let request = r#"{"stream_id":"cli-3","sequence":0,"operation":"upper","payload":"aGk="}"#;
+    let header = format!("authorization: Bearer {cli_token}");
+    let grpcurl = |args: Vec<&str>| {
+        let args: Vec<String> = args.into_iter().map(str::to_owned).collect();
+        async move {
+            let run = tokio::process::Command::new("grpcurl").args(&args).output();
+            tokio::time::timeout(Duration::from_secs(30), run).await.expect("grpcurl finishes").expect("grpcurl runs")
+        }
+    };
+    let output = grpcurl(vec!["-plaintext", "-H", &header, "-d", request, &addr, "ordo.v1.Harmonizer/Submit"]).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success() && stdout.contains("\"SEk=\""), "grpcurl with the token: {stdout}");
+    let output = grpcurl(vec!["-plaintext", "-d", request, &addr, "ordo.v1.Harmonizer/Submit"]).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("Unauthenticated"), "grpcurl without: {stderr}");
 }
 
 const REGISTRY: &str = "[[operation]]\nname = \"upper\"\nkind = \"stateless\"\n\n\
