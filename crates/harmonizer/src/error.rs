@@ -13,6 +13,11 @@ pub enum Error {
     UnknownOperation { name: String, known: String },
     #[error("payload of {size} bytes exceeds the limit of {limit} bytes")]
     PayloadTooLarge { size: usize, limit: usize },
+    #[error(
+        "sequence {0} is above the largest supported sequence {max} (2^53 - 1: the release script counts in doubles)",
+        max = ordo_core::limits::MAX_SEQUENCE
+    )]
+    SequenceTooLarge(u64),
     #[error("malformed attributes: {0}")]
     MalformedAttributes(String),
     #[error(
@@ -48,6 +53,7 @@ impl From<Error> for Status {
             Error::MissingStreamId
             | Error::StreamIdTooLong { .. }
             | Error::PayloadTooLarge { .. }
+            | Error::SequenceTooLarge(_)
             | Error::MalformedAttributes(_) => Status::invalid_argument(message),
             Error::GapSettled { .. } => Status::failed_precondition(message),
             Error::UnknownOperation { .. } => Status::not_found(message),

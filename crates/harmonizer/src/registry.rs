@@ -15,7 +15,7 @@ use ordo_core::{
     latency::Latency,
     limits::{
         self, CALL_ATTRIBUTE, GAP_TIMEOUT_ATTRIBUTE, LATENCY_ATTRIBUTE, MAX_ATTRIBUTE_BYTES, MAX_ATTRIBUTES,
-        MAX_STREAM_ID_BYTES, echo,
+        MAX_SEQUENCE, MAX_STREAM_ID_BYTES, echo,
     },
 };
 use ordo_proto::v1::{Event, OperationInfo};
@@ -102,6 +102,9 @@ fn check(
     }
     if event.stream_id.len() > MAX_STREAM_ID_BYTES {
         return Err(Error::StreamIdTooLong { len: event.stream_id.len(), limit: MAX_STREAM_ID_BYTES });
+    }
+    if event.sequence > MAX_SEQUENCE {
+        return Err(Error::SequenceTooLarge(event.sequence));
     }
     let spec = catalog
         .get(&event.operation)
@@ -197,6 +200,22 @@ mod tests {
     fn routes_known_operations() {
         assert_eq!(registry().validate(&event("s", "echo")).ok(), Some(Route::Stateless));
         assert_eq!(registry().validate(&event("s", "async-echo")).ok(), Some(Route::Stateful));
+    }
+
+    #[test]
+    fn sequences_above_2_pow_53_minus_1_are_invalid() {
+        let at = |sequence: u64| Event { sequence, ..event("s", "echo") };
+        assert_eq!(registry().validate(&at(MAX_SEQUENCE)).ok(), Some(Route::Stateless), "the largest one is valid");
+        for sequence in [MAX_SEQUENCE + 1, u64::MAX] {
+            match registry().validate(&at(sequence)) {
+                Err(error @ Error::SequenceTooLarge(_)) => {
+                    let status = tonic::Status::from(error);
+                    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+                    assert!(status.message().contains("9007199254740991"), "{}", status.message());
+                }
+                other => panic!("sequence {sequence}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -9,6 +9,12 @@ pub const MAX_ATTRIBUTES: usize = 64;
 pub const MAX_ATTRIBUTE_BYTES: usize = 4096;
 /// Longest operation name, in bytes.
 pub const MAX_OPERATION_BYTES: usize = 128;
+/// Largest accepted sequence number: 2^53 − 1. The release script (Lua in
+/// Redis) holds sequences as doubles, which are exact only up to 2^53; above
+/// it two sequences would share one slot and a stream would be released out
+/// of order or lose results, so larger sequences are refused instead
+/// (INVALID_ARGUMENT). A stream starts at 0, so no real stream comes near it.
+pub const MAX_SEQUENCE: u64 = (1 << 53) - 1;
 /// Most bytes of client input echoed back in an error message or a REJECTED
 /// result (longer input is cut, with its full length said).
 pub const MAX_ECHO_BYTES: usize = 64;

@@ -392,3 +392,45 @@ fn pending_results_count_what_waits_for_a_predecessor() {
         assert_eq!(store.pending_results(1000).await.expect("scan"), (1, 1));
     });
 }
+
+/// The script counts in Lua doubles: exact up to 2^53, which is why the
+/// harmonizer refuses sequences above `MAX_SEQUENCE` (2^53 − 1). At the
+/// boundary itself every sequence is still its own slot: a stream whose
+/// lowest unreleased sequence is `MAX_SEQUENCE - 2` releases the last three
+/// sequences in order (arriving in reverse), drops their duplicates, and
+/// stores the floor `2^53` exactly.
+#[test]
+fn sequences_up_to_2_pow_53_minus_1_are_exact_in_the_script() {
+    use ordo_core::limits::MAX_SEQUENCE;
+    let redis = Redis::start();
+    runtime().block_on(async {
+        let client = redis::Client::open(redis.url.as_str()).expect("url");
+        let mut conn = client.get_multiplexed_async_connection().await.expect("connect");
+        let manager = redis::aio::ConnectionManager::new(client).await.expect("connect");
+        let store =
+            Store::new(manager, StoreConfig { retention: 1_000_000, ttl_ms: 60_000, dead_letter_retention: 1_000_000 });
+        let stream = "edge";
+        let () = redis::cmd("HSET")
+            .arg(keys::meta(stream))
+            .arg(&["next", &(MAX_SEQUENCE - 2).to_string(), "released", "0", "mode", "1"])
+            .query_async(&mut conn)
+            .await
+            .expect("hset");
+        let top = [MAX_SEQUENCE, MAX_SEQUENCE - 1, MAX_SEQUENCE - 2];
+        for sequence in top {
+            let accepted = store.apply(&[item(stream, sequence, OrderingMode::Ordered)]).await.expect("script");
+            assert_eq!(accepted, vec![true], "sequence {sequence} is new");
+        }
+        for sequence in top {
+            let accepted = store.apply(&[item(stream, sequence, OrderingMode::Ordered)]).await.expect("script");
+            assert_eq!(accepted, vec![false], "sequence {sequence} again is a duplicate");
+        }
+        let log: Vec<u64> = read_log(&mut conn, stream).await.iter().map(|r| r.sequence).collect();
+        assert_eq!(log, vec![MAX_SEQUENCE - 2, MAX_SEQUENCE - 1, MAX_SEQUENCE]);
+        let next: String =
+            redis::cmd("HGET").arg(keys::meta(stream)).arg("next").query_async(&mut conn).await.expect("hget");
+        assert_eq!(next, (MAX_SEQUENCE + 1).to_string(), "the floor is stored as an exact integer");
+        let pending: u64 = redis::cmd("HLEN").arg(keys::pending(stream)).query_async(&mut conn).await.expect("hlen");
+        assert_eq!(pending, 0);
+    });
+}

@@ -51,6 +51,9 @@ fn bad_events(prefix: &str) -> Vec<(&'static str, Event, Code)> {
             with_attr(event(&s("empty-key"), 0, "async-echo", "x"), "", "x"),
             Code::InvalidArgument,
         ),
+        // Above 2^53 - 1 the release script's doubles are no longer exact.
+        ("sequence above 2^53 - 1", event(&s("huge-seq"), 1 << 53, "upper", "x"), Code::InvalidArgument),
+        ("sequence u64::MAX", event(&s("max-seq"), u64::MAX, "upper", "x"), Code::InvalidArgument),
         (
             "sequence beyond the window",
             with_attr(event(&s("far"), 10_000, "async-echo", "x"), "latency", "fixed:1ms"),
