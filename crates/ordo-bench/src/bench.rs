@@ -1,11 +1,15 @@
-//! Ordo against its baselines, in one run, on three workloads:
+//! Ordo against its baselines, in one run, on four workloads:
 //!
 //! - **(a)** the Confluent Parallel Consumer's example: `events` (10,000)
 //!   events on one stream, `latency=uniform:0ms-5ms`, concurrency 100;
 //! - **(b)** zero-delay saturation: many streams over a few `Process` calls,
 //!   no latency attribute — the most ordered events per second;
 //! - **(c)** skewed latency: 99% of events `fixed:1ms`, 1% `fixed:50ms`
-//!   (chosen by a seeded RNG, the same set for every variant).
+//!   (chosen by a seeded RNG, the same set for every variant);
+//! - **(d)** many streams: the same total of zero-delay ORDERED events over
+//!   64, 4,096, 32,768 and 131,072 streams, one fresh cluster per point, with
+//!   CPU per event and per stream, peak RSS and Redis memory per stream, and
+//!   each point's ratio to the first (see [`crate::many_streams`]).
 //!
 //! Variants of (a) and (c), side by side:
 //! - Ordo ORDERED and UNORDERED, the client keeping at most `concurrency`
@@ -39,6 +43,7 @@ use serde::Serialize;
 use crate::{
     driver::{self, CallOptions},
     inprocess::{self, Shape},
+    many_streams::{self, ManyStreams},
     procstat::{self, Meter, ProcessUsage, Watched},
     stats::LatencySummary,
 };
@@ -56,6 +61,7 @@ pub enum WorkloadId {
     A,
     B,
     C,
+    D,
 }
 
 impl std::fmt::Display for WorkloadId {
@@ -64,6 +70,7 @@ impl std::fmt::Display for WorkloadId {
             Self::A => "a",
             Self::B => "b",
             Self::C => "c",
+            Self::D => "d",
         })
     }
 }
@@ -89,6 +96,12 @@ pub struct Config {
     pub saturation_streams: usize,
     pub saturation_events: usize,
     pub saturation_in_flight: usize,
+    /// (d): the numbers of streams (the first is the baseline), the events
+    /// of each point, calls, outstanding events per call.
+    pub many_streams: Vec<usize>,
+    pub many_streams_events: usize,
+    pub many_streams_calls: usize,
+    pub many_streams_in_flight: usize,
     /// Events of the sequential consumer's sample (extrapolated to `events`).
     pub sequential_sample: usize,
     /// Run the sequential consumer over all events instead.
@@ -105,7 +118,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            workloads: vec![WorkloadId::A, WorkloadId::B, WorkloadId::C],
+            workloads: vec![WorkloadId::A, WorkloadId::B, WorkloadId::C, WorkloadId::D],
             events: 10_000,
             concurrency: 100,
             uniform_latency: "uniform:0ms-5ms".into(),
@@ -116,6 +129,10 @@ impl Default for Config {
             saturation_streams: 16,
             saturation_events: 200_000,
             saturation_in_flight: 4096,
+            many_streams: many_streams::DEFAULT_STREAMS.to_vec(),
+            many_streams_events: 262_144,
+            many_streams_calls: 4,
+            many_streams_in_flight: 4096,
             sequential_sample: 1000,
             full_sequential: false,
             worker_concurrency_variants: true,
@@ -171,6 +188,10 @@ pub struct Workload {
     /// The same with the measured mean.
     pub little_bound_measured_s: Option<f64>,
     pub variants: Vec<Variant>,
+    /// (d): the points, their ratios and Redis memory (variants are in the
+    /// same order).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub many_streams: Option<ManyStreams>,
 }
 
 /// A target of the issue, as measured.
@@ -217,7 +238,7 @@ impl Machine {
     }
 }
 
-fn event(stream: &str, sequence: u64, latency: Option<&str>, mode: OrderingMode) -> Event {
+pub(crate) fn event(stream: &str, sequence: u64, latency: Option<&str>, mode: OrderingMode) -> Event {
     let mut event = Event {
         stream_id: stream.to_owned(),
         sequence,
@@ -282,7 +303,7 @@ fn per_million(seconds: Option<f64>, events: usize) -> Option<f64> {
 
 /// Runs one Ordo variant: `calls` (each a list of events) at once, each on
 /// its own connection, every process metered.
-async fn ordo_variant(
+pub(crate) async fn ordo_variant(
     cluster: &Cluster,
     name: &str,
     calls: Vec<Vec<Event>>,
@@ -445,6 +466,7 @@ async fn one_stream_workload(
         little_bound_s: bound,
         little_bound_measured_s: Some(config.events as f64 * measured_mean_ms / 1000.0 / n as f64),
         variants,
+        many_streams: None,
     })
 }
 
@@ -489,11 +511,12 @@ async fn saturation(config: &Config, cluster: &Cluster, nonce: u64) -> anyhow::R
         little_bound_s: None,
         little_bound_measured_s: None,
         variants,
+        many_streams: None,
     })
 }
 
 /// A short zero-delay call so that connections, pools and allocators are warm.
-async fn warm_up(cluster: &Cluster, nonce: u64) -> anyhow::Result<()> {
+pub(crate) async fn warm_up(cluster: &Cluster, nonce: u64) -> anyhow::Result<()> {
     let client = driver::connect(&cluster.harmonizer_addr()).await?;
     let events = (0..2000).map(|s| event(&format!("bench-warmup-{nonce}"), s, None, OrderingMode::Ordered)).collect();
     let options = CallOptions { max_in_flight: 512, deadline: Duration::from_secs(60), keep_payloads: false };
@@ -513,17 +536,29 @@ pub async fn run(config: &Config) -> anyhow::Result<Report> {
     let c_plan = skewed_plan(config);
     let mut workloads = Vec::new();
     {
-        let cluster = Cluster::builder().try_start().await.context("cannot start the Ordo cluster")?;
-        warm_up(&cluster, nonce).await?;
+        // (d) starts a cluster per point; the others share this one.
+        let shared = if config.workloads.iter().any(|&w| w != WorkloadId::D) {
+            let cluster = Cluster::builder().try_start().await.context("cannot start the Ordo cluster")?;
+            warm_up(&cluster, nonce).await?;
+            Some(cluster)
+        } else {
+            None
+        };
         for &id in &config.workloads {
+            if id == WorkloadId::D {
+                workloads.push(many_streams::run(config, nonce).await?);
+                continue;
+            }
+            let cluster = shared.as_ref().context("the shared cluster was not started")?;
             workloads.push(match id {
-                WorkloadId::A => one_stream_workload(config, &cluster, id, &a_plan, Some(&uniform), nonce).await?,
-                WorkloadId::B => saturation(config, &cluster, nonce).await?,
-                WorkloadId::C => one_stream_workload(config, &cluster, id, &c_plan, None, nonce).await?,
+                WorkloadId::A => one_stream_workload(config, cluster, id, &a_plan, Some(&uniform), nonce).await?,
+                WorkloadId::B => saturation(config, cluster, nonce).await?,
+                _ => one_stream_workload(config, cluster, id, &c_plan, None, nonce).await?,
             });
         }
     }
-    if config.worker_concurrency_variants && config.workloads.iter().any(|&w| w != WorkloadId::B) {
+    let one_stream = |id: WorkloadId| matches!(id, WorkloadId::A | WorkloadId::C);
+    if config.worker_concurrency_variants && config.workloads.iter().any(|&w| one_stream(w)) {
         let n = config.concurrency;
         let cluster = Cluster::builder()
             .worker_args(["--concurrency", &n.to_string()])
@@ -531,7 +566,7 @@ pub async fn run(config: &Config) -> anyhow::Result<Report> {
             .await
             .context("cannot start the worker-concurrency cluster")?;
         warm_up(&cluster, nonce).await?;
-        for workload in workloads.iter_mut().filter(|w| w.id != WorkloadId::B) {
+        for workload in workloads.iter_mut().filter(|w| one_stream(w.id)) {
             let plan = if workload.id == WorkloadId::A { &a_plan } else { &c_plan };
             let mut extra = Vec::new();
             for (mode, label) in [(OrderingMode::Ordered, "ORDERED"), (OrderingMode::Unordered, "UNORDERED")] {
@@ -576,7 +611,7 @@ fn targets(workloads: &[Workload]) -> Vec<Target> {
             });
         }
     }
-    for w in workloads {
+    for w in workloads.iter().filter(|w| w.id != WorkloadId::D) {
         // Ordo variants come in pairs: ORDERED, then UNORDERED of the same setup.
         let ordo: Vec<&Variant> = w.variants.iter().filter(|v| v.kind == "ordo").collect();
         for pair in ordo.chunks(2) {
@@ -599,7 +634,7 @@ fn targets(workloads: &[Workload]) -> Vec<Target> {
             met: v.events_per_s >= 100_000.0,
         });
     }
-    for w in workloads.iter().filter(|w| w.id != WorkloadId::B) {
+    for w in workloads.iter().filter(|w| matches!(w.id, WorkloadId::A | WorkloadId::C)) {
         for v in w.variants.iter().filter(|v| v.kind == "ordo" && v.ordered) {
             if let Some(r) = v.reorder_overhead {
                 out.push(Target {
@@ -610,6 +645,7 @@ fn targets(workloads: &[Workload]) -> Vec<Target> {
             }
         }
     }
+    out.extend(many_streams::targets(workloads));
     out
 }
 
@@ -623,11 +659,13 @@ impl Report {
     pub fn check(&self) -> anyhow::Result<()> {
         let mut problems = Vec::new();
         for w in &self.workloads {
-            for v in w.variants.iter().filter(|v| v.kind == "ordo") {
-                if v.order_violations > 0 || v.failed > 0 || v.duplicates > 0 || v.events != w.events {
+            for (i, v) in w.variants.iter().enumerate().filter(|(_, v)| v.kind == "ordo") {
+                // (d): each point sent its own number of events.
+                let expected = w.many_streams.as_ref().and_then(|d| d.points.get(i)).map_or(w.events, |p| p.events);
+                if v.order_violations > 0 || v.failed > 0 || v.duplicates > 0 || v.events != expected {
                     problems.push(format!(
                         "({}) {}: {} results for {} events, {} out of order, {} failed, {} duplicate or foreign",
-                        w.id, v.name, v.events, w.events, v.order_violations, v.failed, v.duplicates
+                        w.id, v.name, v.events, expected, v.order_violations, v.failed, v.duplicates
                     ));
                 }
             }
@@ -646,6 +684,10 @@ impl Report {
         );
         for w in &self.workloads {
             let _ = writeln!(out, "### {}\n", w.title);
+            if let Some(d) = &w.many_streams {
+                many_streams::tables(&mut out, d, &w.variants);
+                continue;
+            }
             if let Some(bound) = w.little_bound_s {
                 let _ = writeln!(
                     out,

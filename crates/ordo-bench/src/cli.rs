@@ -41,15 +41,17 @@ pub struct ExperimentArgs {
 }
 
 /// Ordo ORDERED against UNORDERED, in-process futures and a sequential
-/// consumer, on workloads (a) uniform 0-5 ms, (b) zero-delay saturation and
-/// (c) skewed latency. Prints Markdown tables and writes JSON. Exits 1 if an
+/// consumer, on workloads (a) uniform 0-5 ms, (b) zero-delay saturation,
+/// (c) skewed latency and (d) the same events over more and more streams
+/// (events/s, CPU per event and per stream, peak RSS, Redis memory per
+/// stream, each point against the first). Prints Markdown tables and writes JSON. Exits 1 if an
 /// Ordo variant lost, duplicated or misordered a result (targets are only
 /// recorded).
 #[derive(Debug, clap::Parser)]
 #[command(name = "ordo-bench", version)]
 pub struct BenchArgs {
     /// Workloads to run, comma-separated.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "a,b,c")]
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "a,b,c,d")]
     pub workloads: Vec<WorkloadId>,
     /// Events of workloads (a) and (c).
     #[arg(long, default_value_t = 10_000)]
@@ -72,6 +74,20 @@ pub struct BenchArgs {
     /// (b): events outstanding per call.
     #[arg(long, default_value_t = 4096)]
     pub saturation_in_flight: usize,
+    /// (d): numbers of streams in total, comma-separated; the first is the
+    /// baseline of the ratios.
+    #[arg(long, value_delimiter = ',', default_value = "64,4096,32768,131072")]
+    pub streams_list: Vec<usize>,
+    /// (d): events of each point (split evenly over its streams; at least
+    /// the largest --streams-list entry).
+    #[arg(long, default_value_t = 262_144)]
+    pub many_streams_events: usize,
+    /// (d): Process calls at once (stream i on call i mod calls).
+    #[arg(long, default_value_t = 4)]
+    pub many_streams_calls: usize,
+    /// (d): events outstanding per call.
+    #[arg(long, default_value_t = 4096)]
+    pub many_streams_in_flight: usize,
     /// Events the sequential consumer runs; its time is extrapolated to --events.
     #[arg(long, default_value_t = 1000)]
     pub sequential_sample: usize,
@@ -97,6 +113,10 @@ impl From<BenchArgs> for bench::Config {
             saturation_streams: a.saturation_streams,
             saturation_events: a.saturation_events,
             saturation_in_flight: a.saturation_in_flight,
+            many_streams: a.streams_list,
+            many_streams_events: a.many_streams_events,
+            many_streams_calls: a.many_streams_calls,
+            many_streams_in_flight: a.many_streams_in_flight,
             sequential_sample: a.sequential_sample,
             full_sequential: a.full_sequential,
             worker_concurrency_variants: !a.no_worker_concurrency,

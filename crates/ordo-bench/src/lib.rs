@@ -11,7 +11,9 @@
 //! - [`driver`]: a timestamping `Harmonizer.Process` client with a bound on
 //!   outstanding events; [`inprocess`]: the in-process baselines;
 //!   [`procstat`]: CPU time and peak RSS from `/proc`; [`stats`]:
-//!   histograms and confidence intervals; [`chart`]: the PNG.
+//!   histograms and confidence intervals; [`chart`]: the PNG;
+//!   [`many_streams`]: workload (d), the same events over ever more streams;
+//!   [`redis_probe`]: `INFO memory` and `MEMORY USAGE` of the private Redis.
 //! - [`chaos`]: the fault suite (`ordo-chaos`, `just chaos`); [`soak`]:
 //!   a long run at a fixed rate sampling memory and descriptors
 //!   (`ordo-soak`, `just soak`). See `docs/reliability.md`.
@@ -25,7 +27,9 @@ pub mod cli;
 pub mod driver;
 pub mod experiment;
 pub mod inprocess;
+pub mod many_streams;
 pub mod procstat;
+pub mod redis_probe;
 pub mod results;
 pub mod soak;
 pub mod stats;

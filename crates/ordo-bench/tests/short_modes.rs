@@ -47,6 +47,7 @@ async fn experiment_short_mode_has_no_reassembled_error() {
 async fn bench_short_mode_keeps_every_stream_in_order() {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = bench::Config {
+        workloads: vec![WorkloadId::A, WorkloadId::B, WorkloadId::C],
         events: 300,
         concurrency: 20,
         saturation_calls: 2,
@@ -80,4 +81,59 @@ async fn bench_short_mode_keeps_every_stream_in_order() {
     let parsed: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(json).expect("JSON file")).expect("valid JSON");
     assert_eq!(parsed["workloads"].as_array().map(Vec::len), Some(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_streams_short_mode_has_a_row_per_point() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = bench::Config {
+        workloads: vec![WorkloadId::D],
+        many_streams: vec![8, 64],
+        many_streams_events: 512,
+        many_streams_calls: 2,
+        many_streams_in_flight: 64,
+        deadline: Duration::from_secs(60),
+        out_dir: dir.path().to_path_buf(),
+        ..bench::Config::default()
+    };
+    let report = bench::run(&config).await.expect("the benchmark runs");
+    report.check().expect("no point lost, duplicated or misordered a result");
+    let [workload] = &report.workloads[..] else { panic!("one workload: {:?}", report.workloads.len()) };
+    assert_eq!(workload.id, WorkloadId::D);
+    let d = workload.many_streams.as_ref().expect("(d) has its points");
+    assert_eq!((d.baseline_streams, workload.variants.len()), (8, 2));
+    let streams: Vec<usize> = d.points.iter().map(|p| p.streams).collect();
+    assert_eq!(streams, [8, 64], "one row per point, in the order asked");
+    for (p, v) in d.points.iter().zip(&workload.variants) {
+        assert_eq!((p.events, v.events, v.order_violations, v.failed, v.duplicates), (512, 512, 0, 0, 0), "{}", v.name);
+        assert_eq!(p.events_per_stream * p.streams, 512);
+        assert!(p.events_per_s > 0.0, "{p:?}");
+        assert!(p.service_cpu_us_per_event.is_some_and(|c| c > 0.0), "{p:?}");
+        assert!(p.service_cpu_us_per_stream.is_some_and(|c| c > 0.0), "{p:?}");
+        assert!(p.throughput_ratio.is_some_and(|r| r > 0.0), "{p:?}");
+        assert!(p.redis.error.is_none(), "{:?}", p.redis.error);
+        // Every stream leaves at least its meta hash and its log in Redis.
+        assert!(p.redis.keys_added().is_some_and(|k| k >= 2 * p.streams as i64), "{:?}", p.redis);
+        assert!(p.redis_bytes_per_stream.is_some_and(|b| b > 0.0), "{:?}", p.redis);
+        let one = p.redis.one_stream.expect("MEMORY USAGE of one stream");
+        assert!(one.meta.is_some_and(|b| b > 0) && one.log.is_some_and(|b| b > 0), "{one:?}");
+        for name in ["harmonizer", "push-gateway", "redis"] {
+            assert!(
+                v.processes.iter().any(|u| u.name == name && u.peak_rss_mib.is_some_and(|r| r > 0.0)),
+                "{name}: {:?}",
+                v.processes
+            );
+        }
+    }
+    assert_eq!(d.points[0].throughput_ratio, Some(1.0), "the baseline is the first point");
+    let tables = report.tables();
+    for needle in ["| 8 | 64 | 512 |", "| 64 | 8 | 512 |", "push-gateway"] {
+        assert!(tables.contains(needle), "{needle:?} missing:\n{tables}");
+    }
+    let json = report.write(dir.path()).expect("JSON is written");
+    let parsed: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(json).expect("JSON file")).expect("valid JSON");
+    let points = &parsed["workloads"][0]["many_streams"]["points"];
+    assert_eq!(points.as_array().map(Vec::len), Some(2), "{parsed}");
+    assert!(points[1]["redis"]["used_memory_after"].as_u64().is_some_and(|b| b > 0), "{parsed}");
 }
