@@ -14,6 +14,8 @@
 //! - [`process`]: one service process: kill (SIGKILL), terminate (SIGTERM),
 //!   restart on the same port.
 //! - [`redis_server`]: a private redis-server (never the shared one on 6379).
+//! - [`redis_cluster`]: a private Redis Cluster, 3 masters with 1 replica
+//!   each: kill and restart of a node, forced failover.
 //! - [`redis_acl`]: a Redis ACL user limited to what Ordo needs, `default` off
 //!   ([`ClusterBuilder::redis_user`]).
 //! - [`client`]: events, a `Harmonizer.Process` call driver (and a paced
@@ -45,6 +47,7 @@ pub mod ports;
 pub mod process;
 pub mod rabbitmq;
 pub mod redis_acl;
+pub mod redis_cluster;
 pub mod redis_server;
 pub mod sse;
 pub mod text;

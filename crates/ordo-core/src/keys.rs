@@ -9,14 +9,26 @@
 //! - `ordo:{s}:log` — stream: the released results, entry id `0-(position+1)`,
 //!   field `r` = encoded `EventResult` (with `position` set).
 //!
-//! Every release is also published on [`RELEASED_CHANNEL`] as an encoded
-//! `ReleasedBatch`, for live tailing.
+//! Every release is also published as an encoded `ReleasedBatch`, for live
+//! tailing: on a single node on [`RELEASED_CHANNEL`] (PUBLISH); on a Redis
+//! Cluster on the stream's slot channel [`released_channel`] (SPUBLISH,
+//! sharded pub/sub), since one script call may touch one slot only.
 //!
 //! Across streams, [`DEAD_LETTERS`] is a stream of every stored FAILED and
 //! GAP result's dead letter (written by the same script, atomically with the
 //! result), entry id assigned by Redis, fields `stream` (stream id),
 //! `sequence` and `letter` (encoded `DeadLetter`, its `id` unset: the entry
-//! id is the dead letter's id). Trimmed by count.
+//! id is the dead letter's id). Trimmed by count. On a Redis Cluster there is
+//! one such log per slot, [`dead_letters`], holding the dead letters of the
+//! streams in that slot.
+//!
+//! # Slots
+//!
+//! Redis Cluster places a key by the CRC16 of its hash tag (the text between
+//! the first `{` and the next `}`, when not empty; else the whole key) modulo
+//! [`SLOTS`]: [`key_slot`]. Per-slot keys and channels need a hash tag that
+//! lands on a given slot: [`slot_tag`] is a precomputed shortest such tag for
+//! every slot (built once, on first use).
 
 /// The operation registry (crate `ordo-registry`), all in one cluster slot
 /// (`{registry}` hash tag): `ordo:{registry}:seq` (last version number),
@@ -33,11 +45,108 @@ pub fn registry_version(version: u64) -> String {
     format!("{REGISTRY_VERSION_PREFIX}{version}")
 }
 
-/// Pub/sub channel of released batches.
+/// Pub/sub channel of released batches (single node).
 pub const RELEASED_CHANNEL: &str = "ordo:released";
 
-/// The dead-letter log (a Redis stream), see the module docs.
+/// The dead-letter log (a Redis stream, single node), see the module docs.
 pub const DEAD_LETTERS: &str = "ordo:dlq";
+
+/// Hash slots of a Redis Cluster.
+pub const SLOTS: u16 = 16384;
+
+/// The sharded pub/sub channel of the released batches of every stream in
+/// `slot` (Redis Cluster): `ordo:released:{<tag>}`, in that slot.
+pub fn released_channel(slot: u16) -> String {
+    format!("{RELEASED_CHANNEL}:{{{}}}", slot_tag(slot))
+}
+
+/// The dead-letter log of the streams in `slot` (Redis Cluster):
+/// `ordo:dlq:{<tag>}`, in that slot.
+pub fn dead_letters(slot: u16) -> String {
+    format!("{DEAD_LETTERS}:{{{}}}", slot_tag(slot))
+}
+
+/// The slot of every key of `stream` (its meta, pending and log keys share
+/// the `{stream}` hash tag; an id with a `}` is cut there, for all three
+/// alike, and an empty id has no tag, so its keys spread).
+pub fn stream_slot(stream: &str) -> u16 {
+    key_slot(meta(stream).as_bytes())
+}
+
+/// The cluster slot of `key`, as Redis computes it.
+pub fn key_slot(key: &[u8]) -> u16 {
+    let tagged = key.iter().position(|&b| b == b'{').and_then(|open| {
+        let rest = &key[open + 1..];
+        let close = rest.iter().position(|&b| b == b'}')?;
+        (close > 0).then(|| &rest[..close])
+    });
+    crc16(tagged.unwrap_or(key)) % SLOTS
+}
+
+/// CRC16-CCITT (XModem: polynomial 0x1021, initial 0), Redis Cluster's key hash.
+const fn crc16(bytes: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        crc ^= (bytes[i] as u16) << 8;
+        let mut bit = 0;
+        while bit < 8 {
+            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+            bit += 1;
+        }
+        i += 1;
+    }
+    crc
+}
+
+/// A shortest alphanumeric hash tag whose slot is `slot` (`slot` modulo
+/// [`SLOTS`]).
+pub fn slot_tag(slot: u16) -> &'static str {
+    static TAGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let tags = TAGS.get_or_init(build_slot_tags);
+    &tags[usize::from(slot % SLOTS)]
+}
+
+/// Every slot's tag: strings of 1, 2, then 3 alphanumerics in order, the
+/// first one to land on each slot kept. Three characters (238,328 strings)
+/// reach all 16,384 slots (the unit test checks it).
+fn build_slot_tags() -> Vec<String> {
+    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    let mut tags: Vec<String> = vec![String::new(); usize::from(SLOTS)];
+    let mut missing = usize::from(SLOTS);
+    let mut keep = |candidate: &[u8]| {
+        let slot = usize::from(crc16(candidate) % SLOTS);
+        if tags[slot].is_empty() {
+            // Alphanumeric, hence UTF-8.
+            tags[slot] = String::from_utf8_lossy(candidate).into_owned();
+            missing -= 1;
+        }
+        missing == 0
+    };
+    'search: for len in 1..=3usize {
+        let mut digits = vec![0usize; len];
+        loop {
+            let candidate: Vec<u8> = digits.iter().map(|&d| ALPHABET[d]).collect();
+            if keep(&candidate) {
+                break 'search;
+            }
+            // Next string of this length (odometer).
+            let mut i = len;
+            loop {
+                if i == 0 {
+                    continue 'search;
+                }
+                i -= 1;
+                digits[i] += 1;
+                if digits[i] < ALPHABET.len() {
+                    break;
+                }
+                digits[i] = 0;
+            }
+        }
+    }
+    tags
+}
 
 pub fn meta(stream: &str) -> String {
     format!("ordo:{{{stream}}}:meta")
@@ -72,5 +181,35 @@ mod tests {
         }
         assert_eq!(position_of("0-0"), None);
         assert_eq!(position_of("12-3"), None);
+    }
+
+    #[test]
+    fn slots_are_redis_cluster_slots() {
+        // The CRC16 check value, and slots Redis answers to CLUSTER KEYSLOT.
+        assert_eq!(crc16(b"123456789"), 0x31C3);
+        assert_eq!(key_slot(b"foo"), 12182);
+        assert_eq!(key_slot(b"bar"), 5061);
+        assert_eq!(key_slot(b"{user1000}.following"), key_slot(b"user1000"));
+        // An empty tag is no tag: the whole key is hashed.
+        assert_eq!(key_slot(b"foo{}{bar}"), crc16(b"foo{}{bar}") % SLOTS);
+        assert_eq!(key_slot(b"foo{{bar}}zap"), key_slot(b"{bar"));
+        // A stream's three keys share its slot, whatever its id.
+        for stream in ["s1", "a}b", "x{y}", "dev-42"] {
+            let slot = stream_slot(stream);
+            assert_eq!(key_slot(pending(stream).as_bytes()), slot, "{stream}");
+            assert_eq!(key_slot(log(stream).as_bytes()), slot, "{stream}");
+        }
+    }
+
+    #[test]
+    fn every_slot_has_a_short_tag_that_maps_to_it() {
+        for slot in 0..SLOTS {
+            let tag = slot_tag(slot);
+            assert!((1..=3).contains(&tag.len()), "slot {slot}: {tag:?}");
+            assert!(tag.bytes().all(|b| b.is_ascii_alphanumeric()), "slot {slot}: {tag:?}");
+            assert_eq!(crc16(tag.as_bytes()) % SLOTS, slot, "tag {tag:?}");
+            assert_eq!(key_slot(released_channel(slot).as_bytes()), slot);
+            assert_eq!(key_slot(dead_letters(slot).as_bytes()), slot);
+        }
     }
 }

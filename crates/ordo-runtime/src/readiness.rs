@@ -40,7 +40,10 @@ impl Dependency {
 
     /// Redis, checked with a PING through the service's own connection (so a
     /// PONG also means that connection has reconnected).
-    pub fn redis(conn: redis::aio::ConnectionManager) -> Self {
+    pub fn redis<C>(conn: C) -> Self
+    where
+        C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
+    {
         Self::new("redis", move || {
             let conn = conn.clone();
             async move { crate::redis_conn::ping(&conn, PROBE_TIMEOUT).await }

@@ -11,12 +11,23 @@
 //! `rediss://` URLs connect over TLS (rustls), trusting `--redis-ca`, else
 //! `--tls-ca`, else the system roots, and presenting `--tls-cert`/`--tls-key`
 //! when Redis asks for a client certificate (see [`crate::tls`]).
+//!
+//! The same binaries run against one Redis node or a Redis Cluster, chosen by
+//! the URL: `redis+cluster://[user:password@]host:port[,host:port…]` (or
+//! `rediss+cluster://` for TLS) names some of a cluster's nodes, from which
+//! the client learns the rest. [`RedisConn`] ([`connect`]) is the one
+//! connection type for both: it implements [`ConnectionLike`], so commands,
+//! pipelines and scripts run on it unchanged. On a cluster a command goes to
+//! the master of its key's slot (following MOVED/ASK and failovers), and a
+//! pipeline or script must keep to one slot.
 
 use std::{future::Future, time::Duration};
 
 use redis::{
-    RedisError, RetryMethod,
-    aio::{ConnectionManager, ConnectionManagerConfig},
+    Cmd, Pipeline, RedisError, RedisFuture, RetryMethod, Value,
+    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
+    cluster::{ClusterClient, ClusterConfig},
+    cluster_async::ClusterConnection,
 };
 
 use crate::backoff;
@@ -31,9 +42,140 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Attempts of one [`call`] in all (the first included).
 const CALL_ATTEMPTS: usize = 4;
 
-/// A connection manager for `url` that connects on first use and reconnects
-/// by itself. Fails only for a malformed URL.
+/// Request retries inside the cluster client (MOVED, ASK, TRYAGAIN,
+/// CLUSTERDOWN, a lost node), before [`call`] retries on top: enough to ride
+/// out a failover's slot-table refresh without hiding an outage for long.
+const CLUSTER_RETRIES: u32 = 4;
+
+/// One connection to Redis, a single node or a cluster (see the module docs).
+/// Cheap to clone: clones share one multiplexed connection (per node).
+#[derive(Clone)]
+pub enum RedisConn {
+    /// A single node (`redis://`, `rediss://`, `unix://`).
+    Single(ConnectionManager),
+    /// A Redis Cluster (`redis+cluster://`, `rediss+cluster://`).
+    Cluster(ClusterConnection),
+}
+
+impl RedisConn {
+    /// Whether this is a Redis Cluster: each command, pipeline and script
+    /// call must then keep its keys in one slot.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+}
+
+impl From<ConnectionManager> for RedisConn {
+    fn from(conn: ConnectionManager) -> Self {
+        Self::Single(conn)
+    }
+}
+
+impl ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(conn) => conn.req_packed_command(cmd),
+            Self::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(conn) => conn.get_db(),
+            Self::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
+/// Whether `url` names a Redis Cluster (`redis+cluster://`, `rediss+cluster://`).
+pub fn is_cluster_url(url: &str) -> bool {
+    url.starts_with("redis+cluster://") || url.starts_with("rediss+cluster://")
+}
+
+/// A connection to the single node or cluster `url` names, that connects on
+/// first use and reconnects by itself. Fails only for a malformed URL.
+pub fn connect(url: &str) -> anyhow::Result<RedisConn> {
+    if !is_cluster_url(url) {
+        return lazy(url).map(RedisConn::Single);
+    }
+    let client = cluster_client_with(url, crate::tls::settings())?;
+    let config = ClusterConfig::new().set_connection_timeout(CONNECTION_TIMEOUT).set_response_timeout(RESPONSE_TIMEOUT);
+    // Pending: the nodes are connected in the background and on demand.
+    Ok(RedisConn::Cluster(client.get_pending_async_connection_with_config(config)))
+}
+
+/// The node URLs of a cluster URL: `redis+cluster://u:p@h1:1,h2:2/` →
+/// `redis://u:p@h1:1`, `redis://u:p@h2:2` (credentials apply to every node).
+fn cluster_nodes(url: &str) -> anyhow::Result<Vec<String>> {
+    let invalid = |why: &str| anyhow::anyhow!("invalid redis cluster url {:?}: {why}", redact(url));
+    let (scheme, rest) = if let Some(rest) = url.strip_prefix("redis+cluster://") {
+        ("redis", rest)
+    } else if let Some(rest) = url.strip_prefix("rediss+cluster://") {
+        ("rediss", rest)
+    } else {
+        return Err(invalid("the scheme must be redis+cluster:// or rediss+cluster://"));
+    };
+    let (userinfo, hosts) = match rest.rfind('@') {
+        Some(at) => (&rest[..=at], &rest[at + 1..]),
+        None => ("", rest),
+    };
+    let hosts = hosts.strip_suffix('/').unwrap_or(hosts);
+    if hosts.contains(['/', '?', '#']) {
+        return Err(invalid("a cluster has no database number or options: only host:port[,host:port…]"));
+    }
+    let nodes: Vec<String> = hosts.split(',').map(|host| format!("{scheme}://{userinfo}{}", host.trim())).collect();
+    if hosts.split(',').any(|host| host.trim().is_empty()) {
+        return Err(invalid("expected host:port[,host:port…]"));
+    }
+    Ok(nodes)
+}
+
+/// A cluster client for a `redis+cluster://` / `rediss+cluster://` URL, with
+/// TLS as in [`client_with`].
+pub fn cluster_client_with(url: &str, tls: &crate::tls::TlsSettings) -> anyhow::Result<ClusterClient> {
+    let nodes = cluster_nodes(url)?;
+    let mut builder = ClusterClient::builder(nodes)
+        .retries(CLUSTER_RETRIES)
+        .min_retry_wait(50)
+        .max_retry_wait(500)
+        .connection_timeout(CONNECTION_TIMEOUT)
+        .response_timeout(RESPONSE_TIMEOUT);
+    if url.starts_with("rediss+cluster://") {
+        crate::tls::ensure_crypto_provider();
+        let root_cert = tls.redis_ca_pem().map(<[u8]>::to_vec);
+        let client_tls = tls.identity().map(|id| redis::ClientTlsConfig {
+            client_cert: id.cert_pem().to_vec(),
+            client_key: id.key_pem().to_vec(),
+        });
+        if root_cert.is_some() || client_tls.is_some() {
+            builder = builder.certs(redis::TlsCertificates { client_tls, root_cert });
+        }
+    }
+    builder.build().map_err(|e| anyhow::anyhow!("invalid redis cluster url {:?}: {e}", redact(url)))
+}
+
+/// A connection manager for the single node `url` that connects on first
+/// use and reconnects by itself. Fails for a malformed URL, and for a
+/// cluster URL: the services that support a cluster use [`connect`].
 pub fn lazy(url: &str) -> anyhow::Result<ConnectionManager> {
+    if is_cluster_url(url) {
+        anyhow::bail!(
+            "{:?} is a Redis Cluster URL, which this service does not support yet: give it one node's redis:// URL",
+            redact(url)
+        );
+    }
     let client = client(url)?;
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(CONNECTION_TIMEOUT))
@@ -107,8 +249,9 @@ where
     backoff::retry(CALL_ATTEMPTS, Duration::from_millis(50), Duration::from_millis(500), is_transient, op).await
 }
 
-/// PINGs through `conn`, within `timeout`: the probe of a Redis dependency.
-pub async fn ping(conn: &ConnectionManager, timeout: Duration) -> Result<(), String> {
+/// PINGs through `conn` (on a cluster: a random node), within `timeout`: the
+/// probe of a Redis dependency.
+pub async fn ping<C: ConnectionLike + Clone + Send>(conn: &C, timeout: Duration) -> Result<(), String> {
     let mut conn = conn.clone();
     match tokio::time::timeout(timeout, redis::cmd("PING").query_async::<String>(&mut conn)).await {
         Ok(Ok(_)) => Ok(()),
@@ -131,6 +274,33 @@ mod tests {
         assert!(is_transient(&reset));
         assert!(!is_transient(&timeout));
         assert!(!is_transient(&script));
+    }
+
+    #[test]
+    fn cluster_urls_name_every_node_with_the_same_credentials() {
+        assert!(is_cluster_url("redis+cluster://h:1"));
+        assert!(is_cluster_url("rediss+cluster://h:1"));
+        assert!(!is_cluster_url("redis://h:1"));
+        assert_eq!(
+            cluster_nodes("redis+cluster://u:p@h1:7000,h2:7001/").expect("valid"),
+            ["redis://u:p@h1:7000", "redis://u:p@h2:7001"]
+        );
+        assert_eq!(cluster_nodes("rediss+cluster://h:1").expect("valid"), ["rediss://h:1"]);
+        for bad in ["redis+cluster://", "redis+cluster://h:1,,h:2", "redis+cluster://h:1/2", "redis://h:1"] {
+            assert!(cluster_nodes(bad).is_err(), "{bad}");
+        }
+        let Err(error) = lazy("redis+cluster://127.0.0.1:1") else { panic!("a cluster url is refused") };
+        let error = error.to_string();
+        assert!(error.contains("does not support"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_cluster_fails_promptly() {
+        let conn = connect("redis+cluster://127.0.0.1:1,127.0.0.1:2").expect("a valid url");
+        assert!(conn.is_cluster());
+        let started = std::time::Instant::now();
+        assert!(ping(&conn, Duration::from_secs(5)).await.is_err());
+        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
     }
 
     #[tokio::test]

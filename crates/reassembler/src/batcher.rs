@@ -16,7 +16,8 @@ use ordo_runtime::Shutdown;
 
 use crate::store::{Item, Store};
 
-/// Script calls in flight at once (pipelined on one multiplexed connection).
+/// Batches in flight at once (pipelined on one multiplexed connection; on a
+/// cluster each batch is one script call per slot, sent at once).
 const MAX_CALLS_IN_FLIGHT: usize = 4;
 
 /// Per item, whether it was new; or why Redis failed.
@@ -88,20 +89,11 @@ async fn run(store: Store, mut rx: mpsc::Receiver<(Vec<Item>, Reply)>, max_batch
                 replies.push((part.len(), reply));
                 items.extend(part);
             }
-            // A Redis restart breaks the connection once: retried here, so the
-            // senders see an ack, not an error, when Redis is back in time.
+            // A Redis restart (or a cluster failover) breaks a connection
+            // once: the store retries each script call, so the senders see an
+            // ack, not an error, when Redis is back in time.
             crate::metrics::BATCH_SIZE.record(items.len() as f64);
-            let result = ordo_runtime::redis_conn::call(|| async {
-                let started = std::time::Instant::now();
-                let result = store.apply(&items).await;
-                match &result {
-                    Ok(_) => crate::metrics::SCRIPT_DURATION.record(started.elapsed().as_secs_f64()),
-                    Err(_) => crate::metrics::REDIS_ERRORS.increment(1),
-                }
-                result
-            })
-            .await
-            .map_err(Arc::new);
+            let result = store.apply(&items).await.map_err(Arc::new);
             if let Err(error) = &result {
                 tracing::warn!(%error, results = items.len(), "release script failed; senders will redeliver");
             }

@@ -16,10 +16,21 @@ pub struct Config {
     #[arg(long, env = "REASSEMBLER_METRICS_LISTEN", default_value = "0.0.0.0:9094", value_parser = ordo_runtime::metrics::parse_listen)]
     // Fully qualified: clap would otherwise treat it as an optional address.
     pub metrics_listen: ::std::option::Option<SocketAddr>,
-    /// Redis holding the reorder state. Use AOF persistence in production:
-    /// reorder state must survive a Redis restart.
+    /// Redis holding the reorder state: one node (`redis://`, `rediss://`)
+    /// or a Redis Cluster (`redis+cluster://host:port[,host:port…]`,
+    /// `rediss+cluster://`). Use AOF persistence in production: reorder
+    /// state must survive a Redis restart.
     #[arg(long, env = "ORDO_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
+    /// Replicas that must acknowledge every script call (Redis `WAIT`)
+    /// before its results are acked to their senders; 0 = do not wait. With
+    /// 1 or more, a failover to an acknowledging replica loses no acked result.
+    #[arg(long, env = "REASSEMBLER_REDIS_WAIT_REPLICAS", default_value_t = 0)]
+    pub redis_wait_replicas: u32,
+    /// How long one `WAIT` may block; fewer replicas by then fail the call
+    /// (its senders redeliver).
+    #[arg(long, env = "REASSEMBLER_REDIS_WAIT_TIMEOUT", default_value = "500ms", value_parser = ordo_core::duration::parse)]
+    pub redis_wait_timeout: Duration,
     /// Released results kept in each stream's log (approximate, trimmed in blocks).
     #[arg(long, env = "REASSEMBLER_RETENTION", default_value_t = 100_000)]
     pub retention: u64,
@@ -55,6 +66,9 @@ impl Config {
         }
         if self.dead_letter_retention == 0 {
             return Err("--dead-letter-retention must be at least 1".into());
+        }
+        if self.redis_wait_replicas > 0 && self.redis_wait_timeout.is_zero() {
+            return Err("--redis-wait-timeout must be above 0 (WAIT 0 blocks forever)".into());
         }
         if self.max_batch == 0 {
             return Err("--max-batch must be at least 1".into());

@@ -27,7 +27,7 @@ use ordo_runtime::{
 pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
     metrics::describe();
     // Lazy: health is served (NOT_SERVING) at once, even while Redis is down.
-    let conn = ordo_runtime::redis_conn::lazy(&config.redis_url)?;
+    let conn = ordo_runtime::redis_conn::connect(&config.redis_url)?;
     let (readiness, _watcher) = Readiness::watch(vec![Dependency::redis(conn.clone())], shutdown.clone());
     // The hard end of draining, counted from the signal.
     let deadline = tokio::spawn(ordo_runtime::shutdown::drain_deadline(shutdown.clone(), config.common.drain_timeout));
@@ -37,6 +37,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
             retention: config.retention,
             ttl_ms: config.stream_ttl.as_millis() as u64,
             dead_letter_retention: config.dead_letter_retention,
+            wait_replicas: config.redis_wait_replicas,
+            wait_timeout_ms: config.redis_wait_timeout.as_millis() as u64,
         },
     );
     tokio::spawn(sample_pending(store.clone(), shutdown.clone()));

@@ -7,6 +7,9 @@
 -- ARGV[2] = pub/sub channel for released batches
 -- ARGV[3] = ttl in ms of a stream's keys after its last activity (0 = none)
 -- ARGV[4] = dead letters kept (approximate)
+-- ARGV[5] = how to publish: 'PUBLISH' (single node: the global channel) or
+--   'SPUBLISH' (Redis Cluster: the slot's sharded channel; then every key,
+--   the dead-letter log and the channel are in one slot)
 -- then for each stream: stream_id, mode ('1' ordered, '2' unordered), n,
 --   then n triples: sequence, encoded EventResult, encoded DeadLetter ('' = none).
 -- Returns one string with a '1' (accepted) or '0' (duplicate) per result, in
@@ -25,6 +28,7 @@ local retention = ARGV[1]
 local channel = ARGV[2]
 local ttl = tonumber(ARGV[3])
 local dlq_retention = ARGV[4]
+local publish = ARGV[5]
 local clock = redis.call('TIME')
 local now_ms = string.format('%.0f', clock[1] * 1000 + math.floor(clock[2] / 1000))
 
@@ -43,7 +47,7 @@ local function varint(n)
 end
 
 local flags = {}
-local a = 5
+local a = 6
 for k = 2, #KEYS, 3 do
   local meta, pend, log = KEYS[k], KEYS[k + 1], KEYS[k + 2]
   local stream, want_mode, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
@@ -154,7 +158,7 @@ for k = 2, #KEYS, 3 do
     redis.call('PEXPIRE', log, ttl)
   end
   if #out > 0 then
-    redis.call('PUBLISH', channel,
+    redis.call(publish, channel,
       '\10' .. varint(#stream) .. stream .. '\16' .. varint(nxt) .. table.concat(out))
   end
 end

@@ -1,12 +1,25 @@
 //! The Redis side of the reassembler: the release script, reads of a
 //! stream's reorder state and of the dead-letter log. This module owns every
 //! write to reorder state and to the dead-letter log.
+//!
+//! On a single node a batch is one script call, its dead letters go to the
+//! global log and its releases to the global channel. On a Redis Cluster one
+//! script call may touch one hash slot only, so a batch is split by the slot
+//! of its streams and the calls (one per slot) are sent at once, each with
+//! its slot's dead-letter log and sharded channel ([`keys::dead_letters`],
+//! [`keys::released_channel`]). Each call is retried on its own, so a
+//! transient error of one slot (a failover) does not re-send the others.
+//!
+//! With `wait_replicas` set, every call is followed, on the same connection,
+//! by `WAIT wait_replicas timeout`; fewer acknowledging replicas fail the
+//! call, so its senders redeliver (harmless: the first result wins) instead
+//! of being acked for a write that a failover could still lose.
 
 use std::collections::HashMap;
 
 use ordo_core::keys;
 use ordo_proto::v1::{OrderingMode, StreamState};
-use redis::aio::ConnectionManager;
+use ordo_runtime::redis_conn::RedisConn;
 
 /// Every stream's pending hash ([`keys::pending`]); braces are literal in a SCAN pattern.
 const PENDING_PATTERN: &str = "ordo:{*}:pend";
@@ -43,27 +56,100 @@ pub struct StoreConfig {
     pub ttl_ms: u64,
     /// Dead letters kept (approximate, trimmed in blocks).
     pub dead_letter_retention: u64,
+    /// Replicas that must acknowledge each script call's writes (`WAIT`)
+    /// before its results are acked; 0 = do not wait.
+    pub wait_replicas: u32,
+    /// How long `WAIT` may block, in ms (0 would block forever: never used).
+    pub wait_timeout_ms: u64,
 }
 
 #[derive(Clone)]
 pub struct Store {
-    conn: ConnectionManager,
+    conn: RedisConn,
     script: redis::Script,
     config: StoreConfig,
 }
 
 impl Store {
-    pub fn new(conn: ConnectionManager, config: StoreConfig) -> Self {
-        Self { conn, script: redis::Script::new(include_str!("release.lua")), config }
+    pub fn new(conn: impl Into<RedisConn>, config: StoreConfig) -> Self {
+        Self { conn: conn.into(), script: redis::Script::new(include_str!("release.lua")), config }
     }
 
-    /// Stores and releases `items` in one atomic script call. Returns, per
-    /// item and in input order, whether it was new (`false` = duplicate).
+    /// Stores and releases `items`: one atomic script call on a single node,
+    /// one per slot on a cluster (see the module docs), each retried on
+    /// transient errors. Returns, per item and in input order, whether it was
+    /// new (`false` = duplicate); an error if any call finally failed (the
+    /// other calls' results are stored: a redelivery finds them duplicates).
     pub async fn apply(&self, items: &[Item]) -> redis::RedisResult<Vec<bool>> {
+        if !self.conn.is_cluster() {
+            let all: Vec<usize> = (0..items.len()).collect();
+            let flags = self.apply_retrying(items, &all, None).await?;
+            let mut accepted = vec![false; items.len()];
+            for (&i, flag) in all.iter().zip(flags) {
+                accepted[i] = flag;
+            }
+            return Ok(accepted);
+        }
+        let mut slots: Vec<u16> = Vec::new();
+        let mut by_slot: HashMap<u16, Vec<usize>> = HashMap::new();
+        for (i, item) in items.iter().enumerate() {
+            let slot = keys::stream_slot(&item.stream_id);
+            by_slot
+                .entry(slot)
+                .or_insert_with(|| {
+                    slots.push(slot);
+                    Vec::new()
+                })
+                .push(i);
+        }
+        let calls = slots.iter().map(|slot| {
+            let members = &by_slot[slot];
+            async move { (members, self.apply_retrying(items, members, Some(*slot)).await) }
+        });
+        let mut accepted = vec![false; items.len()];
+        let mut failed = None;
+        for (members, outcome) in futures::future::join_all(calls).await {
+            match outcome {
+                Ok(flags) => {
+                    for (&i, flag) in members.iter().zip(flags) {
+                        accepted[i] = flag;
+                    }
+                }
+                Err(error) => failed = Some(error),
+            }
+        }
+        match failed {
+            Some(error) => Err(error),
+            None => Ok(accepted),
+        }
+    }
+
+    /// One script call for `items[members]` (all in `slot` on a cluster),
+    /// retried on transient errors: flags in `members` order.
+    async fn apply_retrying(
+        &self,
+        items: &[Item],
+        members: &[usize],
+        slot: Option<u16>,
+    ) -> redis::RedisResult<Vec<bool>> {
+        ordo_runtime::redis_conn::call(|| async {
+            let started = std::time::Instant::now();
+            let result = self.apply_once(items, members, slot).await;
+            match &result {
+                Ok(_) => crate::metrics::SCRIPT_DURATION.record(started.elapsed().as_secs_f64()),
+                Err(_) => crate::metrics::REDIS_ERRORS.increment(1),
+            }
+            result
+        })
+        .await
+    }
+
+    async fn apply_once(&self, items: &[Item], members: &[usize], slot: Option<u16>) -> redis::RedisResult<Vec<bool>> {
         // Group by stream (first-seen order) because the script walks streams.
         let mut order: Vec<&str> = Vec::new();
         let mut groups: HashMap<&str, Vec<usize>> = HashMap::new();
-        for (i, item) in items.iter().enumerate() {
+        for &i in members {
+            let item = &items[i];
             groups
                 .entry(item.stream_id.as_str())
                 .or_insert_with(|| {
@@ -72,14 +158,19 @@ impl Store {
                 })
                 .push(i);
         }
+        let (dead_letters, channel, publish) = match slot {
+            None => (keys::DEAD_LETTERS.to_owned(), keys::RELEASED_CHANNEL.to_owned(), "PUBLISH"),
+            Some(slot) => (keys::dead_letters(slot), keys::released_channel(slot), "SPUBLISH"),
+        };
         let mut invocation = self.script.prepare_invoke();
         invocation
-            .key(keys::DEAD_LETTERS)
+            .key(dead_letters)
             .arg(self.config.retention)
-            .arg(keys::RELEASED_CHANNEL)
+            .arg(channel)
             .arg(self.config.ttl_ms)
-            .arg(self.config.dead_letter_retention);
-        let mut input_order = Vec::with_capacity(items.len());
+            .arg(self.config.dead_letter_retention)
+            .arg(publish);
+        let mut input_order = Vec::with_capacity(members.len());
         for stream in &order {
             let members = &groups[stream];
             invocation.key(keys::meta(stream)).key(keys::pending(stream)).key(keys::log(stream));
@@ -94,18 +185,61 @@ impl Store {
             }
         }
         let mut conn = self.conn.clone();
-        let flags: Vec<u8> = invocation.invoke_async(&mut conn).await?;
-        let mut accepted = vec![false; items.len()];
-        for (flag, &i) in flags.iter().zip(&input_order) {
-            accepted[i] = *flag == b'1';
+        let flags: Vec<u8> = if self.config.wait_replicas == 0 {
+            invocation.invoke_async(&mut conn).await?
+        } else {
+            self.invoke_and_wait(&invocation, &mut conn).await?
+        };
+        // Flags come in `input_order`; answer in `members` order.
+        let position: HashMap<usize, usize> = members.iter().enumerate().map(|(k, &i)| (i, k)).collect();
+        let mut accepted = vec![false; members.len()];
+        for (flag, i) in flags.iter().zip(&input_order) {
+            accepted[position[i]] = *flag == b'1';
         }
         Ok(accepted)
+    }
+
+    /// The script call, then `WAIT` on the same connection (one pipeline, so
+    /// on a cluster both go to the slot's master); loads the script once if
+    /// Redis does not have it (after a restart or a failover).
+    async fn invoke_and_wait(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+        conn: &mut RedisConn,
+    ) -> redis::RedisResult<Vec<u8>> {
+        let mut pipe = redis::pipe();
+        pipe.invoke_script(invocation)
+            .cmd("WAIT")
+            .arg(self.config.wait_replicas)
+            .arg(self.config.wait_timeout_ms.max(1));
+        let (flags, replicas): (Vec<u8>, u32) = match pipe.query_async(conn).await {
+            Err(error) if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                invocation.load_async(conn).await?;
+                pipe.query_async(conn).await?
+            }
+            other => other?,
+        };
+        if replicas < self.config.wait_replicas {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "script writes not acknowledged by enough replicas",
+                format!("{replicas} of {} within {} ms", self.config.wait_replicas, self.config.wait_timeout_ms),
+            )));
+        }
+        Ok(flags)
     }
 
     /// Sums the pending hashes of every stream (results stored and waiting
     /// for a predecessor; in UNORDERED streams, released markers above the
     /// contiguous floor), scanning at most `max_keys` keys: `(streams, results)`.
+    /// Not on a cluster yet (a SCAN reaches one node): an error there.
     pub async fn pending_results(&self, max_keys: usize) -> redis::RedisResult<(u64, u64)> {
+        if self.conn.is_cluster() {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "pending results are not sampled on a Redis Cluster yet",
+            )));
+        }
         let mut conn = self.conn.clone();
         let (mut cursor, mut streams, mut results) = (0u64, 0u64, 0u64);
         let mut scanned = 0usize;
@@ -160,6 +294,11 @@ impl Store {
             pending,
             oldest_retained,
         })
+    }
+
+    /// Whether Redis is a cluster (per-slot dead-letter logs and channels).
+    pub fn is_cluster(&self) -> bool {
+        self.conn.is_cluster()
     }
 
     /// Up to `count` dead letters after entry `after` (exclusive; `None`:

@@ -4,6 +4,12 @@
 //! streams, each stream's log holds every result exactly once — in sequence
 //! order for ORDERED streams, in first-arrival order for UNORDERED ones — and
 //! the published batches carry exactly the log's entries.
+//!
+//! The same properties run against a private Redis Cluster (3 masters, 1
+//! replica each; the testkit's `redis_cluster`), where the store splits each
+//! batch by slot and publishes on the slots' sharded channels; plus a batch
+//! spanning many slots, and masters failing over (forced, and killed)
+//! while batches keep coming, with 0 lost, duplicated or reordered.
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -14,11 +20,139 @@ use std::{
 };
 
 use futures::StreamExt;
+use integration_tests::redis_cluster::RedisCluster;
 use ordo_core::keys;
 use ordo_proto::v1::{DeadLetter, Event, EventResult, OrderingMode, ReleasedBatch};
+use ordo_runtime::redis_conn::RedisConn;
 use proptest::{prelude::*, test_runner::TestCaseError};
 use prost::Message;
 use reassembler::store::{Item, Store, StoreConfig};
+use tokio::sync::mpsc;
+
+/// Where a test runs the script: one private node, or a private cluster.
+enum Backend {
+    Single(Redis),
+    Cluster(RedisCluster),
+}
+
+impl Backend {
+    fn single() -> Self {
+        Self::Single(Redis::start())
+    }
+
+    fn cluster() -> Self {
+        Self::Cluster(runtime().block_on(RedisCluster::start()).expect("a private redis cluster"))
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Self::Single(redis) => redis.url.clone(),
+            Self::Cluster(cluster) => cluster.url(),
+        }
+    }
+
+    fn conn(&self) -> RedisConn {
+        ordo_runtime::redis_conn::connect(&self.url()).expect("url")
+    }
+
+    fn store(&self, config: StoreConfig) -> Store {
+        Store::new(self.conn(), config)
+    }
+
+    /// The payloads of the released batches of `streams` from now on: the
+    /// global channel on a single node, their slots' sharded channels on a
+    /// cluster (as the push-gateway must follow them).
+    async fn released(&self, streams: &[String]) -> mpsc::UnboundedReceiver<Vec<u8>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        match self {
+            Self::Single(redis) => {
+                let client = redis::Client::open(redis.url.as_str()).expect("url");
+                let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
+                pubsub.subscribe(keys::RELEASED_CHANNEL).await.expect("subscribe");
+                tokio::spawn(async move {
+                    let mut messages = pubsub.into_on_message();
+                    while let Some(message) = messages.next().await {
+                        if tx.send(message.get_payload_bytes().to_vec()).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            Self::Cluster(cluster) => {
+                let (push_tx, mut push_rx) = mpsc::unbounded_channel::<redis::PushInfo>();
+                let nodes: Vec<String> = (0..integration_tests::redis_cluster::NODES)
+                    .map(|i| format!("{}/?protocol=resp3", cluster.node_url(i)))
+                    .collect();
+                let client = redis::cluster::ClusterClient::builder(nodes)
+                    .use_protocol(redis::ProtocolVersion::RESP3)
+                    .push_sender(push_tx)
+                    .build()
+                    .expect("cluster client");
+                let mut conn = client.get_async_connection().await.expect("cluster connection");
+                let slots: HashSet<u16> = streams.iter().map(|s| keys::stream_slot(s)).collect();
+                for slot in slots {
+                    conn.ssubscribe(keys::released_channel(slot)).await.expect("ssubscribe");
+                }
+                tokio::spawn(async move {
+                    let _conn = conn;
+                    while let Some(push) = push_rx.recv().await {
+                        if push.kind == redis::PushKind::SMessage
+                            && let Some(redis::Value::BulkString(payload)) = push.data.get(1)
+                            && tx.send(payload.clone()).is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+        rx
+    }
+
+    /// Every dead letter of the streams `names`, in log order per log, as
+    /// (stream, sequence, letter): the global log through the store on a
+    /// single node, the streams' slot logs on a cluster.
+    async fn dead_letters(&self, store: &Store, names: &[String]) -> Vec<(String, u64, DeadLetter)> {
+        if let Self::Single(_) = self {
+            return read_dead_letters(store, names).await;
+        }
+        let mut conn = self.conn();
+        let slots: std::collections::BTreeSet<u16> = names.iter().map(|s| keys::stream_slot(s)).collect();
+        let mut out = Vec::new();
+        for slot in slots {
+            let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+                .arg(keys::dead_letters(slot))
+                .arg("-")
+                .arg("+")
+                .query_async(&mut conn)
+                .await
+                .expect("xrange");
+            for entry in reply.ids {
+                let field = |name: &str| match entry.map.get(name) {
+                    Some(redis::Value::BulkString(bytes)) => bytes.clone(),
+                    other => panic!("bad dead-letter field {name}: {other:?}"),
+                };
+                let stream = String::from_utf8(field("stream")).expect("utf-8");
+                let sequence = String::from_utf8(field("sequence")).expect("utf-8").parse().expect("a sequence");
+                if names.contains(&stream) {
+                    let letter = DeadLetter::decode(field("letter").as_slice()).expect("a decodable dead letter");
+                    out.push((stream, sequence, letter));
+                }
+            }
+        }
+        out
+    }
+}
+
+fn config() -> StoreConfig {
+    StoreConfig {
+        retention: 1_000_000,
+        ttl_ms: 60_000,
+        dead_letter_retention: 1_000_000,
+        wait_replicas: 0,
+        wait_timeout_ms: 0,
+    }
+}
 
 struct Redis {
     url: String,
@@ -75,7 +209,7 @@ fn item(stream: &str, sequence: u64, mode: OrderingMode) -> Item {
     Item { stream_id: stream.into(), sequence, mode, body: result.encode_to_vec(), dead_letter: Vec::new() }
 }
 
-async fn read_log(conn: &mut redis::aio::MultiplexedConnection, stream: &str) -> Vec<EventResult> {
+async fn read_log(conn: &mut impl redis::aio::ConnectionLike, stream: &str) -> Vec<EventResult> {
     let reply: redis::streams::StreamRangeReply =
         redis::cmd("XRANGE").arg(keys::log(stream)).arg("-").arg("+").query_async(conn).await.expect("xrange");
     reply
@@ -95,16 +229,12 @@ static CASE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0)
 /// results seen on the release channel.
 type Outcome = Vec<(Vec<EventResult>, Vec<EventResult>)>;
 
-fn run(redis: &Redis, arrivals: &[(usize, u64)], cuts: &[usize], modes: &[OrderingMode]) -> Outcome {
+fn run(backend: &Backend, arrivals: &[(usize, u64)], cuts: &[usize], modes: &[OrderingMode]) -> Outcome {
     let case = CASE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let names: Vec<String> = (0..modes.len()).map(|i| format!("prop-{case}-{i}-{}", std::process::id())).collect();
     runtime().block_on(async {
-        let client = redis::Client::open(redis.url.as_str()).expect("url");
-        let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
-        pubsub.subscribe(keys::RELEASED_CHANNEL).await.expect("subscribe");
-        let conn = redis::aio::ConnectionManager::new(client.clone()).await.expect("connect");
-        let store =
-            Store::new(conn, StoreConfig { retention: 1_000_000, ttl_ms: 60_000, dead_letter_retention: 1_000_000 });
+        let mut released = backend.released(&names).await;
+        let store = backend.store(config());
         let items: Vec<Item> = arrivals.iter().map(|&(s, seq)| item(&names[s], seq, modes[s])).collect();
         let mut start = 0;
         let mut bounds: Vec<usize> = cuts.iter().map(|c| c % (items.len() + 1)).collect();
@@ -117,15 +247,13 @@ fn run(redis: &Redis, arrivals: &[(usize, u64)], cuts: &[usize], modes: &[Orderi
             }
         }
         let mut published: BTreeMap<String, Vec<EventResult>> = BTreeMap::new();
-        let mut messages = pubsub.on_message();
-        while let Ok(Some(message)) = tokio::time::timeout(Duration::from_millis(100), messages.next()).await {
-            let batch = ReleasedBatch::decode(message.get_payload_bytes()).expect("released batch decodes");
+        while let Ok(Some(payload)) = tokio::time::timeout(Duration::from_millis(100), released.recv()).await {
+            let batch = ReleasedBatch::decode(payload.as_slice()).expect("released batch decodes");
             if names.contains(&batch.stream_id) {
                 published.entry(batch.stream_id).or_default().extend(batch.results);
             }
         }
-        drop(messages);
-        let mut conn = client.get_multiplexed_async_connection().await.expect("connect");
+        let mut conn = backend.conn();
         let mut out = Vec::new();
         for name in &names {
             out.push((read_log(&mut conn, name).await, published.remove(name).unwrap_or_default()));
@@ -167,21 +295,30 @@ fn scenario() -> impl Strategy<Value = Scenario> {
 }
 
 fn check(
+    backend: &Backend,
     config: ProptestConfig,
     strategy: impl Strategy<Value = Scenario>,
-    test: impl Fn(&Redis, Scenario) -> Result<(), TestCaseError>,
+    test: impl Fn(&Backend, Scenario) -> Result<(), TestCaseError>,
 ) {
-    let redis = Redis::start();
     let mut runner = proptest::test_runner::TestRunner::new(config);
-    if let Err(failure) = runner.run(&strategy, |scenario| test(&redis, scenario)) {
+    if let Err(failure) = runner.run(&strategy, |scenario| test(backend, scenario)) {
         panic!("{failure}");
     }
 }
 
 #[test]
 fn every_result_released_once_and_ordered_streams_in_sequence() {
-    check(ProptestConfig::with_cases(64), scenario(), |redis, (modes, lens, arrivals, cuts)| {
-        let outcome = run(redis, &arrivals, &cuts, &modes);
+    released_once_in_order(&Backend::single(), 64);
+}
+
+#[test]
+fn cluster_every_result_released_once_and_ordered_streams_in_sequence() {
+    released_once_in_order(&Backend::cluster(), 32);
+}
+
+fn released_once_in_order(backend: &Backend, cases: u32) {
+    check(backend, ProptestConfig::with_cases(cases), scenario(), |backend, (modes, lens, arrivals, cuts)| {
+        let outcome = run(backend, &arrivals, &cuts, &modes);
         for (s, (log, published)) in outcome.iter().enumerate() {
             let n = lens[s];
             prop_assert_eq!(log.len() as u64, n, "stream {} released {} of {}", s, log.len(), n);
@@ -216,8 +353,8 @@ fn a_missing_sequence_holds_back_only_its_successors() {
             (Just(vec![OrderingMode::Ordered]), Just(vec![hole]), Just(arrivals).prop_shuffle(), Just(vec![]))
         })
     });
-    check(ProptestConfig::with_cases(32), holes, |redis, (modes, hole, arrivals, cuts)| {
-        let outcome = run(redis, &arrivals, &cuts, &modes);
+    check(&Backend::single(), ProptestConfig::with_cases(32), holes, |backend, (modes, hole, arrivals, cuts)| {
+        let outcome = run(backend, &arrivals, &cuts, &modes);
         let seqs: Vec<u64> = outcome[0].0.iter().map(|r| r.sequence).collect();
         prop_assert_eq!(seqs, (0..hole[0]).collect::<Vec<_>>());
         Ok(())
@@ -264,13 +401,21 @@ async fn read_dead_letters(store: &Store, names: &[String]) -> Vec<(String, u64,
 
 #[test]
 fn a_dead_letter_is_stored_once_per_accepted_failed_result_and_never_for_a_duplicate() {
+    dead_letter_once(&Backend::single(), 48);
+}
+
+#[test]
+fn cluster_a_dead_letter_is_stored_once_per_accepted_failed_result_and_never_for_a_duplicate() {
+    dead_letter_once(&Backend::cluster(), 24);
+}
+
+fn dead_letter_once(backend: &Backend, cases: u32) {
     // The scenario's arrivals, each copy FAILED (with a dead letter) or OK at random.
     let strategy = scenario().prop_flat_map(|(modes, lens, arrivals, cuts)| {
         let failed = proptest::collection::vec(proptest::bool::weighted(0.4), arrivals.len());
         (Just(modes), Just(lens), Just(arrivals), Just(cuts), failed)
     });
-    let redis = Redis::start();
-    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(48));
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(cases));
     let outcome = runner.run(&strategy, |(modes, lens, arrivals, cuts, failed)| {
         let case = CASE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let names: Vec<String> = (0..modes.len()).map(|i| format!("dlq-{case}-{i}-{}", std::process::id())).collect();
@@ -288,12 +433,7 @@ fn a_dead_letter_is_stored_once_per_accepted_failed_result_and_never_for_a_dupli
                 })
                 .collect();
         let (logs, letters) = runtime().block_on(async {
-            let client = redis::Client::open(redis.url.as_str()).expect("url");
-            let conn = redis::aio::ConnectionManager::new(client.clone()).await.expect("connect");
-            let store = Store::new(
-                conn,
-                StoreConfig { retention: 1_000_000, ttl_ms: 60_000, dead_letter_retention: 1_000_000 },
-            );
+            let store = backend.store(config());
             let mut bounds: Vec<usize> = cuts.iter().map(|c| c % (items.len() + 1)).collect();
             bounds.push(items.len());
             bounds.sort_unstable();
@@ -306,12 +446,12 @@ fn a_dead_letter_is_stored_once_per_accepted_failed_result_and_never_for_a_dupli
             }
             // A redelivery of everything is all duplicates: no dead letter twice.
             store.apply(&items).await.expect("script");
-            let mut conn = client.get_multiplexed_async_connection().await.expect("connect");
+            let mut conn = backend.conn();
             let mut logs = Vec::new();
             for name in &names {
                 logs.push(read_log(&mut conn, name).await);
             }
-            (logs, read_dead_letters(&store, &names).await)
+            (logs, backend.dead_letters(&store, &names).await)
         });
 
         // The first copy of each event wins; it alone may leave a dead letter.
@@ -356,7 +496,7 @@ fn dead_letters_are_trimmed_to_the_retention() {
     runtime().block_on(async {
         let client = redis::Client::open(redis.url.as_str()).expect("url");
         let conn = redis::aio::ConnectionManager::new(client).await.expect("connect");
-        let store = Store::new(conn, StoreConfig { retention: 1_000_000, ttl_ms: 0, dead_letter_retention: 10 });
+        let store = Store::new(conn, StoreConfig { ttl_ms: 0, dead_letter_retention: 10, ..config() });
         for seq in 0..2_000 {
             store.apply(&[failed_item("trim", seq, OrderingMode::Ordered, 1)]).await.expect("script");
         }
@@ -375,8 +515,7 @@ fn pending_results_count_what_waits_for_a_predecessor() {
     runtime().block_on(async {
         let client = redis::Client::open(redis.url.as_str()).expect("url");
         let conn = redis::aio::ConnectionManager::new(client).await.expect("connect");
-        let store =
-            Store::new(conn, StoreConfig { retention: 1_000_000, ttl_ms: 60_000, dead_letter_retention: 1_000_000 });
+        let store = Store::new(conn, config());
         assert_eq!(store.pending_results(1000).await.expect("scan"), (0, 0));
         // a: 0 released, 2 and 3 wait for 1; b: 5 waits for 0..5; c: all released.
         let items = [
@@ -407,8 +546,7 @@ fn sequences_up_to_2_pow_53_minus_1_are_exact_in_the_script() {
         let client = redis::Client::open(redis.url.as_str()).expect("url");
         let mut conn = client.get_multiplexed_async_connection().await.expect("connect");
         let manager = redis::aio::ConnectionManager::new(client).await.expect("connect");
-        let store =
-            Store::new(manager, StoreConfig { retention: 1_000_000, ttl_ms: 60_000, dead_letter_retention: 1_000_000 });
+        let store = Store::new(manager, config());
         let stream = "edge";
         let () = redis::cmd("HSET")
             .arg(keys::meta(stream))
@@ -432,5 +570,127 @@ fn sequences_up_to_2_pow_53_minus_1_are_exact_in_the_script() {
         assert_eq!(next, (MAX_SEQUENCE + 1).to_string(), "the floor is stored as an exact integer");
         let pending: u64 = redis::cmd("HLEN").arg(keys::pending(stream)).query_async(&mut conn).await.expect("hlen");
         assert_eq!(pending, 0);
+    });
+}
+
+/// The released sequences of `stream`, in log order.
+async fn released_sequences(conn: &mut RedisConn, stream: &str) -> Vec<u64> {
+    read_log(conn, stream).await.iter().map(|r| r.sequence).collect()
+}
+
+/// One batch of 300 streams (spread over hundreds of slots, on all three
+/// masters) × 8 results, each twice, shuffled: one script call per slot, every
+/// result released once and in order; the second copies are duplicates.
+#[test]
+fn cluster_a_batch_spanning_many_slots_releases_every_stream_once_in_order() {
+    let backend = Backend::cluster();
+    runtime().block_on(async {
+        let store = backend.store(config());
+        let names: Vec<String> = (0..300).map(|i| format!("wide-{i}")).collect();
+        let slots: HashSet<u16> = names.iter().map(|n| keys::stream_slot(n)).collect();
+        assert!(slots.len() > 250, "{} slots", slots.len());
+        let mut items: Vec<Item> = names
+            .iter()
+            .flat_map(|n| {
+                (0..8u64).flat_map(move |q| [item(n, q, OrderingMode::Ordered), item(n, q, OrderingMode::Ordered)])
+            })
+            .collect();
+        // A fixed shuffle (reverse per block) keeps the test deterministic.
+        for chunk in items.chunks_mut(37) {
+            chunk.reverse();
+        }
+        let accepted = store.apply(&items).await.expect("script calls");
+        assert_eq!(accepted.iter().filter(|&&a| a).count(), 300 * 8, "each result is new once");
+        let mut conn = backend.conn();
+        for name in &names {
+            assert_eq!(released_sequences(&mut conn, name).await, (0..8).collect::<Vec<_>>(), "{name}");
+        }
+    });
+}
+
+/// Applies `batch` until it is stored, as a sender redelivers an unacked
+/// batch: a failure (a failover in progress) is retried after a pause.
+async fn deliver(store: &Store, batch: &[Item]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match store.apply(batch).await {
+            Ok(_) => return,
+            Err(error) => {
+                assert!(Instant::now() < deadline, "not stored within 60 s: {error}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Masters change while batches keep coming: a forced failover (`CLUSTER
+/// FAILOVER` on a replica), then a master SIGKILLed, its replica promoted and
+/// the old master restarted as a replica. Every script call waits for one
+/// replica (`WAIT 1`), so nothing acked is lost with the killed master; a
+/// call that fails meanwhile is redelivered whole. Each of 40 streams (over
+/// all masters) must release 0..300 once and in order.
+#[test]
+fn cluster_failovers_mid_stream_lose_duplicate_and_reorder_nothing() {
+    let Backend::Cluster(mut cluster) = Backend::cluster() else { unreachable!("a cluster") };
+    runtime().block_on(async {
+        let url = cluster.url();
+        let store = Store::new(
+            ordo_runtime::redis_conn::connect(&url).expect("url"),
+            StoreConfig { wait_replicas: 1, wait_timeout_ms: 500, ..config() },
+        );
+        let names: Vec<String> = (0..40).map(|i| format!("failover-{i}")).collect();
+        const EVENTS: u64 = 300;
+        // Batches of 10 results per stream, each stream's results in reverse
+        // within its batch (so every call also reorders).
+        let batches: Vec<Vec<Item>> = (0..EVENTS / 10)
+            .map(|b| {
+                names
+                    .iter()
+                    .flat_map(|n| (b * 10..b * 10 + 10).rev().map(move |q| item(n, q, OrderingMode::Ordered)))
+                    .collect()
+            })
+            .collect();
+        let (progress_tx, mut progress) = tokio::sync::watch::channel(0usize);
+        let driver = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for (i, batch) in batches.iter().enumerate() {
+                    deliver(&store, batch).await;
+                    // Every third batch is delivered again (a sender that never saw the ack).
+                    if i % 3 == 0 {
+                        deliver(&store, batch).await;
+                    }
+                    let _ = progress_tx.send(i + 1);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        };
+        let reached = async |progress: &mut tokio::sync::watch::Receiver<usize>, n: usize| {
+            progress.wait_for(|&done| done >= n).await.expect("the driver runs");
+        };
+
+        // A forced failover of the master of the first stream's slot.
+        reached(&mut progress, 5).await;
+        let master = cluster.master_of(keys::stream_slot(&names[0])).await.expect("a master");
+        let replica = cluster.replica_of(master).await.expect("a replica");
+        cluster.failover(replica).await.expect("forced failover");
+
+        // A master killed: its replica is promoted, then it comes back as a replica.
+        reached(&mut progress, 12).await;
+        let master = cluster.master_of(keys::stream_slot(&names[1])).await.expect("a master");
+        let replica = cluster.replica_of(master).await.expect("a replica");
+        cluster.kill(master);
+        cluster.wait_master(replica).await.expect("the replica is promoted");
+        cluster.restart(master).await.expect("the old master restarts");
+        cluster.wait_settled().await.expect("the cluster settles");
+
+        driver.await.expect("the driver finished");
+        let mut conn = ordo_runtime::redis_conn::connect(&url).expect("url");
+        for name in &names {
+            let released = released_sequences(&mut conn, name).await;
+            assert_eq!(released, (0..EVENTS).collect::<Vec<_>>(), "{name}: lost, duplicated or reordered");
+        }
+        let state = store.stream_state(&names[1]).await.expect("stream state");
+        assert_eq!((state.next_sequence, state.released, state.pending), (EVENTS, EVENTS, 0));
     });
 }
