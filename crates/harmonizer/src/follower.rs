@@ -2,6 +2,13 @@
 //! gateway's `Follow` stream, in its own task so that a slow reconnect never
 //! competes with reading client events. Reconnects resume each stream from the
 //! position after the last result received, so nothing is missed.
+//!
+//! A stream is followed only while the call needs it: [`Follower::stop`]
+//! drops its cursor here and removes it from the gateway's Follow call
+//! (`FollowRequest.remove`), and a later [`Follower::follow`] starts again
+//! from the cursor given then. Batches that still arrive for a stream no
+//! longer followed are dropped. `ordo_followed_streams` counts the cursors
+//! of every open call.
 
 use std::{collections::HashMap, time::Duration};
 
@@ -12,8 +19,15 @@ use ordo_runtime::client::TracedChannel;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+/// What the call asks of its follower, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Change {
+    Follow(StreamCursor),
+    Stop(String),
+}
+
 pub struct Follower {
-    adds: mpsc::UnboundedSender<StreamCursor>,
+    changes: mpsc::UnboundedSender<Change>,
     pub batches: mpsc::Receiver<FollowBatch>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -26,56 +40,107 @@ impl Drop for Follower {
 
 impl Follower {
     pub fn start(client: PushGatewayClient<TracedChannel>) -> Self {
-        let (adds, add_rx) = mpsc::unbounded_channel();
+        let (changes, change_rx) = mpsc::unbounded_channel();
         let (batch_tx, batches) = mpsc::channel(256);
-        let task = tokio::spawn(run(client, add_rx, batch_tx));
-        Self { adds, batches, task }
+        let task = tokio::spawn(run(client, change_rx, batch_tx));
+        Self { changes, batches, task }
     }
 
     /// Follows `stream` from release position `from` (or keeps following it
     /// from an earlier position it already has).
     pub fn follow(&self, stream: &str, from: u64) {
-        let _ = self.adds.send(StreamCursor { stream_id: stream.to_owned(), from_sequence: from });
+        let _ = self.changes.send(Change::Follow(StreamCursor { stream_id: stream.to_owned(), from_sequence: from }));
+    }
+
+    /// Stops following `stream`: its cursor is forgotten, here and on the gateway.
+    pub fn stop(&self, stream: &str) {
+        let _ = self.changes.send(Change::Stop(stream.to_owned()));
     }
 }
 
-/// Records a cursor; true if it changes what must be followed.
-fn merge(cursors: &mut HashMap<String, u64>, cursor: &StreamCursor) -> bool {
-    match cursors.get_mut(&cursor.stream_id) {
-        Some(from) if *from <= cursor.from_sequence => false,
-        Some(from) => {
-            *from = cursor.from_sequence;
-            true
+/// The cursor of every followed stream: the next release position wanted.
+/// Counted in `ordo_followed_streams` while it lives.
+#[derive(Default)]
+struct Cursors(HashMap<String, u64>);
+
+impl Cursors {
+    /// Records a cursor; true if it changes what must be followed.
+    fn merge(&mut self, cursor: &StreamCursor) -> bool {
+        match self.0.get_mut(&cursor.stream_id) {
+            Some(from) if *from <= cursor.from_sequence => false,
+            Some(from) => {
+                *from = cursor.from_sequence;
+                true
+            }
+            None => {
+                self.0.insert(cursor.stream_id.clone(), cursor.from_sequence);
+                crate::metrics::FOLLOWED_STREAMS.increment(1.0);
+                true
+            }
         }
-        None => {
-            cursors.insert(cursor.stream_id.clone(), cursor.from_sequence);
-            true
+    }
+
+    /// Forgets a stream; true if it was followed.
+    fn remove(&mut self, stream: &str) -> bool {
+        let removed = self.0.remove(stream).is_some();
+        if removed {
+            crate::metrics::FOLLOWED_STREAMS.decrement(1.0);
         }
+        removed
+    }
+
+    /// Applies a change; the request that tells the gateway, if it changes anything.
+    fn apply(&mut self, change: Change) -> Option<FollowRequest> {
+        match change {
+            Change::Follow(cursor) => {
+                self.merge(&cursor).then(|| FollowRequest { add: vec![cursor], remove: Vec::new() })
+            }
+            Change::Stop(stream) => {
+                self.remove(&stream).then(|| FollowRequest { add: Vec::new(), remove: vec![stream] })
+            }
+        }
+    }
+
+    /// A batch arrived: true if its stream is followed (then its cursor
+    /// moves past the batch's last result), false if it is to be dropped.
+    fn received(&mut self, batch: &FollowBatch) -> bool {
+        let Some(from) = self.0.get_mut(&batch.stream_id) else { return false };
+        if let Some(last) = batch.results.last() {
+            *from = last.position + 1;
+        }
+        true
+    }
+
+    fn all(&self) -> Vec<StreamCursor> {
+        self.0.iter().map(|(stream, from)| StreamCursor { stream_id: stream.clone(), from_sequence: *from }).collect()
+    }
+}
+
+impl Drop for Cursors {
+    fn drop(&mut self) {
+        crate::metrics::FOLLOWED_STREAMS.decrement(self.0.len() as f64);
     }
 }
 
 async fn run(
     client: PushGatewayClient<TracedChannel>,
-    mut adds: mpsc::UnboundedReceiver<StreamCursor>,
+    mut changes: mpsc::UnboundedReceiver<Change>,
     batches: mpsc::Sender<FollowBatch>,
 ) {
-    let mut cursors: HashMap<String, u64> = HashMap::new();
+    let mut cursors = Cursors::default();
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
     loop {
-        if cursors.is_empty() {
-            match adds.recv().await {
-                Some(cursor) => {
-                    merge(&mut cursors, &cursor);
+        // Nothing to follow: no Follow call is held open for this call.
+        while cursors.0.is_empty() {
+            match changes.recv().await {
+                Some(change) => {
+                    cursors.apply(change);
                 }
                 None => return,
             }
         }
         let (tx, rx) = mpsc::channel(64);
-        let all = cursors
-            .iter()
-            .map(|(stream, from)| StreamCursor { stream_id: stream.clone(), from_sequence: *from })
-            .collect();
-        let _ = tx.try_send(FollowRequest { add: all });
+        let _ = tx.try_send(FollowRequest { add: cursors.all(), remove: Vec::new() });
         let mut client = client.clone();
         match client.follow(ReceiverStream::new(rx)).await {
             Ok(response) => {
@@ -83,18 +148,17 @@ async fn run(
                 backoff.reset();
                 loop {
                     tokio::select! {
-                        cursor = adds.recv() => {
-                            let Some(cursor) = cursor else { return };
-                            if merge(&mut cursors, &cursor) && tx.send(FollowRequest { add: vec![cursor] }).await.is_err() {
+                        change = changes.recv() => {
+                            let Some(change) = change else { return };
+                            if let Some(request) = cursors.apply(change)
+                                && tx.send(request).await.is_err()
+                            {
                                 break;
                             }
                         }
                         batch = incoming.message() => match batch {
                             Ok(Some(batch)) => {
-                                if let Some(last) = batch.results.last() {
-                                    cursors.insert(batch.stream_id.clone(), last.position + 1);
-                                }
-                                if batches.send(batch).await.is_err() {
+                                if cursors.received(&batch) && batches.send(batch).await.is_err() {
                                     return;
                                 }
                             }
@@ -110,5 +174,40 @@ async fn run(
             Err(status) => tracing::warn!(%status, "cannot follow released results; retrying"),
         }
         backoff.wait().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ordo_proto::v1::EventResult;
+
+    use super::*;
+
+    fn follow(stream: &str, from: u64) -> Change {
+        Change::Follow(StreamCursor { stream_id: stream.into(), from_sequence: from })
+    }
+
+    fn batch(stream: &str, positions: std::ops::Range<u64>) -> FollowBatch {
+        let results = positions.map(|position| EventResult { position, ..Default::default() }).collect();
+        FollowBatch { stream_id: stream.into(), results, ..Default::default() }
+    }
+
+    #[test]
+    fn a_stopped_stream_is_forgotten_and_followed_again_from_its_new_cursor() {
+        let mut cursors = Cursors::default();
+        let added = cursors.apply(follow("s", 0)).expect("a new stream is followed");
+        assert_eq!(added.add.len(), 1);
+        assert!(cursors.apply(follow("s", 1)).is_none(), "a later cursor changes nothing");
+        assert!(cursors.received(&batch("s", 0..2)));
+        assert_eq!(cursors.0.get("s"), Some(&2), "resumes after the last result received");
+        let stopped = cursors.apply(Change::Stop("s".into())).expect("a followed stream is removed");
+        assert_eq!(stopped.remove, vec!["s".to_owned()]);
+        assert!(cursors.0.is_empty());
+        assert!(cursors.apply(Change::Stop("s".into())).is_none(), "stopping twice tells the gateway once");
+        assert!(!cursors.received(&batch("s", 2..3)), "a late batch of a stopped stream is dropped");
+        assert!(cursors.0.is_empty(), "and does not bring its cursor back");
+        let again = cursors.apply(follow("s", 5)).expect("followed again");
+        assert_eq!(again.add[0].from_sequence, 5);
+        assert_eq!(cursors.all().len(), 1);
     }
 }

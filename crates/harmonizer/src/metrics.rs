@@ -25,6 +25,8 @@ pub static LATENCY: LazyLock<Histogram> = LazyLock::new(|| histogram!("ordo_even
 pub static IN_FLIGHT: LazyLock<Gauge> = LazyLock::new(|| gauge!("ordo_harmonizer_in_flight_events"));
 pub static WINDOW_FILL: LazyLock<Gauge> = LazyLock::new(|| gauge!("ordo_harmonizer_window_occupancy_ratio"));
 pub static WINDOW_STREAMS: LazyLock<Gauge> = LazyLock::new(|| gauge!("ordo_harmonizer_streams_in_flight"));
+/// Streams the open Process calls follow on the push-gateway (one per call and stream).
+pub static FOLLOWED_STREAMS: LazyLock<Gauge> = LazyLock::new(|| gauge!("ordo_followed_streams"));
 
 /// Gives every metric of the harmonizer its `# HELP` line (and unit), and
 /// registers the label-less series at 0, so a dashboard or an alert sees 0
@@ -35,7 +37,7 @@ pub fn describe() {
     for counter in [&ATTEMPTS, &RETRIES, &TIMEOUTS, &HAND_BACKS, &GIVEN_UP] {
         LazyLock::force(counter);
     }
-    for gauge in [&IN_FLIGHT, &WINDOW_FILL, &WINDOW_STREAMS] {
+    for gauge in [&IN_FLIGHT, &WINDOW_FILL, &WINDOW_STREAMS, &FOLLOWED_STREAMS] {
         LazyLock::force(gauge);
     }
     LazyLock::force(&LATENCY);
@@ -88,6 +90,11 @@ pub fn describe() {
         "ordo_harmonizer_streams_in_flight",
         Unit::Count,
         "Streams with stateful events dispatched and not yet settled (sampled every second)."
+    );
+    describe_gauge!(
+        "ordo_followed_streams",
+        Unit::Count,
+        "Streams the open Process calls follow on the push-gateway, one per call and stream: a call stops following a stream once every event it accepted there is settled."
     );
     describe_gauge!(
         "ordo_harmonizer_window_occupancy_ratio",

@@ -12,6 +12,15 @@
 //! the same way until a worker serving it appears, or is rejected with
 //! UNAVAILABLE after `--worker-wait`. Results keep flowing meanwhile.
 //!
+//! Streams are followed only while they owe results: once every event the
+//! call accepted on a stream is settled (its result, FAILED, GAP or refusal
+//! was sent), the call forgets the stream and stops following it on the
+//! push-gateway, so memory per call (here and on the gateway) is bounded by
+//! the streams in flight, not by every stream the call has seen. A later
+//! event of that stream reads its state from Redis again and follows it
+//! from its release position then (a sequence this call already answered is
+//! a resend then, answered again from the release log).
+//!
 //! How a call ends:
 //! - the client half-closes: the call ends once every event it accepted is
 //!   settled (its result, FAILED or GAP, was sent), then with OK;
@@ -111,7 +120,11 @@ pub async fn run(
         let timer = call.streams.next_due();
         tokio::select! {
             event = inbound.message(), if reading && blocked.is_none() => match event {
-                Ok(Some(event)) => blocked = call.handle(event).await,
+                Ok(Some(event)) => {
+                    let stream = event.stream_id.clone();
+                    blocked = call.handle(event).await;
+                    call.forget_if_settled(&stream, blocked.as_ref());
+                }
                 Ok(None) => state = Inbound::Closed,
                 Err(status) => match frame_error(status) {
                     Some(status) => {
@@ -124,11 +137,15 @@ pub async fn run(
             },
             batch = call.follower.batches.recv() => {
                 let Some(batch) = batch else { break };
+                let stream = batch.stream_id.clone();
                 if !call.forward(batch).await {
                     break;
                 }
+                call.forget_if_settled(&stream, blocked.as_ref());
                 if let Some(b) = blocked.take() {
+                    let stream = b.event.stream_id.clone();
                     blocked = call.retry_blocked(b).await;
+                    call.forget_if_settled(&stream, blocked.as_ref());
                 }
             }
             changed = workers.changed(), if waits_for_worker => {
@@ -136,12 +153,16 @@ pub async fn run(
                     break; // the pool is gone: shutting down
                 }
                 if let Some(b) = blocked.take() {
+                    let stream = b.event.stream_id.clone();
                     blocked = call.retry_blocked(b).await;
+                    call.forget_if_settled(&stream, blocked.as_ref());
                 }
             }
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                 if let Some(b) = blocked.take() {
+                    let stream = b.event.stream_id.clone();
                     blocked = call.expire_blocked(b).await;
+                    call.forget_if_settled(&stream, blocked.as_ref());
                 }
             }
             _ = tokio::time::sleep_until(timer.unwrap_or_else(Instant::now)), if timer.is_some() => {
@@ -154,6 +175,7 @@ pub async fn run(
                 state = Inbound::Draining;
                 if let Some(b) = blocked.take() {
                     call.reject(&b.event, Error::ShuttingDown).await;
+                    call.forget_if_settled(&b.event.stream_id, None);
                 }
             }
             _ = call.out.closed() => break,
@@ -207,6 +229,19 @@ struct Call {
 }
 
 impl Call {
+    /// Stops following `stream` and forgets its state once every event this
+    /// call accepted on it is settled, unless an event of it is `blocked`
+    /// (waiting to be admitted, it needs the stream's window). The stream's
+    /// next event opens it again from Redis and follows it from there.
+    fn forget_if_settled(&mut self, stream: &str, blocked: Option<&Blocked>) {
+        if blocked.is_some_and(|b| b.event.stream_id == stream) {
+            return;
+        }
+        if self.streams.forget_if_settled(stream) {
+            self.follower.stop(stream);
+        }
+    }
+
     async fn send(&self, result: EventResult) -> bool {
         self.out.send(Ok(result)).await.is_ok()
     }

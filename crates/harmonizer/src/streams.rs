@@ -9,6 +9,15 @@
 //! (from Redis when the stream is opened, then from every released batch),
 //! the sequences it accepted, and those still awaiting their result.
 //!
+//! That state lives only while the stream owes results: once every event the
+//! call accepted on a stream is settled, [`Streams::forget_if_settled`]
+//! drops it (and the caller stops following the stream), so a long call
+//! over ever-new streams holds only the streams still in flight. An event
+//! of a forgotten stream opens it again from Redis, like a stream never
+//! seen: a sequence it had accepted and answered is then a resend of a
+//! released sequence (served from the log again), not a duplicate. Timers
+//! of a forgotten stream never fire for the stream opened after it.
+//!
 //! A *gap* is a sequence at `next` that this call never accepted while a
 //! later sequence it accepted waits behind it. When a gap lasts the stream's
 //! gap timeout with no release, the call declares it: GAP results are
@@ -109,6 +118,8 @@ struct Awaited {
 
 #[derive(Debug)]
 struct Stream {
+    /// Which opening of the stream this is (timers armed for an earlier one are stale).
+    id: u64,
     mode: OrderingMode,
     next: u64,
     accepted: RangeSet,
@@ -126,19 +137,24 @@ enum TimerKind {
     Gap,
 }
 
+/// (when, kind, stream, sequence, opening of the stream it was armed for).
+type Timer = (Instant, TimerKind, String, u64, u64);
+
 /// All streams of one call, and their timers.
 #[derive(Debug)]
 pub struct Streams {
     window: u64,
     processing_threshold: Option<Duration>,
     streams: HashMap<String, Stream>,
-    /// (when, kind, stream, sequence): min-heap; stale entries are skipped when due.
-    timers: BinaryHeap<Reverse<(Instant, TimerKind, String, u64)>>,
+    /// Min-heap; stale entries are skipped when due.
+    timers: BinaryHeap<Reverse<Timer>>,
+    /// Streams opened so far (the id of the next opening).
+    openings: u64,
 }
 
 impl Streams {
     pub fn new(window: u64, processing_threshold: Option<Duration>) -> Self {
-        Self { window, processing_threshold, streams: HashMap::new(), timers: BinaryHeap::new() }
+        Self { window, processing_threshold, streams: HashMap::new(), timers: BinaryHeap::new(), openings: 0 }
     }
 
     pub fn knows(&self, stream: &str) -> bool {
@@ -152,7 +168,9 @@ impl Streams {
 
     /// Starts tracking `stream` as Redis has it. Follow it from `opened.released`.
     pub fn open(&mut self, stream: &str, opened: Opened) {
+        let id = self.openings;
         self.streams.entry(stream.to_owned()).or_insert_with(|| Stream {
+            id,
             mode: opened.mode,
             next: opened.next,
             accepted: RangeSet::new(),
@@ -161,6 +179,23 @@ impl Streams {
             processing_armed: None,
             gap_armed: None,
         });
+        self.openings += 1;
+    }
+
+    /// Forgets `stream` if nothing accepted on it still awaits its result;
+    /// true if it was forgotten (then stop following it). A later event of
+    /// the stream opens it again.
+    pub fn forget_if_settled(&mut self, stream: &str) -> bool {
+        if self.streams.get(stream).is_some_and(|s| s.awaiting.is_empty()) {
+            self.streams.remove(stream);
+            return true;
+        }
+        false
+    }
+
+    /// How many streams the call keeps state for (opened, not forgotten).
+    pub fn open_streams(&self) -> usize {
+        self.streams.len()
     }
 
     /// The stream's gap timeout, once opened (`None`: off).
@@ -279,8 +314,8 @@ impl Streams {
     pub fn due(&mut self, now: Instant) -> Vec<Due> {
         let mut due = Vec::new();
         while self.timers.peek().is_some_and(|Reverse((at, ..))| *at <= now) {
-            let Some(Reverse((_, kind, stream_id, sequence))) = self.timers.pop() else { break };
-            let Some(s) = self.streams.get_mut(&stream_id) else { continue };
+            let Some(Reverse((_, kind, stream_id, sequence, id))) = self.timers.pop() else { break };
+            let Some(s) = self.streams.get_mut(&stream_id).filter(|s| s.id == id) else { continue };
             match kind {
                 TimerKind::Processing => {
                     if s.processing_armed == Some(sequence) {
@@ -328,7 +363,7 @@ impl Streams {
             && s.gap_armed.is_none()
         {
             s.gap_armed = Some(from);
-            self.timers.push(Reverse((now + timeout, TimerKind::Gap, stream.to_owned(), from)));
+            self.timers.push(Reverse((now + timeout, TimerKind::Gap, stream.to_owned(), from, s.id)));
         }
     }
 
@@ -342,14 +377,20 @@ impl Streams {
             && s.processing_armed != Some(head)
         {
             s.processing_armed = Some(head);
-            self.timers.push(Reverse((awaited.since + threshold, TimerKind::Processing, stream.to_owned(), head)));
+            self.timers.push(Reverse((
+                awaited.since + threshold,
+                TimerKind::Processing,
+                stream.to_owned(),
+                head,
+                s.id,
+            )));
         }
         if let Some(timeout) = s.gap_timeout
             && hole(s).is_some()
             && s.gap_armed != Some(s.next)
         {
             s.gap_armed = Some(s.next);
-            self.timers.push(Reverse((now + timeout, TimerKind::Gap, stream.to_owned(), s.next)));
+            self.timers.push(Reverse((now + timeout, TimerKind::Gap, stream.to_owned(), s.next, s.id)));
         }
     }
 }
@@ -428,6 +469,71 @@ mod tests {
         assert!(streams.settled());
         assert_eq!(streams.window_of("s"), (3, 7));
         assert_eq!(streams.admit("s", 6, t0), Admission::Dispatch, "the window moved");
+    }
+
+    #[test]
+    fn a_settled_stream_is_forgotten_then_opened_again_from_redis() {
+        let t0 = Instant::now();
+        let mut streams = Streams::new(8, None);
+        streams.open("s", opened(0));
+        assert_eq!(streams.admit("s", 0, t0), Admission::Dispatch);
+        assert_eq!(streams.admit("s", 1, t0), Admission::Dispatch);
+        let out = streams.released("s", 1, vec![result("s", 0, ResultStatus::Ok)], t0);
+        assert_eq!(out.len(), 1);
+        assert!(!streams.forget_if_settled("s"), "1 still owes its result");
+        assert!(streams.knows("s"));
+        let out = streams.released("s", 2, vec![result("s", 1, ResultStatus::Ok)], t0);
+        assert_eq!(out.len(), 1);
+        assert!(streams.forget_if_settled("s"), "settled: forgotten");
+        assert!(!streams.knows("s") && streams.open_streams() == 0);
+        assert!(!streams.forget_if_settled("s"), "forgotten once");
+        assert!(streams.released("s", 2, vec![result("s", 1, ResultStatus::Ok)], t0).is_empty(), "late batch: ignored");
+
+        // Used again: opened from what Redis has now (two released).
+        streams.open("s", opened(2));
+        assert_eq!(streams.admit("s", 2, t0), Admission::Dispatch, "a new sequence is dispatched");
+        assert_eq!(streams.admit("s", 1, t0), Admission::FromLog { from: 1 }, "an answered one is a resend now");
+        assert_eq!(streams.window_of("s"), (2, 10));
+        let out =
+            streams.released("s", 3, vec![result("s", 1, ResultStatus::Ok), result("s", 2, ResultStatus::Ok)], t0);
+        let answered: Vec<u64> = out
+            .iter()
+            .map(|o| match o {
+                Outgoing::Result(r) => r.sequence,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(answered, vec![1, 2], "answered once each, in order");
+        assert!(streams.forget_if_settled("s"));
+    }
+
+    #[test]
+    fn timers_of_a_forgotten_stream_do_not_fire_for_its_reuse() {
+        let t0 = Instant::now();
+        let threshold = Duration::from_millis(100);
+        let mut streams = Streams::new(8, Some(threshold));
+        streams.open("s", Opened { gap_timeout: None, ..opened(0) });
+        streams.admit("s", 0, t0);
+        assert_eq!(streams.next_due(), Some(t0 + threshold));
+        streams.released("s", 1, vec![result("s", 0, ResultStatus::Ok)], t0);
+        assert!(streams.forget_if_settled("s"));
+        // Reused half a threshold later: its resent 0 waits from then.
+        let t1 = t0 + threshold / 2;
+        streams.open("s", Opened { gap_timeout: None, ..opened(1) });
+        assert_eq!(streams.admit("s", 0, t1), Admission::FromLog { from: 0 });
+        assert!(streams.due(t0 + threshold).is_empty(), "the first opening's timer is stale");
+        assert_eq!(streams.due(t1 + threshold), vec![Due::Processing { stream: "s".into(), sequence: 0 }]);
+    }
+
+    #[test]
+    fn an_unservable_stream_settles_and_is_forgotten() {
+        let t0 = Instant::now();
+        let mut streams = Streams::new(8, None);
+        streams.open("s", opened(5));
+        assert_eq!(streams.admit("s", 1, t0), Admission::FromLog { from: 1 });
+        assert!(!streams.forget_if_settled("s"));
+        assert_eq!(streams.unservable("s"), vec![Outgoing::Unservable { stream: "s".into(), sequence: 1 }]);
+        assert!(streams.forget_if_settled("s"));
     }
 
     #[test]
@@ -602,6 +708,8 @@ mod tests {
         accepted: BTreeSet<(usize, u64)>,
         answered: BTreeMap<(usize, u64), usize>,
         last_released: Vec<Option<u64>>,
+        /// Results checked and archived when their stream was forgotten.
+        archived: usize,
     }
 
     impl Run {
@@ -624,6 +732,25 @@ mod tests {
             Ok(())
         }
 
+        /// What the call does after each step on a stream: forget it once
+        /// settled. Its accepted events must each have had exactly one
+        /// answer by then; they are archived, so that the stream's reuse
+        /// (a fresh opening) is checked on its own.
+        fn forget(&mut self, i: usize) -> Result<(), TestCaseError> {
+            if !self.streams.forget_if_settled(NAMES[i]) {
+                return Ok(());
+            }
+            prop_assert!(!self.streams.knows(NAMES[i]));
+            let keys: Vec<(usize, u64)> = self.accepted.range((i, 0)..(i + 1, 0)).copied().collect();
+            for key in keys {
+                prop_assert_eq!(self.answered.remove(&key), Some(1), "one result for {:?} before forgetting", key);
+                self.accepted.remove(&key);
+                self.archived += 1;
+            }
+            prop_assert!(self.answered.range((i, 0)..(i + 1, 0)).next().is_none(), "answered, never accepted");
+            Ok(())
+        }
+
         /// Releases what the store can and forwards it; checks release order.
         fn deliver(&mut self, i: usize) -> Result<(), TestCaseError> {
             let results = self.stores[i].release(NAMES[i]);
@@ -635,7 +762,8 @@ mod tests {
             }
             let next = self.stores[i].next;
             let out = self.streams.released(NAMES[i], next, results, self.now);
-            self.count(i, out)
+            self.count(i, out)?;
+            self.forget(i)
         }
 
         /// The stored result of a resent event comes back from the log.
@@ -647,7 +775,8 @@ mod tests {
             let status = self.stores[i].released.get(&sequence).copied().unwrap_or(ResultStatus::Ok);
             let again = result(NAMES[i], sequence, status);
             let out = self.streams.released(NAMES[i], self.stores[i].next, vec![again], self.now);
-            self.count(i, out)
+            self.count(i, out)?;
+            self.forget(i)
         }
 
         fn complete(&mut self, k: usize) -> Result<(), TestCaseError> {
@@ -687,7 +816,8 @@ mod tests {
                 Admission::Duplicate => prop_assert!(self.accepted.contains(&(i, sequence))),
                 Admission::BeyondWindow { .. } | Admission::ReleasedUnordered => {}
             }
-            Ok(())
+            // Refused (beyond the window): the call does not hold it here.
+            self.forget(i)
         }
 
         fn tick(&mut self, ms: u64) -> Result<(), TestCaseError> {
@@ -747,6 +877,7 @@ mod tests {
                 accepted: BTreeSet::new(),
                 answered: BTreeMap::new(),
                 last_released: vec![None; 3],
+                archived: 0,
             };
             // Then quiet time: everything running completes, holes become gaps.
             for step in steps.into_iter().chain((0..60).map(|_| Step::Tick(3000))) {
@@ -757,6 +888,7 @@ mod tests {
                 }
             }
             prop_assert!(run.streams.settled(), "every accepted event settled: {} owed", run.streams.owed());
+            prop_assert_eq!(run.streams.open_streams(), 0, "settled streams are all forgotten");
             for (key, count) in &run.answered {
                 prop_assert!(run.accepted.contains(key), "answered {:?} never accepted", key);
                 prop_assert_eq!(*count, 1, "one result for {:?}", key);

@@ -94,7 +94,7 @@ pub async fn submit(
     let from = if mode == OrderingMode::Ordered { event.sequence } else { meta.released };
     let (keep_open, requests) = tokio::sync::mpsc::channel(1);
     let cursor = StreamCursor { stream_id: event.stream_id.clone(), from_sequence: from };
-    let _ = keep_open.try_send(FollowRequest { add: vec![cursor] });
+    let _ = keep_open.try_send(FollowRequest { add: vec![cursor], remove: Vec::new() });
     let mut push = shared.push_gateway.clone();
     let mut batches = push
         .follow(tokio_stream::wrappers::ReceiverStream::new(requests))

@@ -7,6 +7,10 @@
 //! flagged, since messages may have been missed. Memory per subscriber is
 //! therefore bounded whatever its speed.
 //!
+//! A stream has an entry in the hub only while somebody subscribes to it
+//! (the last [`Subscription`] dropped removes it; `ordo_push_hub_streams`
+//! counts them), so idle streams cost the hub nothing.
+//!
 //! Besides per-stream subscribers, a [`Firehose`] hears the id of every
 //! stream with a release (the AMQP outbox uses it to learn what to publish);
 //! it has the same bounded buffer and lagged flag.
@@ -95,6 +99,7 @@ impl Drop for Subscription {
                 subscribers.remove(&self.stream);
             }
         }
+        crate::metrics::HUB_STREAMS.set(subscribers.len() as f64);
     }
 }
 
@@ -112,7 +117,10 @@ impl Hub {
         let (tx, rx) = mpsc::channel(self.buffer);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let signal = Arc::new(Signal::default());
-        self.lock().entry(stream.to_owned()).or_default().push(Entry { id, tx, signal: signal.clone() });
+        let mut subscribers = self.lock();
+        subscribers.entry(stream.to_owned()).or_default().push(Entry { id, tx, signal: signal.clone() });
+        crate::metrics::HUB_STREAMS.set(subscribers.len() as f64);
+        drop(subscribers);
         Subscription { hub: self.clone(), stream: stream.to_owned(), id, rx, signal }
     }
 

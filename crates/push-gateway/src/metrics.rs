@@ -11,6 +11,10 @@ use ordo_proto::v1::EventResult;
 pub static SUBSCRIBERS_GRPC: LazyLock<Gauge> = LazyLock::new(|| gauge!("ordo_subscribers", "channel" => "grpc"));
 pub static SUBSCRIBERS_SSE: LazyLock<Gauge> = LazyLock::new(|| gauge!("ordo_subscribers", "channel" => "sse"));
 pub static SUBSCRIBERS_AMQP: LazyLock<Gauge> = LazyLock::new(|| gauge!("ordo_subscribers", "channel" => "amqp"));
+/// Streams followed by the harmonizers' Follow calls (one per call and stream).
+pub static FOLLOWED_STREAMS: LazyLock<Gauge> = LazyLock::new(|| gauge!("ordo_push_followed_streams"));
+/// Streams with at least one live subscriber in the hub (Subscribe, Follow, SSE).
+pub static HUB_STREAMS: LazyLock<Gauge> = LazyLock::new(|| gauge!("ordo_push_hub_streams"));
 pub static REORDER_WAIT: LazyLock<Histogram> = LazyLock::new(|| histogram!("ordo_reorder_wait_seconds"));
 pub static AMQP_CONFIRMED: LazyLock<Counter> = LazyLock::new(|| counter!("ordo_amqp_confirmed_total"));
 pub static AMQP_LAG: LazyLock<Gauge> = LazyLock::new(|| gauge!("ordo_amqp_outbox_lag_results"));
@@ -22,7 +26,7 @@ pub static AMQP_LAG_ERRORS: LazyLock<Counter> =
 /// [`describe_amqp`]). Called once at start, after `ordo_runtime::app::run`
 /// installed the recorder (a description given before that would be lost).
 pub fn describe() {
-    for gauge in [&SUBSCRIBERS_GRPC, &SUBSCRIBERS_SSE, &SUBSCRIBERS_AMQP] {
+    for gauge in [&SUBSCRIBERS_GRPC, &SUBSCRIBERS_SSE, &SUBSCRIBERS_AMQP, &FOLLOWED_STREAMS, &HUB_STREAMS] {
         LazyLock::force(gauge);
     }
     LazyLock::force(&RELEASED);
@@ -31,6 +35,16 @@ pub fn describe() {
         "ordo_subscribers",
         Unit::Count,
         "Open subscribers by channel: Subscribe calls (grpc), SSE streams (sse), and 1 while this replica holds the AMQP publishing lease (amqp)."
+    );
+    describe_gauge!(
+        "ordo_push_followed_streams",
+        Unit::Count,
+        "Per-stream follow entries of the harmonizers' Follow calls (one per call and stream; an entry goes when the harmonizer stops following the stream)."
+    );
+    describe_gauge!(
+        "ordo_push_hub_streams",
+        Unit::Count,
+        "Streams with at least one live subscriber in the release-channel hub (Subscribe, Follow, SSE); idle streams have no entry."
     );
     describe_histogram!(
         "ordo_reorder_wait_seconds",

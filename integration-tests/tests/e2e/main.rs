@@ -9,6 +9,7 @@
 
 mod auth;
 mod bad_input;
+mod bounded_follows;
 mod cancel;
 mod contract;
 mod dashboard;
