@@ -1,7 +1,8 @@
 //! The whole Ordo topology for one test: a private redis-server, `stateless`,
-//! N `reassembler`s, `push-gateway`, M `stateful-worker`s and the
-//! `harmonizer`, each on its own 127.0.0.1 port, started in dependency order
-//! and each waited for until `grpc.health.v1` says SERVING.
+//! N `reassembler`s, `push-gateway`, M `stateful-worker`s and one or more
+//! `harmonizer`s (sharing everything behind them), each on its own 127.0.0.1
+//! port, started in dependency order and each waited for until
+//! `grpc.health.v1` says SERVING.
 //!
 //! All logs go to one temporary directory (printed at start). When a test
 //! fails (the cluster is dropped while panicking), or when `TEST_LOG` is set,
@@ -72,6 +73,7 @@ impl WorkerSpec {
 #[derive(Debug, Clone)]
 pub struct ClusterBuilder {
     workers: usize,
+    harmonizers: usize,
     extra_workers: Vec<WorkerSpec>,
     reassemblers: usize,
     harmonizer_args: Vec<String>,
@@ -93,6 +95,7 @@ impl Default for ClusterBuilder {
     fn default() -> Self {
         Self {
             workers: 1,
+            harmonizers: 1,
             extra_workers: Vec::new(),
             reassemblers: 1,
             harmonizer_args: Vec::new(),
@@ -165,6 +168,20 @@ impl ClusterBuilder {
     /// named `<binary>-<i>` (`i` its index among all workers).
     pub fn worker(mut self, spec: WorkerSpec) -> Self {
         self.extra_workers.push(spec);
+        self
+    }
+
+    /// Number of harmonizers (default 1), each with the same flags, sharing
+    /// the workers, stateless, reassemblers, push-gateway and Redis: the
+    /// front doors a client-side balancer spreads calls over. The first is
+    /// named `harmonizer` ([`Cluster::harmonizer`]), the others
+    /// `harmonizer-<i>` ([`Cluster::harmonizer_at`]).
+    ///
+    /// # Panics
+    /// When `n` is 0.
+    pub fn harmonizers(mut self, n: usize) -> Self {
+        assert!(n >= 1, "a cluster needs at least one harmonizer");
+        self.harmonizers = n;
         self
     }
 
@@ -328,10 +345,13 @@ impl ClusterBuilder {
             &redis_url,
         ]);
         args.extend(self.harmonizer_args.iter().cloned());
-        let harmonizer =
-            ServiceProcess::start(spec("harmonizer".into(), &bins.harmonizer, args), dir, deadline).await?;
+        let harmonizers = try_join_all((0..self.harmonizers).map(|i| {
+            let name = if i == 0 { "harmonizer".to_owned() } else { format!("harmonizer-{i}") };
+            ServiceProcess::start(spec(name, &bins.harmonizer, args.clone()), dir, deadline)
+        }))
+        .await?;
 
-        Ok(Parts { redis, stateless, reassemblers, push_gateway, workers, harmonizer, sse_port, tls: self.tls })
+        Ok(Parts { redis, stateless, reassemblers, push_gateway, workers, harmonizers, sse_port, tls: self.tls })
     }
 }
 
@@ -348,7 +368,7 @@ struct Parts {
     reassemblers: Vec<ServiceProcess>,
     push_gateway: ServiceProcess,
     workers: Vec<ServiceProcess>,
-    harmonizer: ServiceProcess,
+    harmonizers: Vec<ServiceProcess>,
     sse_port: Option<u16>,
     tls: Option<ClientTlsConfig>,
 }
@@ -356,13 +376,14 @@ struct Parts {
 /// A running Ordo topology. Dropping it kills every process.
 #[derive(Debug)]
 pub struct Cluster {
-    harmonizer: ServiceProcess,
+    /// At least one; the first is [`Cluster::harmonizer`].
+    harmonizers: Vec<ServiceProcess>,
     workers: Vec<ServiceProcess>,
     push_gateway: ServiceProcess,
     reassemblers: Vec<ServiceProcess>,
     stateless: ServiceProcess,
     redis: RedisServer,
-    harmonizer_channel: Channel,
+    harmonizer_channels: Vec<Channel>,
     push_gateway_channel: Channel,
     reassembler_channels: Vec<Channel>,
     sse_port: Option<u16>,
@@ -399,11 +420,11 @@ impl Cluster {
 
     fn assemble(parts: Parts, logs: TempDir) -> Self {
         Self {
-            harmonizer_channel: service_channel(&parts.harmonizer, parts.tls.as_ref()),
+            harmonizer_channels: parts.harmonizers.iter().map(|h| service_channel(h, parts.tls.as_ref())).collect(),
             push_gateway_channel: service_channel(&parts.push_gateway, parts.tls.as_ref()),
             reassembler_channels: parts.reassemblers.iter().map(|r| service_channel(r, parts.tls.as_ref())).collect(),
             tls: parts.tls,
-            harmonizer: parts.harmonizer,
+            harmonizers: parts.harmonizers,
             workers: parts.workers,
             push_gateway: parts.push_gateway,
             reassemblers: parts.reassemblers,
@@ -414,9 +435,23 @@ impl Cluster {
         }
     }
 
-    /// A client of the harmonizer (the front door).
+    /// A client of the (first) harmonizer, the front door.
     pub fn harmonizer(&self) -> HarmonizerClient<Channel> {
-        HarmonizerClient::new(self.harmonizer_channel.clone())
+        self.harmonizer_at(0)
+    }
+
+    /// A client of harmonizer `i` (0 is [`Cluster::harmonizer`]); its channel
+    /// reconnects by itself after the harmonizer restarts.
+    ///
+    /// # Panics
+    /// When the cluster has no harmonizer `i` ([`ClusterBuilder::harmonizers`]).
+    pub fn harmonizer_at(&self, i: usize) -> HarmonizerClient<Channel> {
+        HarmonizerClient::new(self.harmonizer_channels[i].clone())
+    }
+
+    /// How many harmonizers the cluster runs.
+    pub fn harmonizer_count(&self) -> usize {
+        self.harmonizers.len()
     }
 
     /// A client of the push-gateway.
@@ -547,13 +582,24 @@ impl Cluster {
         self.workers[i].name().to_owned()
     }
 
-    /// `127.0.0.1:<port>` of the harmonizer.
+    /// `127.0.0.1:<port>` of the (first) harmonizer.
     pub fn harmonizer_addr(&self) -> String {
-        self.harmonizer.addr()
+        self.harmonizer_addr_at(0)
     }
 
+    /// `127.0.0.1:<port>` of harmonizer `i`.
+    pub fn harmonizer_addr_at(&self, i: usize) -> String {
+        self.harmonizers[i].addr()
+    }
+
+    /// The (first) harmonizer's process.
     pub fn harmonizer_process(&mut self) -> &mut ServiceProcess {
-        &mut self.harmonizer
+        self.harmonizer_process_at(0)
+    }
+
+    /// Harmonizer `i`'s process (kill, SIGTERM, restart on its port).
+    pub fn harmonizer_process_at(&mut self, i: usize) -> &mut ServiceProcess {
+        &mut self.harmonizers[i]
     }
 
     pub fn worker_process(&mut self, i: usize) -> &mut ServiceProcess {
@@ -583,7 +629,8 @@ impl Cluster {
 
     /// Every service process, front to back.
     pub fn processes_mut(&mut self) -> impl Iterator<Item = &mut ServiceProcess> {
-        std::iter::once(&mut self.harmonizer)
+        self.harmonizers
+            .iter_mut()
             .chain(self.workers.iter_mut())
             .chain(std::iter::once(&mut self.push_gateway))
             .chain(self.reassemblers.iter_mut())
@@ -601,7 +648,8 @@ impl Cluster {
     }
 
     fn processes(&self) -> impl Iterator<Item = &ServiceProcess> {
-        std::iter::once(&self.harmonizer)
+        self.harmonizers
+            .iter()
             .chain(self.workers.iter())
             .chain(std::iter::once(&self.push_gateway))
             .chain(self.reassemblers.iter())

@@ -35,7 +35,8 @@ pub struct Config {
     /// The push gateway, from which released results are followed.
     #[arg(long, env = "ORDO_PUSH_GATEWAY", default_value = "127.0.0.1:50055")]
     pub push_gateway: String,
-    /// Redis holding the reorder state (read only: a stream's next sequence).
+    /// Redis holding the reorder state (read: a stream's next sequence and
+    /// stored results; written: only the in-flight claims, see --claim-after).
     #[arg(long, env = "ORDO_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
     /// A stream accepts sequences below its lowest unreleased sequence + window.
@@ -80,6 +81,14 @@ pub struct Config {
     #[arg(long, env = "HARMONIZER_GAP_TIMEOUT", default_value = "10s", value_parser = parse_gap_timeout)]
     // Fully qualified: clap would otherwise treat it as an optional `Duration`.
     pub gap_timeout: ::std::option::Option<Duration>,
+    /// Several harmonizers may share one Redis (behind a client-side
+    /// balancer): an event this one has held this long is claimed in Redis
+    /// (renewed while held, removed once settled), so that no harmonizer
+    /// declares a gap over it. Events that settle sooner cost no Redis
+    /// write. `off` (or `0`) writes no claims: only for a single harmonizer.
+    #[arg(long, env = "HARMONIZER_CLAIM_AFTER", default_value = "200ms", value_parser = parse_threshold)]
+    // Fully qualified: clap would otherwise treat it as an optional `Duration`.
+    pub claim_after: ::std::option::Option<Duration>,
     /// Largest event payload accepted.
     #[arg(long, env = "HARMONIZER_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
     pub max_payload_bytes: usize,
@@ -178,6 +187,16 @@ mod tests {
         assert_eq!(config.stream_processing_threshold, Some(Duration::from_millis(250)));
         let config = Config::try_parse_from(["harmonizer", "--stream-processing-threshold", "0"]).expect("flag parses");
         assert_eq!(config.stream_processing_threshold, None);
+    }
+
+    #[test]
+    fn claims_are_on_by_default_and_can_be_turned_off() {
+        let config = Config::try_parse_from(["harmonizer"]).expect("defaults parse");
+        assert_eq!(config.claim_after, Some(Duration::from_millis(200)));
+        let config = Config::try_parse_from(["harmonizer", "--claim-after", "off"]).expect("flag parses");
+        assert_eq!(config.claim_after, None);
+        let config = Config::try_parse_from(["harmonizer", "--claim-after", "1s"]).expect("flag parses");
+        assert_eq!(config.claim_after, Some(Duration::from_secs(1)));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! It holds no durable state: everything needed to recover lives in Redis and
 //! in the workers' acknowledgements.
 
+pub mod claims;
 pub mod config;
 pub mod error;
 pub mod follower;
@@ -86,6 +87,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     auth.log_startup("harmonizer");
     let drain = config.common.drain_timeout;
     tokio::spawn(sample_window(pool.clone(), config.window, shutdown.clone()));
+    if let Some(claim_after) = config.claim_after {
+        tokio::spawn(claims::run(pool.clone(), redis.clone(), claim_after, shutdown.clone()));
+    }
     let shared = Arc::new(Shared {
         config,
         registry,

@@ -113,8 +113,51 @@ pub struct Occupancy {
     pub widest: u64,
 }
 
-/// Events the pool holds, per stream and sequence: how many tickets are out.
-type Index = Mutex<HashMap<String, HashMap<u64, u32>>>;
+/// One event the pool holds.
+#[derive(Debug)]
+struct Held {
+    /// How many tickets are out for it.
+    tickets: u32,
+    /// When its first ticket was taken.
+    since: Instant,
+    /// When its claim was last written for other harmonizers to see
+    /// (`crate::claims`); `None`: not claimed.
+    claimed: Option<Instant>,
+}
+
+/// Events the pool holds, per stream and sequence, and the claims to take
+/// back from Redis because their event settled.
+#[derive(Debug, Default)]
+struct Index {
+    held: Mutex<HashMap<String, HashMap<u64, Held>>>,
+    settled_claims: Mutex<Vec<(String, u64)>>,
+}
+
+impl Index {
+    fn holds(&self, stream_id: &str, sequence: u64) -> bool {
+        lock(&self.held).get(stream_id).is_some_and(|stream| stream.contains_key(&sequence))
+    }
+
+    /// See [`Pool::claims_due`].
+    fn claims_due(&self, now: Instant, after: Duration, renew: Duration) -> Vec<(String, u64)> {
+        let mut due = Vec::new();
+        let mut held = lock(&self.held);
+        for (stream, sequences) in held.iter_mut() {
+            for (&sequence, event) in sequences.iter_mut() {
+                let stale = event.claimed.is_none_or(|at| now.saturating_duration_since(at) >= renew);
+                if stale && now.saturating_duration_since(event.since) >= after {
+                    event.claimed = Some(now);
+                    due.push((stream.clone(), sequence));
+                }
+            }
+        }
+        due
+    }
+
+    fn take_settled_claims(&self) -> Vec<(String, u64)> {
+        std::mem::take(&mut *lock(&self.settled_claims))
+    }
+}
 
 /// Holds an event in the [`Index`] from its first dispatch until it is
 /// settled (acked as delivered, or given up and FAILED recorded). It moves
@@ -128,13 +171,14 @@ struct Ticket {
 
 impl Ticket {
     fn new(index: &Arc<Index>, event: &Event) -> Self {
-        let mut held = lock(index);
+        let fresh = || Held { tickets: 0, since: Instant::now(), claimed: None };
+        let mut held = lock(&index.held);
         // Look up before inserting: most events' streams are held already, and
         // `entry` would allocate the key every time.
         match held.get_mut(&event.stream_id) {
-            Some(stream) => *stream.entry(event.sequence).or_default() += 1,
+            Some(stream) => stream.entry(event.sequence).or_insert_with(fresh).tickets += 1,
             None => {
-                held.insert(event.stream_id.clone(), HashMap::from([(event.sequence, 1)]));
+                held.insert(event.stream_id.clone(), HashMap::from([(event.sequence, Held { tickets: 1, ..fresh() })]));
             }
         }
         drop(held);
@@ -144,16 +188,22 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let mut index = lock(&self.index);
+        let mut index = lock(&self.index.held);
         let Some(stream) = index.get_mut(&self.stream_id) else { return };
-        if let Some(count) = stream.get_mut(&self.sequence) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
+        let mut claimed = false;
+        if let Some(held) = stream.get_mut(&self.sequence) {
+            held.tickets = held.tickets.saturating_sub(1);
+            if held.tickets == 0 {
+                claimed = held.claimed.is_some();
                 stream.remove(&self.sequence);
             }
         }
         if stream.is_empty() {
             index.remove(&self.stream_id);
+        }
+        drop(index);
+        if claimed {
+            lock(&self.index.settled_claims).push((self.stream_id.clone(), self.sequence));
         }
     }
 }
@@ -585,7 +635,7 @@ impl Pool {
 
     /// What the pool holds now (for the window gauges).
     pub fn occupancy(&self) -> Occupancy {
-        let index = lock(&self.inner.index);
+        let index = lock(&self.inner.index.held);
         let mut occupancy = Occupancy { streams: index.len(), ..Occupancy::default() };
         for sequences in index.values() {
             occupancy.events += sequences.len();
@@ -600,7 +650,20 @@ impl Pool {
     /// including while it waits to be dispatched again; false once a worker
     /// acked its result or the pool recorded FAILED in its place.
     pub fn in_flight(&self, stream_id: &str, sequence: u64) -> bool {
-        lock(&self.inner.index).get(stream_id).is_some_and(|stream| stream.contains_key(&sequence))
+        self.inner.index.holds(stream_id, sequence)
+    }
+
+    /// The events to claim (or claim again) for other harmonizers to see:
+    /// every one held since at least `after` whose claim is missing or was
+    /// written `renew` ago or longer. Each is marked claimed as of `now`.
+    pub(crate) fn claims_due(&self, now: Instant, after: Duration, renew: Duration) -> Vec<(String, u64)> {
+        self.inner.index.claims_due(now, after, renew)
+    }
+
+    /// The claimed events that settled since the last call: their claims
+    /// are to be removed.
+    pub(crate) fn settled_claims(&self) -> Vec<(String, u64)> {
+        self.inner.index.take_settled_claims()
     }
 
     /// Runs a stateless event and records its result, retrying while the
@@ -1015,7 +1078,29 @@ mod tests {
     }
 
     fn held(index: &Arc<Index>, stream_id: &str, sequence: u64) -> bool {
-        lock(index).get(stream_id).is_some_and(|stream| stream.contains_key(&sequence))
+        index.holds(stream_id, sequence)
+    }
+
+    #[test]
+    fn events_held_long_enough_are_claimed_renewed_and_released_when_settled() {
+        let index: Arc<Index> = Arc::default();
+        let (after, renew) = (Duration::from_millis(200), Duration::from_secs(2));
+        let slow = Ticket::new(&index, &event("s", 1));
+        let quick = Ticket::new(&index, &event("s", 2));
+        let t0 = Instant::now();
+        assert!(index.claims_due(t0, Duration::from_secs(3600), renew).is_empty(), "none is held that long");
+        drop(quick);
+        assert!(index.take_settled_claims().is_empty(), "an event settled before it was claimed has no claim");
+        let t1 = t0 + after;
+        assert_eq!(index.claims_due(t1, after, renew), vec![("s".to_owned(), 1)]);
+        assert!(index.claims_due(t1 + renew / 2, after, renew).is_empty(), "claimed recently");
+        assert_eq!(index.claims_due(t1 + renew, after, renew), vec![("s".to_owned(), 1)], "renewed");
+        let again = Ticket::new(&index, &event("s", 1));
+        drop(slow);
+        assert!(index.take_settled_claims().is_empty(), "another dispatch of s#1 still holds it");
+        drop(again);
+        assert_eq!(index.take_settled_claims(), vec![("s".to_owned(), 1)]);
+        assert!(index.take_settled_claims().is_empty(), "taken once");
     }
 
     #[test]
@@ -1032,7 +1117,7 @@ mod tests {
         drop(second);
         assert!(!held(&index, "s", 3));
         drop(other);
-        assert!(lock(&index).is_empty(), "settled streams leave nothing behind");
+        assert!(lock(&index.held).is_empty(), "settled streams leave nothing behind");
     }
 
     #[tokio::test]

@@ -456,8 +456,12 @@ impl Call {
                     }
                 }
                 Due::Gap { stream, from, to } => {
-                    if (from..to).any(|sequence| self.shared.pool.in_flight(&stream, sequence)) {
-                        // Accepted elsewhere (another call, a Submit) and still running: not a gap.
+                    if (from..to).any(|sequence| self.shared.pool.in_flight(&stream, sequence))
+                        || (self.shared.config.claim_after.is_some()
+                            && crate::claims::claimed(&self.shared.redis, &stream, from, to).await)
+                    {
+                        // Accepted elsewhere (another call, a Submit, another
+                        // harmonizer) and still running: not a gap.
                         self.streams.gap_postponed(&stream, from, now);
                         continue;
                     }

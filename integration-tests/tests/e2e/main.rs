@@ -18,6 +18,7 @@ mod discovery;
 mod failover;
 mod give_up;
 mod grpcurl;
+mod harmonizers;
 mod http_operation;
 mod lifecycle;
 mod metrics;
