@@ -111,8 +111,9 @@ async fn write(
     let mut pipe = redis::pipe();
     for (stream, sequences) in by_stream(claims) {
         let key = claims_key(stream);
+        // HSET with many fields (not HMSET: the documented ACL rule allows HSET only).
         let fields: Vec<(u64, u64)> = sequences.iter().map(|&sequence| (sequence, until)).collect();
-        pipe.hset_multiple(&key, &fields).ignore();
+        pipe.cmd("HSET").arg(&key).arg(&fields).ignore();
         pipe.pexpire(&key, i64::try_from(millis(LEASE)).unwrap_or(i64::MAX)).ignore();
     }
     for (stream, sequences) in by_stream(settled) {

@@ -19,6 +19,7 @@ use std::{
 use integration_tests::{
     Cluster, ProcessCall,
     client::{LINGER, by_stream, check_all_ok, check_in_order_exactly_once, event, with_attr, with_mode},
+    redis_acl::AclUser,
 };
 use ordo_proto::v1::{Event, EventResult, OrderingMode, ResultStatus};
 
@@ -73,6 +74,9 @@ async fn check_release_log(cluster: &Cluster, stream: &str, n: u64) {
     assert!(letters.is_empty(), "{stream}: no GAP or FAILED was recorded: {letters:?}");
 }
 
+/// The in-flight claims of stream `moved` (harmonizer `claims.rs`).
+const CLAIMS: &str = "ordo:{moved}:claims";
+
 /// Moves stream `moved` between harmonizers mid-flight: sequences 0..20 go
 /// to H1 (0..10 slow, 10..20 slower), then, while all of them are still
 /// running, the client moves to H2 with 20..40 and resends 0..10
@@ -110,15 +114,45 @@ async fn move_stream_mid_flight(cluster: &Cluster, h2_answers: BTreeSet<u64>) ->
 
 /// [`move_stream_mid_flight`] with the default in-flight claims: H1's claims
 /// hold H2's gap until H1's events are done; no GAP, every result OK on
-/// the calls that sent it, the release log 0..40 once each, in order.
+/// the calls that sent it, the release log 0..40 once each, in order. Run
+/// as the documented Redis ACL user: claims stay within its rule.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stream_moved_between_harmonizers_mid_flight_keeps_order_and_exactly_once() {
-    let cluster = Cluster::builder().harmonizers(2).workers(2).start().await;
+    let user = AclUser::ordo();
+    let cluster = Cluster::builder().harmonizers(2).workers(2).redis_user(user.clone()).start().await;
+    let admin = redis::Client::open(user.admin_url(&cluster.redis_url())).expect("admin URL");
+    let mut admin = admin.get_multiplexed_async_connection().await.expect("admin connects");
+    // How many of the stream's events were claimed at most, while it ran.
+    let watcher = tokio::spawn({
+        let mut admin = admin.clone();
+        async move {
+            let mut most = 0u64;
+            for _ in 0..30 {
+                let now: u64 = redis::cmd("HLEN").arg(CLAIMS).query_async(&mut admin).await.unwrap_or(0);
+                most = most.max(now);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            most
+        }
+    });
     // H2's call answers what it was sent: the resent 0..10 and 20..40.
     let (on_h1, on_h2) = move_stream_mid_flight(&cluster, (0..10).chain(20..40).collect()).await;
     assert_ok(check_all_ok(&on_h1).and_then(|()| check_numbered_payloads(&on_h1)), "H1's call");
     assert_ok(check_all_ok(&on_h2).and_then(|()| check_numbered_payloads(&on_h2)), "H2's call");
     check_release_log(&cluster, "moved", 40).await;
+    let most = watcher.await.expect("the claim watcher");
+    assert!(most >= 10, "H1's slow events 10..20 were claimed while they ran (at most {most} claims seen)");
+    let denials: Vec<redis::Value> = redis::cmd("ACL").arg("LOG").query_async(&mut admin).await.expect("ACL LOG");
+    assert!(denials.is_empty(), "Redis denied a harmonizer something: {denials:?}");
+    // Settled events' claims are removed (within a claim period).
+    integration_tests::eventually(Duration::from_secs(5), || {
+        let mut admin = admin.clone();
+        async move {
+            let left: u64 = redis::cmd("HLEN").arg(CLAIMS).query_async(&mut admin).await?;
+            if left == 0 { Ok(()) } else { Err(anyhow::anyhow!("{left} claims left")) }
+        }
+    })
+    .await;
 }
 
 /// The limit `--claim-after off` documents, shown: without claims H2 cannot
