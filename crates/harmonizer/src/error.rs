@@ -30,6 +30,11 @@ pub enum Error {
         "sequence {sequence} of stream {stream:?} was settled as a gap (no event arrived within the stream's gap timeout); it will not be processed"
     )]
     GapSettled { stream: String, sequence: u64 },
+    /// Released long ago: its result is past the release log's retention,
+    /// or the log expired (`--stream-ttl`) while the stream's meta lives on
+    /// as its dedup tombstone. It is not processed again.
+    #[error("sequence {sequence} of stream {stream:?} was released, but its result is no longer kept: {reason}")]
+    ResultExpired { stream: String, sequence: u64, reason: String },
     /// A known stateful operation that no live worker serves (nor did
     /// lately): the operation exists, so not NOT_FOUND; retry later.
     #[error("operation {0:?} has no live worker")]
@@ -57,7 +62,7 @@ impl From<Error> for Status {
             | Error::MalformedAttributes(_) => Status::invalid_argument(message),
             Error::GapSettled { .. } => Status::failed_precondition(message),
             Error::UnknownOperation { .. } => Status::not_found(message),
-            Error::BeyondWindow { .. } => Status::out_of_range(message),
+            Error::BeyondWindow { .. } | Error::ResultExpired { .. } => Status::out_of_range(message),
             Error::AlreadyReleased { .. } => Status::already_exists(message),
             Error::Redis(cause) => {
                 tracing::warn!(error = %cause, "redis unavailable");

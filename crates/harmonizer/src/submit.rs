@@ -111,7 +111,12 @@ pub async fn submit(
     let wait = async {
         while let Ok(Some(batch)) = batches.message().await {
             if !batch.error.is_empty() {
-                // The cursor cannot be served (older than retention).
+                // The cursor cannot be served (older than retention, or the
+                // log expired): a released sequence is not processed again.
+                if !dispatch {
+                    let (stream, sequence) = (event.stream_id.clone(), event.sequence);
+                    return Err(Error::ResultExpired { stream, sequence, reason: batch.error });
+                }
                 tracing::warn!(error = batch.error, "cannot follow the stream on the push gateway");
                 return Err(Error::Unavailable("push gateway"));
             }

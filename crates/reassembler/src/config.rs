@@ -39,9 +39,17 @@ pub struct Config {
     /// the oldest go first).
     #[arg(long, env = "REASSEMBLER_DEAD_LETTER_RETENTION", default_value_t = 100_000)]
     pub dead_letter_retention: u64,
-    /// A stream's keys expire after this long without activity (0 = never).
+    /// A stream's pending results and release log expire after this long
+    /// without a release (0 = never, and then neither does its meta).
     #[arg(long, env = "REASSEMBLER_STREAM_TTL", default_value = "24h", value_parser = parse_ttl)]
     pub stream_ttl: Duration,
+    /// How much longer a stream's meta (`next`, `released`, `mode`: the
+    /// dedup tombstone, 120 bytes) outlives its log: a sequence resent
+    /// after the log expired is refused with OUT_OF_RANGE instead of being
+    /// processed again. 0 = the meta expires with the log (the stream looks
+    /// new after `--stream-ttl`).
+    #[arg(long, env = "REASSEMBLER_TOMBSTONE_TTL", default_value = "24h", value_parser = parse_ttl)]
+    pub tombstone_ttl: Duration,
     /// Most results per Redis script call.
     #[arg(long, env = "REASSEMBLER_MAX_BATCH", default_value_t = 512)]
     pub max_batch: usize,

@@ -36,6 +36,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
         store::StoreConfig {
             retention: config.retention,
             ttl_ms: config.stream_ttl.as_millis() as u64,
+            tombstone_ms: config.tombstone_ttl.as_millis() as u64,
             dead_letter_retention: config.dead_letter_retention,
             wait_replicas: config.redis_wait_replicas,
             wait_timeout_ms: config.redis_wait_timeout.as_millis() as u64,

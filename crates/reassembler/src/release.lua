@@ -5,11 +5,15 @@
 -- KEYS[1] = the dead-letter log; then for each stream three keys: meta, pend, log.
 -- ARGV[1] = retention (max released entries kept per stream log)
 -- ARGV[2] = pub/sub channel for released batches
--- ARGV[3] = ttl in ms of a stream's keys after its last activity (0 = none)
+-- ARGV[3] = ttl in ms of a stream's pend and log after its last activity
+--   (0 = none: then its meta never expires either)
 -- ARGV[4] = dead letters kept (approximate)
 -- ARGV[5] = how to publish: 'PUBLISH' (single node: the global channel) or
 --   'SPUBLISH' (Redis Cluster: the slot's sharded channel; then every key,
 --   the dead-letter log and the channel are in one slot)
+-- ARGV[6] = ttl in ms of a stream's meta after its last activity, at least
+--   ARGV[3] (used only when ARGV[3] > 0): meta outlives pend and log as the
+--   stream's dedup tombstone (its `next` keeps refusing resent sequences)
 -- then for each stream: stream_id, mode ('1' ordered, '2' unordered), n,
 --   then n triples: sequence, encoded EventResult, encoded DeadLetter ('' = none).
 -- Returns one string with a '1' (accepted) or '0' (duplicate) per result, in
@@ -29,6 +33,7 @@ local channel = ARGV[2]
 local ttl = tonumber(ARGV[3])
 local dlq_retention = ARGV[4]
 local publish = ARGV[5]
+local meta_ttl = tonumber(ARGV[6])
 local clock = redis.call('TIME')
 local now_ms = string.format('%.0f', clock[1] * 1000 + math.floor(clock[2] / 1000))
 
@@ -47,7 +52,7 @@ local function varint(n)
 end
 
 local flags = {}
-local a = 6
+local a = 7
 for k = 2, #KEYS, 3 do
   local meta, pend, log = KEYS[k], KEYS[k + 1], KEYS[k + 2]
   local stream, want_mode, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
@@ -153,7 +158,7 @@ for k = 2, #KEYS, 3 do
 
   redis.call('HSET', meta, 'next', nxt, 'released', released)
   if ttl > 0 then
-    redis.call('PEXPIRE', meta, ttl)
+    redis.call('PEXPIRE', meta, meta_ttl)
     redis.call('PEXPIRE', pend, ttl)
     redis.call('PEXPIRE', log, ttl)
   end

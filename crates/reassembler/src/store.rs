@@ -52,8 +52,11 @@ pub struct DeadLetterEntry {
 pub struct StoreConfig {
     /// Released results kept per stream log.
     pub retention: u64,
-    /// Idle time after which a stream's keys expire (0 = never).
+    /// Idle time after which a stream's pending hash and log expire (0 = never).
     pub ttl_ms: u64,
+    /// How much longer its meta (the dedup tombstone) lives; used only with
+    /// `ttl_ms` above 0.
+    pub tombstone_ms: u64,
     /// Dead letters kept (approximate, trimmed in blocks).
     pub dead_letter_retention: u64,
     /// Replicas that must acknowledge each script call's writes (`WAIT`)
@@ -169,7 +172,8 @@ impl Store {
             .arg(channel)
             .arg(self.config.ttl_ms)
             .arg(self.config.dead_letter_retention)
-            .arg(publish);
+            .arg(publish)
+            .arg(self.config.ttl_ms.saturating_add(self.config.tombstone_ms));
         let mut input_order = Vec::with_capacity(members.len());
         for stream in &order {
             let members = &groups[stream];

@@ -148,6 +148,7 @@ fn config() -> StoreConfig {
     StoreConfig {
         retention: 1_000_000,
         ttl_ms: 60_000,
+        tombstone_ms: 60_000,
         dead_letter_retention: 1_000_000,
         wait_replicas: 0,
         wait_timeout_ms: 0,
@@ -692,5 +693,71 @@ fn cluster_failovers_mid_stream_lose_duplicate_and_reorder_nothing() {
         }
         let state = store.stream_state(&names[1]).await.expect("stream state");
         assert_eq!((state.next_sequence, state.released, state.pending), (EVENTS, EVENTS, 0));
+    });
+}
+
+/// Bytes `MEMORY USAGE` reports for `key` (0 when it does not exist).
+async fn memory_usage(conn: &mut impl redis::aio::ConnectionLike, key: &str) -> u64 {
+    let bytes: Option<u64> =
+        redis::cmd("MEMORY").arg("USAGE").arg(key).arg("SAMPLES").arg(0).query_async(conn).await.expect("MEMORY USAGE");
+    bytes.unwrap_or(0)
+}
+
+/// A finished short stream (two results released): what it keeps in Redis
+/// while its log lives, then only its meta (the dedup tombstone) after
+/// `ttl_ms`, until `ttl_ms + tombstone_ms`. A late duplicate result is
+/// dropped while the tombstone lives, and is new again once it expired.
+#[test]
+fn a_finished_stream_keeps_its_meta_as_a_tombstone_after_its_log_expired() {
+    let redis = Redis::start();
+    runtime().block_on(async {
+        let client = redis::Client::open(redis.url.as_str()).expect("url");
+        let mut conn = redis::aio::ConnectionManager::new(client).await.expect("connect");
+        let ttl = Duration::from_millis(300);
+        let tombstone = Duration::from_millis(900);
+        let config =
+            StoreConfig { ttl_ms: ttl.as_millis() as u64, tombstone_ms: tombstone.as_millis() as u64, ..config() };
+        let store = Store::new(conn.clone(), config);
+        let s = "finished-short";
+        let accepted = store.apply(&[item(s, 0, OrderingMode::Ordered), item(s, 1, OrderingMode::Ordered)]).await;
+        assert_eq!(accepted.expect("script"), vec![true, true]);
+        let (meta, pend, log) = (keys::meta(s), keys::pending(s), keys::log(s));
+        let live = (
+            memory_usage(&mut conn, &meta).await,
+            memory_usage(&mut conn, &pend).await,
+            memory_usage(&mut conn, &log).await,
+        );
+        println!("a finished 2-event stream: meta {} B, pend {} B, log {} B (MEMORY USAGE)", live.0, live.1, live.2);
+        assert!(live.0 > 0 && live.2 > 0 && live.1 == 0, "meta and log exist, pend is gone: {live:?}");
+        let (meta_ttl, log_ttl): (i64, i64) =
+            redis::pipe().pttl(&meta).pttl(&log).query_async(&mut conn).await.expect("pttl");
+        assert!(log_ttl > 0 && log_ttl <= ttl.as_millis() as i64, "log ttl {log_ttl}");
+        assert!(meta_ttl > ttl.as_millis() as i64, "meta outlives the log: {meta_ttl} ms");
+
+        tokio::time::sleep(ttl + Duration::from_millis(150)).await;
+        let exists: (bool, bool, bool) =
+            redis::pipe().exists(&meta).exists(&pend).exists(&log).query_async(&mut conn).await.expect("exists");
+        assert_eq!(exists, (true, false, false), "only the tombstone is left");
+        let tombstone_bytes = memory_usage(&mut conn, &meta).await;
+        println!("its tombstone after --stream-ttl: meta {tombstone_bytes} B");
+        let late = store.apply(&[item(s, 0, OrderingMode::Ordered)]).await.expect("script");
+        assert_eq!(late, vec![false], "a late duplicate is dropped while the tombstone lives");
+        assert!(read_log(&mut conn, s).await.is_empty(), "and nothing is released again");
+
+        // The duplicate's script call renewed the tombstone (every call
+        // renews the keys of its streams): wait until it expires.
+        let deadline = Instant::now() + ttl + tombstone + Duration::from_secs(2);
+        loop {
+            let gone: bool = redis::cmd("EXISTS").arg(&meta).query_async(&mut conn).await.expect("exists");
+            if !gone {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the tombstone expires");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let again = store.apply(&[item(s, 0, OrderingMode::Ordered)]).await.expect("script");
+        assert_eq!(again, vec![true], "after the tombstone expired the stream is new");
+        let log = read_log(&mut conn, s).await;
+        assert_eq!(log.iter().map(|r| (r.sequence, r.position)).collect::<Vec<_>>(), vec![(0, 0)], "released again");
     });
 }

@@ -28,6 +28,7 @@ mod push_amqp;
 mod python_operation;
 mod registry;
 mod shutdown;
+mod stream_expiry;
 mod telemetry;
 mod tls;
 mod worker_pool;
