@@ -60,19 +60,17 @@ fn redis_millis(time: RedisTime) -> u64 {
     time.0.saturating_mul(1000).saturating_add(time.1 / 1000)
 }
 
-/// Writes and removes the pool's claims until shutdown: every
-/// `claim_after / 2`, events held `claim_after` or longer are claimed (or
-/// claimed again every [`RENEW`]), settled ones released.
-pub async fn run(pool: Pool, redis: ConnectionManager, claim_after: Duration, shutdown: ordo_runtime::Shutdown) {
+/// Writes and removes the pool's claims for as long as the process runs
+/// (through a drain too: the events it still holds then stay claimed):
+/// every `claim_after / 2`, events held `claim_after` or longer are claimed
+/// (or claimed again every [`RENEW`]), settled ones released.
+pub async fn run(pool: Pool, redis: ConnectionManager, claim_after: Duration) {
     tracing::info!(claim_after = %ordo_core::duration::format(claim_after), "claiming events in flight for other harmonizers");
     let period = (claim_after / 2).max(Duration::from_millis(10));
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
+        ticker.tick().await;
         // Claims first, then releases: an event claimed and settled within
         // one period is released after it was claimed.
         let claims = pool.claims_due(std::time::Instant::now(), claim_after, RENEW);

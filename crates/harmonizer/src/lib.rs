@@ -88,7 +88,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     let drain = config.common.drain_timeout;
     tokio::spawn(sample_window(pool.clone(), config.window, shutdown.clone()));
     if let Some(claim_after) = config.claim_after {
-        tokio::spawn(claims::run(pool.clone(), redis.clone(), claim_after, shutdown.clone()));
+        tokio::spawn(claims::run(pool.clone(), redis.clone(), claim_after));
     }
     let shared = Arc::new(Shared {
         config,

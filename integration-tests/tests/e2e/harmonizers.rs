@@ -215,9 +215,10 @@ impl Ledger {
 /// A balancer spreading every stream over both harmonizers at once (even
 /// sequences to H1's call, odd ones to H2's), many streams concurrently;
 /// H1 is SIGKILLed mid-stream; the client resends what H1's call left
-/// unanswered to H2 on a new call, and sends the rest to H2. Every call
-/// answers what it was sent, in order; the release logs hold every
-/// sequence exactly once, in order.
+/// unanswered to H2 on a new call, and sends the rest to H2; then H1 is
+/// restarted and answers a late resend from the log. Every call answers
+/// what it was sent, in order; the release logs hold every sequence
+/// exactly once, in order.
 #[tokio::test(flavor = "multi_thread")]
 async fn calls_spread_over_two_harmonizers_survive_one_sigkilled() {
     const STREAMS: usize = 12;
@@ -283,6 +284,18 @@ async fn calls_spread_over_two_harmonizers_survive_one_sigkilled() {
     );
     assert_ok(check_call(&on_b, &sent_b.sent), "H2's first call");
     assert_ok(check_call(&on_c, &sent_c.sent), "the resend call");
+
+    // H1 comes back on its port; a late resend of released sequences through
+    // it is answered from the release log, once each, and appends nothing.
+    cluster.harmonizer_process_at(0).restart(DEADLINE).await.expect("H1 restarts on its port");
+    let late: Vec<Event> = (0..5).map(|q| numbered(&streams[0], q, "exp:30ms", "10s")).collect();
+    let mut d = ProcessCall::open(&cluster.harmonizer_at(0));
+    d.feed(late, None);
+    d.wait_for_counts(&BTreeMap::from([(streams[0].clone(), 5)]), DEADLINE).await.expect("the restarted H1 answers");
+    let on_d = d.finish(LINGER).await.expect("the late call ends cleanly");
+    assert_ok(check_all_ok(&on_d).and_then(|()| check_numbered_payloads(&on_d)), "the late resend call");
+    assert_ok(check_call(&on_d, &BTreeMap::from([(streams[0].clone(), (0..5).collect())])), "the late resend call");
+
     for stream in &streams {
         check_release_log(&cluster, stream, N).await;
     }
