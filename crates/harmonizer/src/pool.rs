@@ -208,6 +208,11 @@ impl Drop for Ticket {
     }
 }
 
+/// An event held in flight by [`Pool::hold`] until dropped.
+pub struct Hold {
+    _ticket: Ticket,
+}
+
 /// A stateful event and everything it keeps until it is settled.
 struct Job {
     event: Event,
@@ -680,6 +685,13 @@ impl Pool {
             let _ = inner.sink.deliver(completed).await;
             drop(ticket);
         });
+    }
+
+    /// Counts `event` as in flight ([`Pool::in_flight`], and claimed for
+    /// other harmonizers once held `--claim-after`) until the guard is
+    /// dropped: for work done outside the pool (a `Submit`'s stateless event).
+    pub fn hold(&self, event: &Event) -> Hold {
+        Hold { _ticket: Ticket::new(&self.inner.index, event) }
     }
 
     /// Executes a stateless event (no recording).
@@ -1638,6 +1650,20 @@ mod tests {
         assert_eq!(survivor.got(), vec![("alpha".to_owned(), 2)], "re-dispatched at once to the other serving worker");
         assert!(other.got().is_empty(), "never to a worker that does not serve it");
         assert_eq!(pool.workers("alpha"), vec!["survivor".to_owned()]);
+        shutdown.cancel();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_event_held_outside_the_pool_is_in_flight_and_claimed_until_dropped() {
+        let config = PoolConfig { event_timeout: Duration::from_secs(5), max_attempts: 3 };
+        let (pool, shutdown) = fakes::pool(&[], &fakes::Sink::default(), config).await;
+        let held = pool.hold(&event("s", 7));
+        assert!(pool.in_flight("s", 7) && !pool.in_flight("s", 8));
+        let later = Instant::now() + Duration::from_secs(1);
+        assert_eq!(pool.claims_due(later, Duration::from_millis(200), Duration::from_secs(2)), vec![("s".into(), 7)]);
+        drop(held);
+        assert!(!pool.in_flight("s", 7));
+        assert_eq!(pool.settled_claims(), vec![("s".to_owned(), 7)], "its claim is to be removed");
         shutdown.cancel();
     }
 

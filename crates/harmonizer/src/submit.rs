@@ -69,6 +69,9 @@ pub async fn submit(
             return Err(Error::AlreadyReleased { stream: event.stream_id, sequence: event.sequence });
         }
         crate::metrics::accepted(&checked.spec.name);
+        // In flight (no gap is declared over it, here or, once claimed, in
+        // another harmonizer) until its result is recorded.
+        let _held = shared.pool.hold(&event);
         let result = shared.pool.execute_stateless(&event, &checked.spec).await;
         if event.sequence < meta.next {
             return answer(result); // released, but already trimmed from the log
