@@ -56,6 +56,11 @@ die() {
   exit 1
 }
 have() { command -v "$1" >/dev/null 2>&1; }
+# Ctrl-C in a terminal sends SIGINT to the whole process group, so a
+# foreground sleep (or probe) dies of it with status 130; under `set -e` that
+# would end this script there, before it stopped anything. Every wait in a
+# loop goes through this instead; the INT trap decides what happens next.
+pause() { sleep "$1" || true; }
 
 # Prefixes every line of a service's output with its name. It ignores Ctrl-C
 # so that the service's last lines, written while it drains, still show.
@@ -100,7 +105,7 @@ stop_named() {
   for i in "${!pids[@]}"; do
     pid="${pids[$i]}"
     while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do
-      sleep 0.1
+      pause 0.1
     done
     if kill -0 "$pid" 2>/dev/null; then
       log "${names[$i]} (pid $pid) did not stop within ${GRACE}s; killing it"
@@ -228,7 +233,7 @@ if ! redis_answers; then
   for _ in $(seq 50); do
     redis_answers && break
     kill -0 "$REDIS_PID" 2>/dev/null || die "redis-server exited at start-up"
-    sleep 0.1
+    pause 0.1
   done
   redis_answers || die "the redis-server started on port $REDIS_PORT does not answer"
 fi
@@ -261,7 +266,7 @@ for _ in $(seq 60); do
     ready=1
     break
   fi
-  sleep 0.5
+  pause 0.5
 done
 ((ready)) || log "warning: the harmonizer is not SERVING yet on port $HARMONIZER_PORT"
 

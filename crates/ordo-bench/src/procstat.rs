@@ -148,12 +148,21 @@ mod tests {
         assert!(now > 0 && now <= rss, "VmRSS {now} is at most VmHWM {rss}");
         assert!(open_fds(None).is_some_and(|n| n >= 3), "stdin, stdout, stderr at least");
         assert!(rss > 1024 * 1024, "a test binary uses more than 1 MiB: {rss}");
-        // Burn a little CPU and see the counter move (ticks are 10 ms).
+        // Burn CPU until the kernel has charged this process at least two
+        // ticks (10 ms each), and see the meter count them. Burning for a
+        // fixed wall time is not enough on a loaded machine: the thread may
+        // get no tick at all in it. The wall-time cap only bounds a broken
+        // clock.
         let meter = Meter::start(vec![Watched { name: "self".into(), pid: None }]);
+        let before = cpu_seconds(None).expect("own /proc/self/stat");
         let start = std::time::Instant::now();
         let mut x = 0u64;
-        while start.elapsed() < std::time::Duration::from_millis(60) {
-            x = x.wrapping_mul(31).wrapping_add(7);
+        while cpu_seconds(None).is_some_and(|now| now < before + 0.02)
+            && start.elapsed() < std::time::Duration::from_secs(30)
+        {
+            for _ in 0..100_000 {
+                x = x.wrapping_mul(31).wrapping_add(7);
+            }
         }
         std::hint::black_box(x);
         let usage = meter.finish();
