@@ -122,39 +122,13 @@ impl Outbox {
         let mut conn = self.conn.clone();
         let mut dirty = Vec::new();
         let mut position: u64 = 0;
-        let pattern = keys::meta("*");
         loop {
-            let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(position)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(SCAN_COUNT)
-                .query_async(&mut conn)
-                .await?;
-            let streams: Vec<String> = found.iter().filter_map(|key| stream_of_meta(key)).collect();
-            if !streams.is_empty() {
-                let mut pipe = redis::pipe();
-                for stream in &streams {
-                    pipe.hget(keys::meta(stream), "released");
-                }
-                pipe.cmd("HMGET").arg(&self.cursor_key).arg(&streams);
-                let mut replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
-                let cursors: Vec<Option<u64>> = match replies.pop() {
-                    Some(value) => redis::from_redis_value(value)?,
-                    None => Vec::new(),
-                };
-                for (i, stream) in streams.into_iter().enumerate() {
-                    let released: Option<u64> = match replies.get(i) {
-                        Some(value) => redis::from_redis_value_ref(value)?,
-                        None => None,
-                    };
-                    let cursor = cursors.get(i).copied().flatten();
-                    if released.unwrap_or(0) != cursor.unwrap_or(0) {
-                        dirty.push(stream);
-                    }
-                }
-            }
+            let (next, _, page) = self.scan_page(&mut conn, position).await?;
+            dirty.extend(
+                page.into_iter()
+                    .filter(|(_, released, cursor)| released.unwrap_or(0) != cursor.unwrap_or(0))
+                    .map(|(stream, _, _)| stream),
+            );
             position = next;
             if position == 0 {
                 break;
@@ -162,6 +136,47 @@ impl Outbox {
         }
         self.drop_expired_cursors().await?;
         Ok(dirty)
+    }
+
+    /// One SCAN page of the streams' meta keys from `position`: the next
+    /// position, how many keys the page held, and per stream its `released`
+    /// count and this exchange's cursor (either may be absent).
+    async fn scan_page(
+        &self,
+        conn: &mut ConnectionManager,
+        position: u64,
+    ) -> redis::RedisResult<(u64, usize, Vec<(String, Option<u64>, Option<u64>)>)> {
+        let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(position)
+            .arg("MATCH")
+            .arg(keys::meta("*"))
+            .arg("COUNT")
+            .arg(SCAN_COUNT)
+            .query_async(conn)
+            .await?;
+        let streams: Vec<String> = found.iter().filter_map(|key| stream_of_meta(key)).collect();
+        if streams.is_empty() {
+            return Ok((next, found.len(), Vec::new()));
+        }
+        let mut pipe = redis::pipe();
+        for stream in &streams {
+            pipe.hget(keys::meta(stream), "released");
+        }
+        pipe.cmd("HMGET").arg(&self.cursor_key).arg(&streams);
+        let mut replies: Vec<redis::Value> = pipe.query_async(conn).await?;
+        let cursors: Vec<Option<u64>> = match replies.pop() {
+            Some(value) => redis::from_redis_value(value)?,
+            None => Vec::new(),
+        };
+        let mut page = Vec::with_capacity(streams.len());
+        for (i, stream) in streams.into_iter().enumerate() {
+            let released: Option<u64> = match replies.get(i) {
+                Some(value) => redis::from_redis_value_ref(value)?,
+                None => None,
+            };
+            page.push((stream, released, cursors.get(i).copied().flatten()));
+        }
+        Ok((next, found.len(), page))
     }
 
     /// Deletes cursor fields whose stream has no state left.
@@ -207,33 +222,11 @@ impl Outbox {
     pub async fn lag(&self, max_keys: usize) -> redis::RedisResult<u64> {
         let mut conn = self.conn.clone();
         let (mut position, mut scanned, mut lag) = (0u64, 0usize, 0u64);
-        let pattern = keys::meta("*");
         loop {
-            let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(position)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(SCAN_COUNT)
-                .query_async(&mut conn)
-                .await?;
-            scanned += found.len();
-            let streams: Vec<String> = found.iter().filter_map(|key| stream_of_meta(key)).collect();
-            if !streams.is_empty() {
-                let mut pipe = redis::pipe();
-                for stream in &streams {
-                    pipe.hget(keys::meta(stream), "released");
-                }
-                pipe.cmd("HMGET").arg(&self.cursor_key).arg(&streams);
-                let mut replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
-                let cursors: Vec<Option<u64>> = match replies.pop() {
-                    Some(value) => redis::from_redis_value(value)?,
-                    None => Vec::new(),
-                };
-                for (i, reply) in replies.iter().enumerate() {
-                    let released: Option<u64> = redis::from_redis_value_ref(reply)?;
-                    lag = lag.saturating_add(unconfirmed(released.unwrap_or(0), cursors.get(i).copied().flatten()));
-                }
+            let (next, keys_seen, page) = self.scan_page(&mut conn, position).await?;
+            scanned += keys_seen;
+            for (_, released, cursor) in page {
+                lag = lag.saturating_add(unconfirmed(released.unwrap_or(0), cursor));
             }
             position = next;
             if position == 0 || scanned >= max_keys {
