@@ -40,14 +40,6 @@ pub const LEASE: Duration = Duration::from_secs(5);
 /// How often a held event's claim is written again.
 pub const RENEW: Duration = Duration::from_secs(2);
 
-/// `ordo:{s}:claims`: a hash of sequence → Unix ms (Redis time) until which
-/// some harmonizer holds that event of stream `s` in flight. The `{s}` hash
-/// tag keeps it in the stream's cluster slot, next to its reorder state
-/// (`ordo_core::keys`).
-pub fn claims_key(stream: &str) -> String {
-    format!("ordo:{{{stream}}}:claims")
-}
-
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
@@ -108,14 +100,14 @@ async fn write(
     };
     let mut pipe = redis::pipe();
     for (stream, sequences) in by_stream(claims) {
-        let key = claims_key(stream);
+        let key = ordo_core::keys::claims(stream);
         // HSET with many fields (not HMSET: the documented ACL rule allows HSET only).
         let fields: Vec<(u64, u64)> = sequences.iter().map(|&sequence| (sequence, until)).collect();
         pipe.cmd("HSET").arg(&key).arg(&fields).ignore();
         pipe.pexpire(&key, i64::try_from(millis(LEASE)).unwrap_or(i64::MAX)).ignore();
     }
     for (stream, sequences) in by_stream(settled) {
-        pipe.hdel(claims_key(stream), sequences).ignore();
+        pipe.hdel(ordo_core::keys::claims(stream), sequences).ignore();
     }
     pipe.query_async::<()>(&mut conn).await
 }
@@ -129,7 +121,7 @@ pub async fn claimed(redis: &ConnectionManager, stream: &str, from: u64, to: u64
     }
     let mut conn = redis.clone();
     let sequences: Vec<u64> = (from..to).collect();
-    let key = claims_key(stream);
+    let key = ordo_core::keys::claims(stream);
     let answer: redis::RedisResult<(RedisTime, Vec<Option<u64>>)> =
         redis::pipe().cmd("TIME").cmd("HMGET").arg(&key).arg(&sequences).query_async(&mut conn).await;
     match answer {
@@ -154,8 +146,8 @@ mod tests {
 
     #[test]
     fn claims_live_in_the_stream_slot() {
-        assert_eq!(claims_key("orders-1"), "ordo:{orders-1}:claims");
-        assert_eq!(claims_key("orders-1").replace(":claims", ":meta"), ordo_core::keys::meta("orders-1"));
+        assert_eq!(ordo_core::keys::claims("orders-1"), "ordo:{orders-1}:claims");
+        assert_eq!(ordo_core::keys::claims("orders-1").replace(":claims", ":meta"), ordo_core::keys::meta("orders-1"));
     }
 
     #[test]

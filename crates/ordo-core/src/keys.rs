@@ -7,7 +7,8 @@
 //! - `ordo:{s}:pend` — hash: sequence → encoded result, completed but waiting
 //!   for a predecessor (ORDERED), or sequence → "" marker (UNORDERED);
 //! - `ordo:{s}:log` — stream: the released results, entry id `0-(position+1)`,
-//!   field `r` = encoded `EventResult` (with `position` set).
+//!   field `r` = encoded `EventResult` (with `position` set);
+//! - `ordo:{s}:claims` — hash: in-flight claims of harmonizers ([`claims`]).
 //!
 //! Every release is also published as an encoded `ReleasedBatch`, for live
 //! tailing: on a single node on [`RELEASED_CHANNEL`] (PUBLISH); on a Redis
@@ -158,6 +159,13 @@ pub fn pending(stream: &str) -> String {
 
 pub fn log(stream: &str) -> String {
     format!("ordo:{{{stream}}}:log")
+}
+
+/// `ordo:{s}:claims` — hash: sequence → Unix ms (Redis time) until which
+/// some harmonizer holds that event of stream `s` in flight. Written only by
+/// harmonizers (`claims.rs`), never by the release script: not reorder state.
+pub fn claims(stream: &str) -> String {
+    format!("ordo:{{{stream}}}:claims")
 }
 
 /// Stream entry id of release position `position`.
