@@ -11,6 +11,7 @@ pub mod claims;
 pub mod config;
 pub mod error;
 pub mod follower;
+mod linger;
 pub mod metrics;
 pub mod pool;
 pub mod process;

@@ -12,11 +12,13 @@
 //! the same way until a worker serving it appears, or is rejected with
 //! UNAVAILABLE after `--worker-wait`. Results keep flowing meanwhile.
 //!
-//! Streams are followed only while they owe results: once every event the
+//! Streams are followed only while they are in use: once every event the
 //! call accepted on a stream is settled (its result, FAILED, GAP or refusal
-//! was sent), the call forgets the stream and stops following it on the
-//! push-gateway, so memory per call (here and on the gateway) is bounded by
-//! the streams in flight, not by every stream the call has seen. A later
+//! was sent) and it stayed so for `linger::LINGER` (2 s), the call forgets
+//! the stream and stops following it on the push-gateway, so memory per
+//! call (here and on the gateway) is bounded by the streams in flight plus
+//! at most `linger::MAX_LINGERING` settled ones, not by every stream the
+//! call has seen (`linger.rs` says why it lingers). A later
 //! event of that stream reads its state from Redis again and follows it
 //! from its release position then (a sequence this call already answered is
 //! a resend then, answered again from the release log).
@@ -54,6 +56,7 @@ use crate::{
     Shared,
     error::Error,
     follower::Follower,
+    linger::Lingering,
     registry::{Checked, Route},
     state,
     streams::{Admission, Due, Opened, Outgoing, Streams},
@@ -106,6 +109,7 @@ pub async fn run(
         out,
         call_span,
         grant,
+        lingering: Lingering::default(),
     };
     let mut state = Inbound::Open;
     let mut blocked: Option<Blocked> = None;
@@ -118,6 +122,7 @@ pub async fn run(
         let deadline = blocked.as_ref().map(|b| b.deadline);
         let waits_for_worker = blocked.as_ref().is_some_and(|b| b.wait == Wait::Worker);
         let timer = call.streams.next_due();
+        let linger = call.lingering.next_due();
         tokio::select! {
             event = inbound.message(), if reading && blocked.is_none() => match event {
                 Ok(Some(event)) => {
@@ -169,6 +174,9 @@ pub async fn run(
                 if !call.on_timers().await {
                     break;
                 }
+            }
+            _ = tokio::time::sleep_until(linger.unwrap_or_else(Instant::now)), if linger.is_some() => {
+                call.forget_lingering(blocked.as_ref());
             }
             _ = shared.shutdown.cancelled(), if reading => {
                 // Drain: no new events, but every accepted one still gets its result.
@@ -226,19 +234,36 @@ struct Call {
     call_span: Span,
     /// What the call's token allows (everything with auth off).
     grant: ordo_runtime::auth::Grant,
+    /// Settled streams waiting to be forgotten.
+    lingering: Lingering,
 }
 
 impl Call {
-    /// Stops following `stream` and forgets its state once every event this
-    /// call accepted on it is settled, unless an event of it is `blocked`
-    /// (waiting to be admitted, it needs the stream's window). The stream's
-    /// next event opens it again from Redis and follows it from there.
+    /// Notes that `stream` is settled when every event this call accepted on
+    /// it is, unless an event of it is `blocked` (waiting to be admitted, it
+    /// needs the stream's window); then forgets the streams whose linger is
+    /// over ([`Lingering`]). A forgotten stream's next event opens it again
+    /// from Redis and follows it from there.
     fn forget_if_settled(&mut self, stream: &str, blocked: Option<&Blocked>) {
         if blocked.is_some_and(|b| b.event.stream_id == stream) {
             return;
         }
-        if self.streams.forget_if_settled(stream) {
-            self.follower.stop(stream);
+        if self.streams.is_settled(stream) {
+            self.lingering.settled(stream, Instant::now());
+        }
+        self.forget_lingering(blocked);
+    }
+
+    /// Stops following and forgets every lingering stream that is due and
+    /// still settled.
+    fn forget_lingering(&mut self, blocked: Option<&Blocked>) {
+        for stream in self.lingering.due(Instant::now()) {
+            if blocked.is_some_and(|b| b.event.stream_id == stream) {
+                continue;
+            }
+            if self.streams.forget_if_settled(&stream) {
+                self.follower.stop(&stream);
+            }
         }
     }
 

@@ -193,6 +193,11 @@ impl Streams {
         false
     }
 
+    /// Whether `stream` is open and nothing accepted on it awaits its result.
+    pub fn is_settled(&self, stream: &str) -> bool {
+        self.streams.get(stream).is_some_and(|s| s.awaiting.is_empty())
+    }
+
     /// How many streams the call keeps state for (opened, not forgotten).
     pub fn open_streams(&self) -> usize {
         self.streams.len()
