@@ -24,10 +24,11 @@
 use std::{future::Future, time::Duration};
 
 use redis::{
-    Cmd, Pipeline, RedisError, RedisFuture, RetryMethod, Value,
+    Cmd, FromRedisValue, Pipeline, RedisError, RedisFuture, RetryMethod, Value,
     aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
     cluster::{ClusterClient, ClusterConfig},
     cluster_async::ClusterConnection,
+    cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo},
 };
 
 use crate::backoff;
@@ -63,6 +64,132 @@ impl RedisConn {
     pub fn is_cluster(&self) -> bool {
         matches!(self, Self::Cluster(_))
     }
+}
+
+/// One node that holds part of the keyspace: the single node, or one master
+/// of a cluster as the cluster client addresses it (`host:port` from its
+/// slot table). Returned by [`RedisConn::masters`], used by
+/// [`RedisConn::query_on`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Master {
+    /// The one node of a single-node connection.
+    Single,
+    /// A master of a cluster.
+    Node {
+        /// As in the cluster's slot table (`CLUSTER SLOTS`).
+        host: String,
+        /// The node's client port.
+        port: u16,
+    },
+}
+
+impl std::fmt::Display for Master {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Single => f.write_str("the redis node"),
+            Self::Node { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+impl Master {
+    /// `host:port` (the cluster client's address of a node) as a master.
+    fn parse(address: &str) -> Option<Self> {
+        let (host, port) = address.rsplit_once(':')?;
+        Some(Self::Node { host: host.to_owned(), port: port.parse().ok()? })
+    }
+}
+
+impl RedisConn {
+    /// Every node that holds part of the keyspace: `[Master::Single]` on a
+    /// single node; on a cluster every master in the client's slot table,
+    /// each answering a PING (so each is connected for [`Self::query_on`]).
+    /// A master that does not answer fails the call (a transient error while
+    /// a failover is under way: wrap in [`call`]); the client refreshes its
+    /// slot table after such errors, so a retry sees the promoted replica.
+    pub async fn masters(&self) -> redis::RedisResult<Vec<Master>> {
+        let Self::Cluster(conn) = self else { return Ok(vec![Master::Single]) };
+        let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+        // Without a response policy the client answers a map of
+        // `host:port` → that node's reply.
+        let Value::Map(replies) = conn.clone().route_command(redis::cmd("PING"), routing).await? else {
+            return Err(unexpected("CLUSTER masters: the client did not answer a map of nodes"));
+        };
+        let mut masters = Vec::with_capacity(replies.len());
+        for (address, reply) in replies {
+            reply.extract_error()?;
+            let address: String = FromRedisValue::from_redis_value(address)?;
+            masters.push(
+                Master::parse(&address)
+                    .ok_or_else(|| unexpected("CLUSTER masters: a node address is not host:port"))?,
+            );
+        }
+        masters.sort();
+        Ok(masters)
+    }
+
+    /// Runs `cmd` on one master from [`Self::masters`] of this connection
+    /// (not on the master of a key's slot: for keyless commands such as SCAN,
+    /// DBSIZE, INFO).
+    pub async fn query_on<T: FromRedisValue>(&self, master: &Master, cmd: &Cmd) -> redis::RedisResult<T> {
+        match (self, master) {
+            (Self::Single(conn), Master::Single) => cmd.query_async(&mut conn.clone()).await,
+            (Self::Cluster(conn), Master::Node { host, port }) => {
+                let routing =
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host: host.clone(), port: *port });
+                let value = conn.clone().route_command(cmd.clone(), routing).await?.extract_error()?;
+                Ok(T::from_redis_value(value)?)
+            }
+            _ => Err(RedisError::from((
+                redis::ErrorKind::Client,
+                "query_on: a master of another kind of connection (single node against cluster)",
+            ))),
+        }
+    }
+}
+
+fn unexpected(what: &'static str) -> RedisError {
+    RedisError::from((redis::ErrorKind::UnexpectedReturnType, what))
+}
+
+/// Runs `cmd` on every master ([`RedisConn::masters`]) at once; each master's
+/// answer in the order of the masters. The first error fails the whole call.
+pub async fn for_each_master<T: FromRedisValue>(conn: &RedisConn, cmd: &Cmd) -> redis::RedisResult<Vec<(Master, T)>> {
+    let masters = conn.masters().await?;
+    futures::future::try_join_all(masters.into_iter().map(|master| async move {
+        let answer = conn.query_on(&master, cmd).await?;
+        Ok::<_, RedisError>((master, answer))
+    }))
+    .await
+}
+
+/// Every key matching the glob `pattern` on every master (`SCAN … MATCH
+/// pattern COUNT count`, each master's cursor to its end), sorted, each
+/// once. One call SCANs the whole keyspace: for sampling and listings, not
+/// for paths that run per event.
+pub async fn scan_keys(conn: &RedisConn, pattern: &str, count: usize) -> redis::RedisResult<Vec<String>> {
+    let masters = conn.masters().await?;
+    let per_master = futures::future::try_join_all(masters.iter().map(|master| async move {
+        let mut keys = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, page): (u64, Vec<String>) = conn
+                .query_on(master, redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(count))
+                .await?;
+            keys.extend(page);
+            if next == 0 {
+                return Ok::<_, RedisError>(keys);
+            }
+            cursor = next;
+        }
+    }))
+    .await?;
+    // SCAN may return a key more than once (rehashing); a replica is never
+    // scanned, so a key is on one master only.
+    let mut keys: Vec<String> = per_master.into_iter().flatten().collect();
+    keys.sort();
+    keys.dedup();
+    Ok(keys)
 }
 
 impl From<ConnectionManager> for RedisConn {
@@ -145,6 +272,28 @@ fn cluster_nodes(url: &str) -> anyhow::Result<Vec<String>> {
 /// A cluster client for a `redis+cluster://` / `rediss+cluster://` URL, with
 /// TLS as in [`client_with`].
 pub fn cluster_client_with(url: &str, tls: &crate::tls::TlsSettings) -> anyhow::Result<ClusterClient> {
+    build_cluster_client(url, cluster_builder_with(url, tls)?)
+}
+
+/// A cluster client for sharded pub/sub (the push-gateway's live tail): as
+/// [`cluster_client_with`] with the process's TLS, but speaking RESP3 and
+/// handing every push (messages, subscription confirmations, disconnections)
+/// to `pushes`, which must not block.
+pub fn cluster_pubsub_client(url: &str, pushes: impl redis::aio::AsyncPushSender) -> anyhow::Result<ClusterClient> {
+    let builder = cluster_builder_with(url, crate::tls::settings())?
+        .use_protocol(redis::ProtocolVersion::RESP3)
+        .push_sender(pushes);
+    build_cluster_client(url, builder)
+}
+
+fn build_cluster_client(url: &str, builder: redis::cluster::ClusterClientBuilder) -> anyhow::Result<ClusterClient> {
+    builder.build().map_err(|e| anyhow::anyhow!("invalid redis cluster url {:?}: {e}", redact(url)))
+}
+
+fn cluster_builder_with(
+    url: &str,
+    tls: &crate::tls::TlsSettings,
+) -> anyhow::Result<redis::cluster::ClusterClientBuilder> {
     let nodes = cluster_nodes(url)?;
     let mut builder = ClusterClient::builder(nodes)
         .retries(CLUSTER_RETRIES)
@@ -163,7 +312,7 @@ pub fn cluster_client_with(url: &str, tls: &crate::tls::TlsSettings) -> anyhow::
             builder = builder.certs(redis::TlsCertificates { client_tls, root_cert });
         }
     }
-    builder.build().map_err(|e| anyhow::anyhow!("invalid redis cluster url {:?}: {e}", redact(url)))
+    Ok(builder)
 }
 
 /// A connection manager for the single node `url` that connects on first
