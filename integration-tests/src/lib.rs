@@ -14,6 +14,8 @@
 //! - [`process`]: one service process: kill (SIGKILL), terminate (SIGTERM),
 //!   restart on the same port.
 //! - [`redis_server`]: a private redis-server (never the shared one on 6379).
+//! - [`nats`]: a private nats-server with JetStream (never the shared one on
+//!   4222): kill and restart on the same port with the same store.
 //! - [`redis_cluster`]: a private Redis Cluster, 3 masters with 1 replica
 //!   each: kill and restart of a node, forced failover.
 //! - [`redis_acl`]: a Redis ACL user limited to what Ordo needs, `default` off
@@ -42,6 +44,7 @@ pub mod dns;
 pub mod eventually;
 pub mod example;
 pub mod metrics;
+pub mod nats;
 pub mod otlp;
 pub mod ports;
 pub mod process;
@@ -57,6 +60,7 @@ pub use client::{ProcessCall, stream_text, text_events};
 pub use cluster::{Cluster, ClusterBuilder, WorkerSpec};
 pub use eventually::eventually;
 pub use example::ExampleServer;
+pub use nats::NatsServer;
 pub use process::ServiceProcess;
 pub use redis_server::RedisServer;
 pub use text::sonnets_text;
