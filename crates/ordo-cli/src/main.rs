@@ -12,6 +12,7 @@ mod channel;
 mod display;
 mod dlq;
 mod health;
+mod publish;
 mod registry;
 mod send;
 mod submit;
@@ -35,6 +36,9 @@ Examples:
   ordo registry list
   ordo registry diff 1 2
   ordo registry pin 1
+  ordo publish --nats nats://127.0.0.1:4222 --create-stream EVENTS --subjects 'events.>' \
+    --subject 'events.{key}' --count 1000 --keys 10 --msg-id 'm-{i}'
+  seq 5 | ordo publish --subject events.k1 --key k1 --file -
 
 Every flag can also be set through the environment variable shown in the
 subcommand's --help (e.g. ORDO_HARMONIZER=host:50051).";
@@ -82,6 +86,14 @@ enum Command {
     /// read the results of those matching a --read glob. Pass it to the
     /// client subcommands with --token or ORDO_TOKEN.
     Token(token::Args),
+    /// Publish messages to a JetStream subject (for ordo-source), creating the stream if asked.
+    ///
+    /// One message per --payload, per line of --file (`-` for stdin), all of
+    /// stdin (--stdin), or --count generated ones over --keys keys. The key
+    /// goes in the Ordo-Key header and, with `{key}` in --subject, in the
+    /// subject. Prints `published=… stored=… duplicates=… stream=… seq=…`;
+    /// exits 1 if a publish is not acknowledged.
+    Publish(publish::Args),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -99,6 +111,7 @@ async fn main() -> ExitCode {
         Command::Dlq(args) => dlq::run(args).await,
         Command::Registry(args) => registry::run(args).await,
         Command::Token(args) => token::run(args),
+        Command::Publish(args) => publish::run(args).await,
     };
     match outcome {
         Ok(code) => code,
