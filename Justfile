@@ -71,6 +71,16 @@ bench *ARGS: deps
     cargo build --release --workspace --bins
     ORDO_BIN_DIR=target/release target/release/ordo-bench {{ARGS}}
 
+# Ordered throughput through a real JetStream broker (a private nats-server):
+# 10,000 messages of uniform 0-5 ms work over 1 and then 10 keys, Ordo via
+# ordo-source next to a plain consumer processing each key in order one at a
+# time, and the same consumer unordered (`just bench-source --keys 1,10,100
+# --events 20000`, `--no-ordo`). Release build (into $CARGO_TARGET_DIR when
+# set), then the benchmark. Writes results/bench-source/.
+bench-source *ARGS: deps
+    cargo build --release --workspace --bins
+    ORDO_BIN_DIR="${CARGO_TARGET_DIR:-target}/release" "${CARGO_TARGET_DIR:-target}/release/ordo-bench-source" {{ARGS}}
+
 # Ordo's fault suite (docs/reliability.md): release build, then 6 runs of each
 # of the 20 fault kinds (`just chaos --quick`: each kind once; `--faults
 # sigkill,redis`, `--skip rabbitmq`, `--runs N`). Writes results/chaos/;

@@ -17,6 +17,9 @@
 //! - [`chaos`]: the fault suite (`ordo-chaos`, `just chaos`); [`soak`]:
 //!   a long run at a fixed rate sampling memory and descriptors
 //!   (`ordo-soak`, `just soak`). See `docs/reliability.md`.
+//! - [`source_bench`]: ordered throughput through a real JetStream broker,
+//!   Ordo via `ordo-source` against a plain per-key sequential consumer
+//!   (`ordo-bench-source`, `just bench-source`).
 //!
 //! See `docs/benchmarks.md` for the method and the measured numbers.
 
@@ -32,4 +35,5 @@ pub mod procstat;
 pub mod redis_probe;
 pub mod results;
 pub mod soak;
+pub mod source_bench;
 pub mod stats;
