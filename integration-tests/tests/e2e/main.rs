@@ -23,6 +23,7 @@ mod http_operation;
 mod lifecycle;
 mod metrics;
 mod ordering;
+mod publish_cli;
 mod push;
 mod push_amqp;
 mod python_operation;
