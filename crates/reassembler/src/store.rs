@@ -19,10 +19,12 @@ use std::collections::HashMap;
 
 use ordo_core::keys;
 use ordo_proto::v1::{OrderingMode, StreamState};
-use ordo_runtime::redis_conn::RedisConn;
+use ordo_runtime::redis_conn::{self, RedisConn};
 
 /// Every stream's pending hash ([`keys::pending`]); braces are literal in a SCAN pattern.
 const PENDING_PATTERN: &str = "ordo:{*}:pend";
+/// Every per-slot dead-letter log ([`keys::dead_letters`]), on a cluster.
+const DEAD_LETTERS_PATTERN: &str = "ordo:dlq:{*}";
 
 /// One completed result on its way into Redis.
 #[derive(Debug, Clone)]
@@ -235,42 +237,57 @@ impl Store {
 
     /// Sums the pending hashes of every stream (results stored and waiting
     /// for a predecessor; in UNORDERED streams, released markers above the
-    /// contiguous floor), scanning at most `max_keys` keys: `(streams, results)`.
-    /// Not on a cluster yet (a SCAN reaches one node): an error there.
+    /// contiguous floor), scanning at most `max_keys` keys in all:
+    /// `(streams, results)`. On a cluster every master is scanned (each
+    /// pending hash lives on the master of its stream's slot), the masters
+    /// one after the other, so the bound holds for the whole sample.
     pub async fn pending_results(&self, max_keys: usize) -> redis::RedisResult<(u64, u64)> {
-        if self.conn.is_cluster() {
-            return Err(redis::RedisError::from((
-                redis::ErrorKind::Client,
-                "pending results are not sampled on a Redis Cluster yet",
-            )));
-        }
-        let mut conn = self.conn.clone();
-        let (mut cursor, mut streams, mut results) = (0u64, 0u64, 0u64);
+        let (mut streams, mut results) = (0u64, 0u64);
         let mut scanned = 0usize;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(PENDING_PATTERN)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await?;
-            if !keys.is_empty() {
-                let mut pipe = redis::pipe();
-                for key in &keys {
-                    pipe.hlen(key);
-                }
-                let lengths: Vec<u64> = pipe.query_async(&mut conn).await?;
+        for master in self.conn.masters().await? {
+            let mut cursor = 0u64;
+            loop {
+                let (next, keys): (u64, Vec<String>) = self
+                    .conn
+                    .query_on(
+                        &master,
+                        redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(PENDING_PATTERN).arg("COUNT").arg(1000),
+                    )
+                    .await?;
+                let lengths = self.hash_lengths(&keys).await?;
                 streams += lengths.iter().filter(|&&n| n > 0).count() as u64;
                 results += lengths.iter().sum::<u64>();
-            }
-            scanned += keys.len();
-            cursor = next;
-            if cursor == 0 || scanned >= max_keys {
-                return Ok((streams, results));
+                scanned += keys.len();
+                cursor = next;
+                if scanned >= max_keys {
+                    return Ok((streams, results));
+                }
+                if cursor == 0 {
+                    break;
+                }
             }
         }
+        Ok((streams, results))
+    }
+
+    /// HLEN of each of `keys`: one pipeline on a single node; on a cluster
+    /// one command per key (the keys span slots), sent at once.
+    async fn hash_lengths(&self, keys: &[String]) -> redis::RedisResult<Vec<u64>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        if !self.conn.is_cluster() {
+            let mut pipe = redis::pipe();
+            for key in keys {
+                pipe.hlen(key);
+            }
+            return pipe.query_async(&mut self.conn.clone()).await;
+        }
+        futures::future::try_join_all(keys.iter().map(|key| {
+            let mut conn = self.conn.clone();
+            async move { redis::cmd("HLEN").arg(key).query_async::<u64>(&mut conn).await }
+        }))
+        .await
     }
 
     /// The reorder state of one stream.
@@ -305,37 +322,65 @@ impl Store {
         self.conn.is_cluster()
     }
 
-    /// Up to `count` dead letters after entry `after` (exclusive; `None`:
-    /// from the oldest), oldest first. `after` must be a valid stream id.
+    /// The dead-letter logs there are: on a single node the global log
+    /// (`None`: no slot); on a cluster every per-slot log
+    /// ([`keys::dead_letters`]) that exists on some master (SCAN of every
+    /// master), with its slot, in slot order.
+    pub async fn dead_letter_logs(&self) -> redis::RedisResult<Vec<(Option<u16>, String)>> {
+        if !self.conn.is_cluster() {
+            return Ok(vec![(None, keys::DEAD_LETTERS.to_owned())]);
+        }
+        let logs = redis_conn::scan_keys(&self.conn, DEAD_LETTERS_PATTERN, 1000).await?;
+        let mut logs: Vec<(Option<u16>, String)> = logs
+            .into_iter()
+            // Only the keys the store writes (`ordo:dlq:{<tag>}`), each
+            // under its slot.
+            .filter_map(|key| {
+                let slot = keys::key_slot(key.as_bytes());
+                (key == keys::dead_letters(slot)).then_some((Some(slot), key))
+            })
+            .collect();
+        logs.sort();
+        Ok(logs)
+    }
+
+    /// Up to `count` entries of dead-letter log `log` from `start` (an
+    /// XRANGE start: `-`, an entry id, or `(` and an entry id for after
+    /// it), oldest first.
+    pub async fn dead_letters_from(
+        &self,
+        log: &str,
+        start: &str,
+        count: usize,
+    ) -> redis::RedisResult<Vec<DeadLetterEntry>> {
+        let mut conn = self.conn.clone();
+        let reply: redis::streams::StreamRangeReply =
+            redis::cmd("XRANGE").arg(log).arg(start).arg("+").arg("COUNT").arg(count).query_async(&mut conn).await?;
+        Ok(reply.ids.iter().filter_map(|raw| entry(log, raw)).collect())
+    }
+
+    /// Up to `count` entries of the global dead-letter log (a single node's)
+    /// after entry `after` (exclusive; `None`: from the oldest).
     pub async fn dead_letters_after(
         &self,
         after: Option<&str>,
         count: usize,
     ) -> redis::RedisResult<Vec<DeadLetterEntry>> {
         let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
-        let mut conn = self.conn.clone();
-        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-            .arg(keys::DEAD_LETTERS)
-            .arg(start)
-            .arg("+")
-            .arg("COUNT")
-            .arg(count)
-            .query_async(&mut conn)
-            .await?;
-        Ok(reply.ids.iter().filter_map(entry).collect())
+        self.dead_letters_from(keys::DEAD_LETTERS, &start, count).await
     }
 
-    /// The dead letter with entry id `id`, if still retained.
-    pub async fn dead_letter(&self, id: &str) -> redis::RedisResult<Option<DeadLetterEntry>> {
+    /// The entry `id` of dead-letter log `log`, if still retained.
+    pub async fn dead_letter(&self, log: &str, id: &str) -> redis::RedisResult<Option<DeadLetterEntry>> {
         let mut conn = self.conn.clone();
         let reply: redis::streams::StreamRangeReply =
-            redis::cmd("XRANGE").arg(keys::DEAD_LETTERS).arg(id).arg(id).query_async(&mut conn).await?;
-        Ok(reply.ids.iter().find_map(entry))
+            redis::cmd("XRANGE").arg(log).arg(id).arg(id).query_async(&mut conn).await?;
+        Ok(reply.ids.iter().find_map(|raw| entry(log, raw)))
     }
 }
 
 /// A dead-letter log entry; `None` (logged) for one the script did not write.
-fn entry(raw: &redis::streams::StreamId) -> Option<DeadLetterEntry> {
+fn entry(log: &str, raw: &redis::streams::StreamId) -> Option<DeadLetterEntry> {
     let bytes = |field: &str| match raw.map.get(field) {
         Some(redis::Value::BulkString(bytes)) => Some(bytes.clone()),
         Some(redis::Value::SimpleString(text)) => Some(text.clone().into_bytes()),
@@ -347,7 +392,7 @@ fn entry(raw: &redis::streams::StreamId) -> Option<DeadLetterEntry> {
         Some(DeadLetterEntry { id: raw.id.clone(), stream_id, sequence, letter: bytes("letter")? })
     })();
     if parsed.is_none() {
-        tracing::warn!(id = %raw.id, key = keys::DEAD_LETTERS, "skipping a malformed dead-letter entry");
+        tracing::warn!(id = %raw.id, key = log, "skipping a malformed dead-letter entry");
     }
     parsed
 }
