@@ -15,10 +15,10 @@
 //! asks [`claimed`]: a live claim on any of the sequences postpones the gap
 //! by another gap timeout, as a local in-flight event does.
 //!
-//! Claims are written in the background, batched (one pipeline per period),
-//! never on the path of an event, so events that settle within
-//! `--claim-after` (the common case) cost no Redis write at all. The price:
-//! an event accepted by one harmonizer less than `--claim-after` before
+//! Claims are written in the background, batched (one pipeline per period;
+//! on a Redis Cluster one per slot, sent at once), never on the path of an
+//! event, so events that settle within `--claim-after` (the common case)
+//! cost no Redis write at all. The price: an event accepted by one harmonizer less than `--claim-after` before
 //! another declares a gap over its sequence is treated like an event that
 //! arrived after the gap: GAP wins (first result wins) and its call gets
 //! FAILED_PRECONDITION for it. A claim of a harmonizer that died lapses after
@@ -28,10 +28,15 @@
 //! Only claims are written here; they are not reorder state (the release
 //! script neither reads nor writes them), and losing them (a Redis restart)
 //! only makes a gap possible again as it is with one harmonizer.
+//!
+//! A stream's claims share its `{stream}` hash tag, so on a cluster
+//! [`claimed`] (TIME and HMGET in one pipeline) runs on the master of the
+//! stream's slot, and a failover loses at most the claims the replica had
+//! not received (as losing them to a restart).
 
 use std::{collections::BTreeMap, time::Duration};
 
-use redis::aio::ConnectionManager;
+use ordo_runtime::redis_conn::RedisConn;
 
 use crate::pool::Pool;
 
@@ -56,7 +61,7 @@ fn redis_millis(time: RedisTime) -> u64 {
 /// (through a drain too: the events it still holds then stay claimed):
 /// every `claim_after / 2`, events held `claim_after` or longer are claimed
 /// (or claimed again every [`RENEW`]), settled ones released.
-pub async fn run(pool: Pool, redis: ConnectionManager, claim_after: Duration) {
+pub async fn run(pool: Pool, redis: RedisConn, claim_after: Duration) {
     tracing::info!(claim_after = %ordo_core::duration::format(claim_after), "claiming events in flight for other harmonizers");
     let period = (claim_after / 2).max(Duration::from_millis(10));
     let mut ticker = tokio::time::interval(period);
@@ -77,6 +82,9 @@ pub async fn run(pool: Pool, redis: ConnectionManager, claim_after: Duration) {
     }
 }
 
+/// `(stream, sequence)` pairs.
+type Pairs = Vec<(String, u64)>;
+
 /// Groups `(stream, sequence)` pairs by stream.
 fn by_stream(pairs: &[(String, u64)]) -> BTreeMap<&str, Vec<u64>> {
     let mut grouped: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
@@ -86,18 +94,42 @@ fn by_stream(pairs: &[(String, u64)]) -> BTreeMap<&str, Vec<u64>> {
     grouped
 }
 
-async fn write(
-    redis: &ConnectionManager,
-    claims: &[(String, u64)],
-    settled: &[(String, u64)],
-) -> redis::RedisResult<()> {
+async fn write(redis: &RedisConn, claims: &[(String, u64)], settled: &[(String, u64)]) -> redis::RedisResult<()> {
     let mut conn = redis.clone();
     let until = if claims.is_empty() {
         0
     } else {
+        // On a cluster, one node's clock stamps claims that the masters of
+        // other slots compare with their own in [`claimed`]: the nodes'
+        // clocks are assumed to agree to well within LEASE (NTP). On one
+        // node every stamp and comparison uses that node's clock.
         let now: RedisTime = redis::cmd("TIME").query_async(&mut conn).await?;
         redis_millis(now).saturating_add(millis(LEASE))
     };
+    if !redis.is_cluster() {
+        return pipeline(claims, settled, until).query_async::<()>(&mut conn).await;
+    }
+    // A cluster pipeline must keep to one slot: one per slot, sent at once
+    // (multiplexed per master), each failing on its own.
+    let mut slots: BTreeMap<u16, (Pairs, Pairs)> = BTreeMap::new();
+    for pair in claims {
+        slots.entry(ordo_core::keys::stream_slot(&pair.0)).or_default().0.push(pair.clone());
+    }
+    for pair in settled {
+        slots.entry(ordo_core::keys::stream_slot(&pair.0)).or_default().1.push(pair.clone());
+    }
+    let calls = slots.values().map(|(claims, settled)| {
+        let mut conn = redis.clone();
+        let pipe = pipeline(claims, settled, until);
+        async move { pipe.query_async::<()>(&mut conn).await }
+    });
+    let answers = futures::future::join_all(calls).await;
+    // Every slot was tried; the first error stands for all (logged once).
+    answers.into_iter().collect::<redis::RedisResult<Vec<()>>>().map(drop)
+}
+
+/// One pipeline that claims `claims` until `until` and removes `settled`.
+fn pipeline(claims: &[(String, u64)], settled: &[(String, u64)], until: u64) -> redis::Pipeline {
     let mut pipe = redis::pipe();
     for (stream, sequences) in by_stream(claims) {
         let key = ordo_core::keys::claims(stream);
@@ -109,13 +141,13 @@ async fn write(
     for (stream, sequences) in by_stream(settled) {
         pipe.hdel(ordo_core::keys::claims(stream), sequences).ignore();
     }
-    pipe.query_async::<()>(&mut conn).await
+    pipe
 }
 
 /// Whether another harmonizer (or this one) holds a live claim on any of
 /// `from..to` of `stream`. When Redis cannot tell, the answer is yes: a gap
 /// is never declared on a guess.
-pub async fn claimed(redis: &ConnectionManager, stream: &str, from: u64, to: u64) -> bool {
+pub async fn claimed(redis: &RedisConn, stream: &str, from: u64, to: u64) -> bool {
     if from >= to {
         return false;
     }

@@ -56,7 +56,7 @@ pub struct Shared {
     /// Where results the harmonizer produces itself (GAP) are recorded.
     pub sink: ResultSink,
     pub push_gateway: PushGatewayClient<TracedChannel>,
-    pub redis: redis::aio::ConnectionManager,
+    pub redis: ordo_runtime::redis_conn::RedisConn,
     /// Whether Redis answers: events that need it are refused at once while
     /// it has been down a while, instead of each waiting out the retries.
     pub readiness: Readiness,
@@ -68,7 +68,7 @@ pub struct Shared {
 pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
     metrics::describe();
     // Lazy: health is served (NOT_SERVING) at once, even while Redis is down.
-    let redis = ordo_runtime::redis_conn::lazy(&config.redis_url)?;
+    let redis = ordo_runtime::redis_conn::connect(&config.redis_url)?;
     let (readiness, _watcher) = Readiness::watch(vec![Dependency::redis(redis.clone())], shutdown.clone());
     let sink = ResultSink::start(discovery::watch(&config.reassemblers, &config.discovery)?)?;
     let stateless = StatelessClient::new(ordo_runtime::client::traced(&config.stateless)?);

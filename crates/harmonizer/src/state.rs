@@ -4,7 +4,7 @@
 
 use ordo_core::keys;
 use ordo_proto::v1::OrderingMode;
-use redis::aio::ConnectionManager;
+use ordo_runtime::redis_conn::RedisConn;
 
 #[derive(Debug, Clone, Copy)]
 pub struct StreamMeta {
@@ -16,7 +16,7 @@ pub struct StreamMeta {
     pub mode: Option<OrderingMode>,
 }
 
-pub async fn read(conn: &ConnectionManager, stream: &str) -> redis::RedisResult<StreamMeta> {
+pub async fn read(conn: &RedisConn, stream: &str) -> redis::RedisResult<StreamMeta> {
     let mut command = redis::cmd("HMGET");
     command.arg(keys::meta(stream)).arg(&["next", "released", "mode"]);
     let (next, released, mode): (Option<u64>, Option<u64>, Option<u8>) = ordo_runtime::redis_conn::call(|| {

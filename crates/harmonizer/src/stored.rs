@@ -6,13 +6,13 @@
 
 use ordo_core::keys;
 use ordo_proto::v1::{EventResult, OrderingMode};
+use ordo_runtime::redis_conn::RedisConn;
 use prost::Message;
-use redis::aio::ConnectionManager;
 
 /// The stored result of (stream, sequence), if there is one. UNORDERED
 /// streams can only be looked up while pending (their log is by position).
 pub async fn read(
-    conn: &ConnectionManager,
+    conn: &RedisConn,
     stream: &str,
     sequence: u64,
     mode: OrderingMode,

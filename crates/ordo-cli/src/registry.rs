@@ -65,7 +65,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         _ => None,
     };
     let url = args.redis_url.as_str();
-    let conn = ordo_runtime::redis_conn::lazy(url)?;
+    let conn = ordo_runtime::redis_conn::connect(url)?;
     let store = Store::new(conn);
     let outcome = match args.command {
         Command::Publish { .. } => publish(&store, file.as_deref().unwrap_or_default()).await,

@@ -18,7 +18,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 use ordo_runtime::Shutdown;
-use redis::aio::ConnectionManager;
+use ordo_runtime::redis_conn::RedisConn;
 use tokio::sync::watch;
 
 use crate::{
@@ -72,7 +72,7 @@ pub struct Follower {
 impl Follower {
     /// Reads the registry once (for at most a second, so a service whose
     /// Redis is down still starts) and then follows it until `shutdown`.
-    pub async fn start(conn: ConnectionManager, builtin: Catalog, pin: Pin, shutdown: Shutdown) -> Self {
+    pub async fn start(conn: impl Into<RedisConn>, builtin: Catalog, pin: Pin, shutdown: Shutdown) -> Self {
         let builtin = Arc::new(builtin);
         let (changes, _) = watch::channel(builtin.version);
         let follower = Self {
@@ -105,7 +105,7 @@ impl Follower {
     }
 
     /// A follower that never reads Redis: always `catalog` (tests, tools).
-    pub fn fixed(conn: ConnectionManager, catalog: Catalog) -> Self {
+    pub fn fixed(conn: impl Into<RedisConn>, catalog: Catalog) -> Self {
         let catalog = Arc::new(catalog);
         let (changes, _) = watch::channel(catalog.version);
         Self {

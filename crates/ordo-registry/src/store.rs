@@ -6,7 +6,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ordo_core::keys;
-use redis::aio::ConnectionManager;
+use ordo_runtime::redis_conn::RedisConn;
 
 use crate::{
     document::{self, DocumentError},
@@ -78,15 +78,17 @@ fn now_unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)).unwrap_or(0)
 }
 
-/// The registry in one Redis (cheap to clone).
+/// The registry in one Redis, a single node or a cluster (cheap to clone).
+/// Every registry key has the `{registry}` hash tag, so on a cluster they
+/// all live in one slot and each command and script keeps to it.
 #[derive(Clone)]
 pub struct Store {
-    conn: ConnectionManager,
+    conn: RedisConn,
 }
 
 impl Store {
-    pub fn new(conn: ConnectionManager) -> Self {
-        Self { conn }
+    pub fn new(conn: impl Into<RedisConn>) -> Self {
+        Self { conn: conn.into() }
     }
 
     /// Checks `text` and publishes it as the next version, which becomes

@@ -104,7 +104,7 @@ impl Worker {
     pub async fn run(self, args: WorkerArgs, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
         args.validate().map_err(anyhow::Error::msg)?;
         self.operations.check().map_err(anyhow::Error::msg)?;
-        let conn = ordo_runtime::redis_conn::lazy(&args.redis_url)?;
+        let conn = ordo_runtime::redis_conn::connect(&args.redis_url)?;
         let follower = Follower::start(conn, self.operations.catalog(), args.registry_pin, shutdown.clone()).await;
         self.serve(args, follower, listener, shutdown).await
     }
