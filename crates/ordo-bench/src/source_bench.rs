@@ -158,14 +158,21 @@ pub struct Delivery {
     pub duplicated: usize,
     /// First results of a message that came after a later message of the same key.
     pub reordered: usize,
-    /// Results naming no published message, or the wrong key.
+    /// Results naming no published message, or the wrong key (or, for
+    /// Ordo, a per-key sequence other than the message's).
     pub foreign: usize,
+    /// Results that are not OK.
+    pub failed: usize,
 }
 
 impl Delivery {
     /// Nothing lost, duplicated or foreign; and, when `ordered`, nothing reordered.
     pub fn clean(&self, ordered: bool) -> bool {
-        self.lost == 0 && self.duplicated == 0 && self.foreign == 0 && (!ordered || self.reordered == 0)
+        self.lost == 0
+            && self.duplicated == 0
+            && self.foreign == 0
+            && self.failed == 0
+            && (!ordered || self.reordered == 0)
     }
 }
 
@@ -241,6 +248,8 @@ struct Arrival {
     at: Instant,
     /// How long the work really slept (the plain consumers measure it).
     slept: Option<Duration>,
+    /// The result is not OK (Ordo's `Ordo-Status` header).
+    failed: bool,
 }
 
 type Arrivals = Vec<Arrival>;
@@ -273,11 +282,11 @@ async fn connect(url: &str, in_flight: usize) -> anyhow::Result<(async_nats::Cli
     Ok((client, js))
 }
 
-/// A fresh stream `name` on `<prefix>.*` (file storage, as in production).
+/// A fresh stream `name` on `<prefix>.>` (file storage, as in production).
 async fn create_stream(js: &jetstream::Context, name: &str, prefix: &str) -> anyhow::Result<stream::Stream> {
     js.create_stream(stream::Config {
         name: name.to_owned(),
-        subjects: vec![format!("{prefix}.*")],
+        subjects: vec![format!("{prefix}.>")],
         storage: stream::StorageType::File,
         ..Default::default()
     })
@@ -394,7 +403,7 @@ async fn plain_consumer(
                 tasks.spawn(async move {
                     let slept = work(delay).await;
                     drop(permit);
-                    let _ = done.send(Arrival { key, index, at: Instant::now(), slept: Some(slept) });
+                    let _ = done.send(Arrival { key, index, at: Instant::now(), slept: Some(slept), failed: false });
                     let _ = message.ack().await;
                 });
             }
@@ -407,8 +416,13 @@ async fn plain_consumer(
                             let Ok(permit) = permits.acquire().await else { return };
                             let slept = work(delay).await;
                             drop(permit);
-                            let _ =
-                                done.send(Arrival { key: key.clone(), index, at: Instant::now(), slept: Some(slept) });
+                            let _ = done.send(Arrival {
+                                key: key.clone(),
+                                index,
+                                at: Instant::now(),
+                                slept: Some(slept),
+                                failed: false,
+                            });
                             let _ = message.ack().await;
                         }
                     });
@@ -453,7 +467,8 @@ fn row(
     note: String,
 ) -> Row {
     let pairs: Vec<(String, u64)> = arrivals.iter().map(|a| (a.key.clone(), a.index)).collect();
-    let delivery = check(plan, &pairs);
+    let mut delivery = check(plan, &pairs);
+    delivery.failed = arrivals.iter().filter(|a| a.failed).count();
     let last = arrivals.iter().map(|a| a.at).max().unwrap_or(published.started);
     let elapsed = last.saturating_duration_since(published.started).as_secs_f64();
     let mut latencies = Latencies::new();
@@ -562,32 +577,45 @@ pub async fn run(config: &Config) -> anyhow::Result<Report> {
 /// The Ordo variant: the suite, `ordo-source` between the stream and the
 /// harmonizer, and a reader of the sink's results stream.
 mod ordo {
-    use std::process::Stdio;
-
-    use integration_tests::{Cluster, nats::NatsServer, process::binary};
+    use integration_tests::{
+        Cluster,
+        nats::NatsServer,
+        process::{ServiceProcess, ServiceSpec, binary},
+    };
 
     use super::*;
+
+    /// Headers of a sink message (`ordo_source::sink`).
+    const STATUS_HEADER: &str = "Ordo-Status";
+    const SEQUENCE_HEADER: &str = "Ordo-Sequence";
 
     /// The sink's subjects of a scenario: `<prefix>.<key>`.
     fn sink_prefix(keys: usize) -> String {
         format!("bench.results.k{keys}")
     }
 
-    /// `ordo-source`'s command line for one scenario.
-    fn source_args(nats: &NatsServer, harmonizer: &str, stream: &str, durable: &str, sink: &str) -> Vec<String> {
+    /// `ordo-source`'s command line for one scenario (the testkit adds `--listen`).
+    fn source_args(cluster: &Cluster, nats: &NatsServer, stream: &str, name: &str, sink: &str) -> Vec<String> {
+        let sink_stream = format!("{stream}_RESULTS");
         [
             "--nats-url",
             &nats.url(),
             "--stream",
             stream,
-            "--durable",
-            durable,
+            "--name",
+            name,
+            "--key",
+            &format!("header:{KEY_HEADER}"),
             "--harmonizer",
-            &format!("http://{harmonizer}"),
+            &cluster.harmonizer_addr(),
+            "--redis-url",
+            &cluster.redis_url(),
             "--operation",
             crate::bench::OPERATION,
             "--sink-prefix",
             sink,
+            "--sink-stream",
+            &sink_stream,
         ]
         .iter()
         .map(|s| (*s).to_owned())
@@ -595,34 +623,26 @@ mod ordo {
     }
 
     /// Waits until `ordo-source` created its durable consumer (it is then
-    /// pulling), or fails when it exits first.
-    async fn wait_for_consumer(
-        stream: &mut stream::Stream,
-        durable: &str,
-        child: &mut tokio::process::Child,
-        log: &Path,
-    ) -> anyhow::Result<()> {
+    /// pulling).
+    async fn wait_for_consumer(stream: &mut stream::Stream, durable: &str, log: &Path) -> anyhow::Result<()> {
         let end = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = child.try_wait().context("cannot poll ordo-source")? {
-                let tail = std::fs::read_to_string(log).unwrap_or_default();
-                bail!("ordo-source exited with {status} before pulling; its log:\n{tail}");
-            }
-            if stream.consumer_info(durable).await.is_ok() {
-                return Ok(());
-            }
+        while stream.consumer_info(durable).await.is_err() {
             if Instant::now() > end {
                 bail!("ordo-source did not create consumer {durable} within 30 s (log {})", log.display());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        Ok(())
     }
 
-    /// Reads the results stream from its start: (key, index, arrival) of
-    /// every stored result, sent to `tx`, until aborted.
+    /// Reads the results stream from its start: every stored result, sent
+    /// to `tx`, until aborted. A result whose payload is not an index, or
+    /// whose `Ordo-Sequence` is not its message's place in its key, counts
+    /// as foreign.
     async fn read_results(
         results: stream::Stream,
         sink: String,
+        keys: usize,
         tx: mpsc::UnboundedSender<Arrival>,
     ) -> anyhow::Result<()> {
         let consumer = results
@@ -639,9 +659,13 @@ mod ordo {
             let message = message.map_err(|e| anyhow::anyhow!("pull of results failed: {e}"))?;
             let at = Instant::now();
             let key = message.subject.as_str().strip_prefix(&prefix).unwrap_or(message.subject.as_str()).to_owned();
-            // A result whose payload is not an index counts as foreign.
-            let index = parse_index(&message.payload).unwrap_or(u64::MAX);
-            if tx.send(Arrival { key, index, at, slept: None }).is_err() {
+            let header = |name: &str| message.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_owned());
+            let index = parse_index(&message.payload)
+                .ok()
+                .filter(|i| header(SEQUENCE_HEADER).and_then(|s| s.parse::<u64>().ok()) == Some(i / keys as u64))
+                .unwrap_or(u64::MAX);
+            let failed = header(STATUS_HEADER).as_deref() != Some("OK");
+            if tx.send(Arrival { key, index, at, slept: None, failed }).is_err() {
                 return Ok(());
             }
         }
@@ -661,30 +685,36 @@ mod ordo {
             .context("cannot start the Ordo suite")?;
         crate::bench::warm_up(&cluster, crate::driver::unix_nanos()).await?;
         let k = plan.keys;
-        let (stream_name, prefix, durable) =
-            (format!("BENCH_ORDO_K{k}"), format!("bench.ordo.k{k}"), format!("ordo-k{k}"));
+        let (stream_name, prefix, name) =
+            (format!("BENCH_ORDO_K{k}"), format!("bench.ordo.k{k}"), format!("bench-k{k}"));
         let mut stream = create_stream(js, &stream_name, &prefix).await?;
         let sink = sink_prefix(k);
-        let results = create_stream(js, &format!("BENCH_RESULTS_K{k}"), &sink).await?;
-
-        let log = cluster.log_dir().join("ordo-source.log");
-        let file = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
-        let mut child = tokio::process::Command::new(binary("ordo-source"))
-            .args(source_args(nats, &cluster.harmonizer_addr(), &stream_name, &durable, &sink))
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().context("cannot duplicate the log handle")?)
-            .stderr(file)
-            .kill_on_drop(true)
-            .spawn()
+        let results = create_stream(js, &format!("{stream_name}_RESULTS"), &sink).await?;
+        let spec = ServiceSpec {
+            name: "ordo-source".into(),
+            binary: binary("ordo-source"),
+            args: source_args(&cluster, nats, &stream_name, &name, &sink),
+            env: Vec::new(),
+        };
+        let mut source = ServiceProcess::start(spec, cluster.log_dir(), Duration::from_secs(30))
+            .await
             .context("cannot start ordo-source")?;
-        wait_for_consumer(&mut stream, &durable, &mut child, &log).await?;
+        wait_for_consumer(&mut stream, &name, source.log_path()).await?;
 
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let reader = tokio::spawn(read_results(results, sink, tx));
+        let reader = tokio::spawn(read_results(results, sink, k, tx));
         let published = publish(js, &prefix, plan, config.publish_in_flight).await?;
         let arrivals = collect(&mut rx, plan.len(), config.deadline).await;
         reader.abort();
-        let _ = child.kill().await;
+        if arrivals.len() < plan.len() {
+            eprintln!(
+                "ordo-bench-source: K={k}: {} of {} results; ordo-source's log:\n{}",
+                arrivals.len(),
+                plan.len(),
+                source.log_tail(30)
+            );
+        }
+        source.kill();
         let note = format!("worker --concurrency {}", config.concurrency);
         Ok(row(
             plan,
@@ -773,14 +803,14 @@ impl Report {
     /// One CSV line per row.
     pub fn csv(&self) -> String {
         let mut out = String::from(
-            "keys,variant,ordered,events,elapsed_s,events_per_s,publish_s,ideal_s,e2e_p50_ms,e2e_p99_ms,e2e_max_ms,received,lost,duplicated,reordered,foreign\n",
+            "keys,variant,ordered,events,elapsed_s,events_per_s,publish_s,ideal_s,mean_sleep_ms,e2e_p50_ms,e2e_p99_ms,e2e_max_ms,received,lost,duplicated,reordered,foreign,failed\n",
         );
         for r in &self.rows {
             let e = r.end_to_end;
             let d = r.delivery;
             let _ = writeln!(
                 out,
-                "{},{},{},{},{:.4},{:.1},{:.4},{:.4},{},{},{},{},{},{},{},{}",
+                "{},{},{},{},{:.4},{:.1},{:.4},{:.4},{},{},{},{},{},{},{},{},{},{}",
                 r.keys,
                 r.variant,
                 r.ordered,
@@ -789,6 +819,7 @@ impl Report {
                 r.events_per_s,
                 r.publish_s,
                 r.ideal_s,
+                r.mean_sleep_ms.map_or_else(String::new, |m| format!("{m:.3}")),
                 ms(e.map(|s| s.p50_ms)),
                 ms(e.map(|s| s.p99_ms)),
                 ms(e.map(|s| s.max_ms)),
@@ -796,7 +827,8 @@ impl Report {
                 d.lost,
                 d.duplicated,
                 d.reordered,
-                d.foreign
+                d.foreign,
+                d.failed
             );
         }
         out
@@ -823,7 +855,7 @@ impl crate::results::Report for Report {
         );
         let _ = writeln!(
             out,
-            "| K | variant | events | time (s) | events/s | ideal (s) | slept, mean (ms) | publish (s) | e2e p50 (ms) | e2e p99 (ms) | lost / dup / reordered / foreign |"
+            "| K | variant | events | time (s) | events/s | ideal (s) | slept, mean (ms) | publish (s) | e2e p50 (ms) | e2e p99 (ms) | lost / dup / reordered / foreign / failed |"
         );
         let _ = writeln!(out, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
         for r in &self.rows {
@@ -831,7 +863,7 @@ impl crate::results::Report for Report {
             let checked = if r.ordered { d.reordered.to_string() } else { format!("({}, not required)", d.reordered) };
             let _ = writeln!(
                 out,
-                "| {} | {} ({}) | {} | {:.3} | {:.0} | {:.3} | {} | {:.3} | {} | {} | {} / {} / {} / {} |",
+                "| {} | {} ({}) | {} | {:.3} | {:.0} | {:.3} | {} | {:.3} | {} | {} | {} / {} / {} / {} / {} |",
                 r.keys,
                 r.variant,
                 r.note,
@@ -846,7 +878,8 @@ impl crate::results::Report for Report {
                 d.lost,
                 d.duplicated,
                 checked,
-                d.foreign
+                d.foreign,
+                d.failed
             );
         }
         out
@@ -934,7 +967,7 @@ mod tests {
         let published = Published { sent: vec![Instant::now(); 10], started: Instant::now(), finished: Instant::now() };
         let now = Instant::now();
         let mut arrivals: Arrivals =
-            (0..10).map(|i| Arrival { key: p.key(i), index: i as u64, at: now, slept: None }).collect();
+            (0..10).map(|i| Arrival { key: p.key(i), index: i as u64, at: now, slept: None, failed: false }).collect();
         arrivals.swap(0, 1);
         let bad = row(&p, "x", true, &published, &arrivals, Duration::ZERO, String::new());
         let report = |rows| Report {
