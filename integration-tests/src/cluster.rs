@@ -1,4 +1,5 @@
-//! The whole Ordo topology for one test: a private redis-server, `stateless`,
+//! The whole Ordo topology for one test: a private redis-server (or, with
+//! [`ClusterBuilder::redis_cluster`], a private Redis Cluster), `stateless`,
 //! N `reassembler`s, `push-gateway`, M `stateful-worker`s and one or more
 //! `harmonizer`s (sharing everything behind them), each on its own 127.0.0.1
 //! port, started in dependency order and each waited for until
@@ -24,6 +25,7 @@ use crate::{
     eventually::eventually,
     ports::free_port,
     process::{ServiceProcess, ServiceSpec, binary, indent},
+    redis_cluster::RedisCluster,
     redis_server::{RedisServer, RedisTlsFiles},
     tls::TestPki,
 };
@@ -89,6 +91,8 @@ pub struct ClusterBuilder {
     redis_tls: Option<RedisTlsFiles>,
     /// The Redis ACL user every service connects as ([`ClusterBuilder::redis_user`]).
     redis_user: Option<crate::redis_acl::AclUser>,
+    /// A private Redis Cluster instead of one redis-server ([`ClusterBuilder::redis_cluster`]).
+    redis_cluster: bool,
 }
 
 impl Default for ClusterBuilder {
@@ -109,6 +113,7 @@ impl Default for ClusterBuilder {
             tls: None,
             redis_tls: None,
             redis_user: None,
+            redis_cluster: false,
         }
     }
 }
@@ -122,6 +127,16 @@ where
 }
 
 impl ClusterBuilder {
+    /// Every service on a private Redis Cluster (`redis_cluster`: 3 masters
+    /// with 1 replica each, node timeout 1 s) through its `redis+cluster://`
+    /// URL, instead of one redis-server; [`Cluster::redis_cluster`] kills,
+    /// restarts and fails over its nodes. Not with [`Self::durable_redis`],
+    /// [`Self::redis_tls`] or [`Self::redis_user`] (starting fails).
+    pub fn redis_cluster(mut self) -> Self {
+        self.redis_cluster = true;
+        self
+    }
+
     /// A redis-server that survives SIGKILL (append-only file, fsync always).
     pub fn durable_redis(mut self) -> Self {
         self.durable_redis = true;
@@ -283,13 +298,23 @@ impl ClusterBuilder {
             env: self.env.clone(),
         };
 
-        let redis = RedisServer::start_with_tls(dir, self.durable_redis, self.redis_tls.clone())
-            .await
-            .context("redis-server")?;
-        let mut redis_url = redis.tls_url().unwrap_or_else(|| redis.url());
-        if let Some(user) = &self.redis_user {
-            redis_url = user.apply(&redis_url).await.context("the Redis ACL user")?;
-        }
+        let (redis, redis_url) = if self.redis_cluster {
+            if self.durable_redis || self.redis_tls.is_some() || self.redis_user.is_some() {
+                anyhow::bail!("redis_cluster() does not combine with durable_redis(), redis_tls() or redis_user()");
+            }
+            let cluster = RedisCluster::start().await.context("the private Redis Cluster")?;
+            let url = cluster.url();
+            (Redis::Cluster(cluster), url)
+        } else {
+            let redis = RedisServer::start_with_tls(dir, self.durable_redis, self.redis_tls.clone())
+                .await
+                .context("redis-server")?;
+            let mut redis_url = redis.tls_url().unwrap_or_else(|| redis.url());
+            if let Some(user) = &self.redis_user {
+                redis_url = user.apply(&redis_url).await.context("the Redis ACL user")?;
+            }
+            (Redis::Single(redis), redis_url)
+        };
 
         let stateless = ServiceProcess::start(
             spec("stateless".into(), &bins.stateless, self.stateless_args.clone()),
@@ -351,8 +376,25 @@ impl ClusterBuilder {
         }))
         .await?;
 
-        Ok(Parts { redis, stateless, reassemblers, push_gateway, workers, harmonizers, sse_port, tls: self.tls })
+        Ok(Parts {
+            redis,
+            redis_url,
+            stateless,
+            reassemblers,
+            push_gateway,
+            workers,
+            harmonizers,
+            sse_port,
+            tls: self.tls,
+        })
     }
+}
+
+/// The private Redis of a [`Cluster`]: one node, or a Redis Cluster.
+#[derive(Debug)]
+enum Redis {
+    Single(RedisServer),
+    Cluster(RedisCluster),
 }
 
 struct Bins {
@@ -363,7 +405,9 @@ struct Bins {
 }
 
 struct Parts {
-    redis: RedisServer,
+    redis: Redis,
+    /// The URL the services were given.
+    redis_url: String,
     stateless: ServiceProcess,
     reassemblers: Vec<ServiceProcess>,
     push_gateway: ServiceProcess,
@@ -382,7 +426,8 @@ pub struct Cluster {
     push_gateway: ServiceProcess,
     reassemblers: Vec<ServiceProcess>,
     stateless: ServiceProcess,
-    redis: RedisServer,
+    redis: Redis,
+    redis_url: String,
     harmonizer_channels: Vec<Channel>,
     push_gateway_channel: Channel,
     reassembler_channels: Vec<Channel>,
@@ -430,6 +475,7 @@ impl Cluster {
             reassemblers: parts.reassemblers,
             stateless: parts.stateless,
             redis: parts.redis,
+            redis_url: parts.redis_url,
             sse_port: parts.sse_port,
             logs,
         }
@@ -502,19 +548,35 @@ impl Cluster {
         }
     }
 
-    /// `redis://127.0.0.1:<port>` of the private redis-server.
+    /// The private Redis as the test reaches it: `redis://127.0.0.1:<port>`
+    /// of the redis-server (with neither TLS nor the ACL user), or the
+    /// `redis+cluster://` URL of the Redis Cluster the services were given.
     pub fn redis_url(&self) -> String {
-        self.redis.url()
+        match &self.redis {
+            Redis::Single(redis) => redis.url(),
+            Redis::Cluster(_) => self.redis_url.clone(),
+        }
+    }
+
+    /// Whether the services run on a Redis Cluster ([`ClusterBuilder::redis_cluster`]).
+    pub fn on_redis_cluster(&self) -> bool {
+        matches!(self.redis, Redis::Cluster(_))
+    }
+
+    /// A connection to the private Redis, one node or the cluster (as the
+    /// services connect: [`ordo_runtime::redis_conn::connect`]).
+    pub fn redis_conn(&self) -> anyhow::Result<ordo_runtime::redis_conn::RedisConn> {
+        ordo_runtime::redis_conn::connect(&self.redis_url())
     }
 
     /// The operation registry in the cluster's Redis (publish, pin, unpin,
     /// rollback, as `ordo registry` does), which every service follows.
     pub async fn registry(&self) -> anyhow::Result<Store> {
-        let client = redis::Client::open(self.redis_url()).context("the testkit's redis URL")?;
-        let conn = tokio::time::timeout(REDIS_CONNECT, client.get_connection_manager())
+        let conn = self.redis_conn().context("the testkit's redis URL")?;
+        tokio::time::timeout(REDIS_CONNECT, ordo_runtime::redis_conn::ping(&conn, REDIS_CONNECT))
             .await
             .context("connecting to the cluster's redis timed out")?
-            .context("connecting to the cluster's redis")?;
+            .map_err(|e| anyhow::anyhow!("connecting to the cluster's redis: {e}"))?;
         Ok(Store::new(conn))
     }
 
@@ -618,8 +680,27 @@ impl Cluster {
         &mut self.stateless
     }
 
+    /// The private redis-server (kill, restart, freeze).
+    ///
+    /// # Panics
+    /// When the services run on a Redis Cluster ([`Cluster::redis_cluster`]).
     pub fn redis(&mut self) -> &mut RedisServer {
-        &mut self.redis
+        match &mut self.redis {
+            Redis::Single(redis) => redis,
+            Redis::Cluster(_) => panic!("this cluster runs on a Redis Cluster: use Cluster::redis_cluster"),
+        }
+    }
+
+    /// The private Redis Cluster (kill, restart, fail over its nodes), when
+    /// started with [`ClusterBuilder::redis_cluster`].
+    ///
+    /// # Panics
+    /// When the services run on one redis-server ([`Cluster::redis`]).
+    pub fn redis_cluster(&mut self) -> &mut RedisCluster {
+        match &mut self.redis {
+            Redis::Cluster(cluster) => cluster,
+            Redis::Single(_) => panic!("this cluster runs on one redis-server: use Cluster::redis"),
+        }
     }
 
     /// Where every process logs (`<name>.log`, `redis.log`).
@@ -643,7 +724,11 @@ impl Cluster {
     pub fn pids(&self) -> Vec<(String, Option<u32>)> {
         self.processes()
             .map(|p| (p.name().to_owned(), p.pid()))
-            .chain(std::iter::once(("redis".to_owned(), self.redis.pid())))
+            .chain(match &self.redis {
+                Redis::Single(redis) => Some(("redis".to_owned(), redis.pid())),
+                // Six nodes; benchmarks measure the one-node topology.
+                Redis::Cluster(_) => None,
+            })
             .collect()
     }
 
@@ -677,6 +762,11 @@ impl Cluster {
             out.push_str(&indent(&process.log_tail(lines)));
             out.push('\n');
         }
+        if let Redis::Cluster(cluster) = &self.redis {
+            out.push_str("---- redis cluster ----\n");
+            out.push_str(&indent(&cluster.log_tails(lines)));
+            out.push('\n');
+        }
         out
     }
 }
@@ -686,7 +776,11 @@ impl Drop for Cluster {
         for process in self.processes_mut() {
             process.kill();
         }
-        self.redis.kill();
+        match &mut self.redis {
+            Redis::Single(redis) => redis.kill(),
+            // Its nodes are killed when it drops, after this.
+            Redis::Cluster(_) => {}
+        }
         let failing = std::thread::panicking();
         let wanted = std::env::var("TEST_LOG").is_ok_and(|v| !v.is_empty() && v != "0");
         if failing || wanted {

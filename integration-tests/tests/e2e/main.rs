@@ -11,6 +11,7 @@ mod auth;
 mod bad_input;
 mod bounded_follows;
 mod cancel;
+mod cluster_ordering;
 mod contract;
 mod dashboard;
 mod dead_letters;
