@@ -16,7 +16,7 @@ pub const ORDO_ACL_RULES: &str = "resetkeys ~ordo:* resetchannels &ordo:* -@all 
 +get +set +mget +getdel +del +incr +pexpire +exists +scan +time \
 +hget +hmget +hset +hdel +hlen +hscan \
 +xadd +xrange +xrevrange \
-+publish +subscribe +unsubscribe \
++spublish +ssubscribe +sunsubscribe \
 +evalsha +script|load";
 
 /// The ACL user every service of a cluster connects as.

@@ -11,9 +11,10 @@
 //! - `ordo:{s}:claims` — hash: in-flight claims of harmonizers ([`claims`]).
 //!
 //! Every release is also published as an encoded `ReleasedBatch`, for live
-//! tailing: on a single node on [`RELEASED_CHANNEL`] (PUBLISH); on a Redis
-//! Cluster on the stream's slot channel [`released_channel`] (SPUBLISH,
-//! sharded pub/sub), since one script call may touch one slot only.
+//! tailing, on the stream's slot channel [`released_channel`] (SPUBLISH,
+//! sharded pub/sub), on a single node and on a Redis Cluster alike: a reader
+//! subscribes only the slots it follows, and on a cluster the channel is in
+//! the slot of the script call that publishes it.
 //!
 //! Across streams, [`DEAD_LETTERS`] is a stream of every stored FAILED and
 //! GAP result's dead letter (written by the same script, atomically with the
@@ -46,7 +47,8 @@ pub fn registry_version(version: u64) -> String {
     format!("{REGISTRY_VERSION_PREFIX}{version}")
 }
 
-/// Pub/sub channel of released batches (single node).
+/// Prefix of the per-slot release channels ([`released_channel`]); nothing
+/// is published on this name itself.
 pub const RELEASED_CHANNEL: &str = "ordo:released";
 
 /// The dead-letter log (a Redis stream, single node), see the module docs.
@@ -56,7 +58,7 @@ pub const DEAD_LETTERS: &str = "ordo:dlq";
 pub const SLOTS: u16 = 16384;
 
 /// The sharded pub/sub channel of the released batches of every stream in
-/// `slot` (Redis Cluster): `ordo:released:{<tag>}`, in that slot.
+/// `slot`: `ordo:released:{<tag>}`, in that slot.
 pub fn released_channel(slot: u16) -> String {
     format!("{RELEASED_CHANNEL}:{{{}}}", slot_tag(slot))
 }

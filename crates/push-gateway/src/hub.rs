@@ -1,22 +1,39 @@
-//! The live tail: one Redis pub/sub connection on `ordo:released`, fanned out
-//! in memory to the subscribers of each stream.
+//! The live tail: sharded pub/sub on the release channels of exactly the
+//! slots whose streams somebody follows, fanned out in memory to the
+//! subscribers of each stream.
+//!
+//! The reassembler SPUBLISHes every stream's releases to its slot's channel
+//! `ordo:released:{<tag>}` ([`keys::released_channel`]), on one node and on a
+//! Redis Cluster alike. The hub keeps, per slot, the followed streams in it:
+//! the first [`Subscription`] of a stream in a slot makes the slot wanted,
+//! the last one leaving makes it unwanted, and one task ([`Hub::listen`])
+//! SSUBSCRIBEs / SUNSUBSCRIBEs the channels to match, on one RESP3
+//! connection (single node) or the cluster client (which routes each slot's
+//! command to its master). So a gateway's Redis traffic grows with what its
+//! subscribers follow, and idle streams (and slots) cost it nothing.
 //!
 //! Delivery to a subscriber never blocks the hub: each has a bounded buffer,
 //! and when it is full the subscriber is flagged *lagged* and later catches up
-//! from the release log instead. After a pub/sub reconnect every subscriber is
-//! flagged, since messages may have been missed. Memory per subscriber is
-//! therefore bounded whatever its speed.
+//! from the release log instead. Memory per subscriber is therefore bounded
+//! whatever its speed. Nothing is lost across a subscription change, a
+//! pub/sub reconnect or a failover either: whenever Redis confirms a slot's
+//! subscription (the first time, after a reconnect, after a failover moved
+//! the slot), every subscriber of a stream in that slot is flagged lagged, so
+//! it re-reads the log from its cursor: whatever was released while the slot
+//! was not heard is in the log.
 //!
 //! A stream has an entry in the hub only while somebody subscribes to it
 //! (the last [`Subscription`] dropped removes it; `ordo_push_hub_streams`
-//! counts them), so idle streams cost the hub nothing.
+//! counts them, `ordo_push_hub_slots` the slots subscribed).
 //!
 //! Besides per-stream subscribers, a [`Firehose`] hears the id of every
-//! stream with a release (the AMQP outbox uses it to learn what to publish);
-//! it has the same bounded buffer and lagged flag.
+//! stream with a release (the AMQP publisher holds one while it leads): it
+//! wants every slot while it lives, has the same bounded buffer, and its
+//! lagged flag is raised once every slot is heard (at first, and again after
+//! any reconnect or failover), so its owner scans for what it missed.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -24,12 +41,21 @@ use std::{
     time::Duration,
 };
 
-use futures::StreamExt;
+use futures::StreamExt as _;
+use ordo_core::keys;
 use ordo_proto::v1::ReleasedBatch;
 use prost::Message;
+use redis::{
+    PushInfo, PushKind, Value,
+    cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo},
+};
 use tokio::sync::{Notify, mpsc};
 
 use crate::Shutdown;
+
+/// SSUBSCRIBE / SUNSUBSCRIBE commands in flight at once (a firehose wants
+/// every slot: 16,384 commands, one channel each).
+const PARALLEL_COMMANDS: usize = 64;
 
 struct Entry {
     id: u64,
@@ -60,25 +86,215 @@ impl Signal {
     }
 }
 
+/// What the hub wants from Redis and what Redis confirmed, per slot. Pure
+/// bookkeeping (no I/O), so the reference counting is unit-tested alone.
+struct Slots {
+    /// Followed streams per slot (only slots with some).
+    streams: HashMap<u16, HashSet<String>>,
+    /// Live firehoses: while there is one, every slot is wanted.
+    firehoses: usize,
+    /// Slots the listener asked Redis for (SSUBSCRIBE succeeded, no
+    /// SUNSUBSCRIBE since, not dropped by Redis since).
+    requested: Vec<bool>,
+    /// Slots whose subscription Redis confirmed and has not dropped since.
+    live: Vec<bool>,
+    live_count: usize,
+    /// Slots whose wanted state may differ from `requested`.
+    dirty: HashSet<u16>,
+}
+
+impl Default for Slots {
+    fn default() -> Self {
+        let slots = usize::from(keys::SLOTS);
+        Self {
+            streams: HashMap::new(),
+            firehoses: 0,
+            requested: vec![false; slots],
+            live: vec![false; slots],
+            live_count: 0,
+            dirty: HashSet::new(),
+        }
+    }
+}
+
+/// What the listener must do for one slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    Subscribe(u16),
+    Unsubscribe(u16),
+}
+
+impl Slots {
+    fn wanted(&self, slot: u16) -> bool {
+        self.firehoses > 0 || self.streams.contains_key(&slot)
+    }
+
+    /// A stream got its first subscriber.
+    fn follow(&mut self, stream: &str) {
+        let slot = keys::stream_slot(stream);
+        let streams = self.streams.entry(slot).or_default();
+        if streams.is_empty() && self.firehoses == 0 {
+            self.dirty.insert(slot);
+        }
+        streams.insert(stream.to_owned());
+    }
+
+    /// A stream lost its last subscriber.
+    fn unfollow(&mut self, stream: &str) {
+        let slot = keys::stream_slot(stream);
+        let Some(streams) = self.streams.get_mut(&slot) else { return };
+        streams.remove(stream);
+        if streams.is_empty() {
+            self.streams.remove(&slot);
+            if self.firehoses == 0 {
+                self.dirty.insert(slot);
+            }
+        }
+    }
+
+    fn add_firehose(&mut self) {
+        self.firehoses += 1;
+        if self.firehoses == 1 {
+            self.dirty.extend(0..keys::SLOTS);
+        }
+    }
+
+    fn remove_firehose(&mut self) {
+        self.firehoses = self.firehoses.saturating_sub(1);
+        if self.firehoses == 0 {
+            self.dirty.extend(0..keys::SLOTS);
+        }
+    }
+
+    /// Everything the listener must do now: for each dirty slot, subscribe
+    /// if wanted and not requested, unsubscribe if requested and no longer
+    /// wanted. Marks them requested / not requested as it goes (the caller
+    /// marks a failed one dirty again with [`Self::failed`]).
+    fn changes(&mut self) -> Vec<Change> {
+        let mut dirty: Vec<u16> = self.dirty.drain().collect();
+        dirty.sort_unstable();
+        let mut changes = Vec::new();
+        for slot in dirty {
+            let i = usize::from(slot);
+            match (self.wanted(slot), self.requested[i]) {
+                (true, false) => {
+                    self.requested[i] = true;
+                    changes.push(Change::Subscribe(slot));
+                }
+                (false, true) => {
+                    self.requested[i] = false;
+                    changes.push(Change::Unsubscribe(slot));
+                }
+                _ => {}
+            }
+        }
+        changes
+    }
+
+    /// A command of [`Self::changes`] failed: undo its mark, look again.
+    fn failed(&mut self, change: Change) {
+        let slot = match change {
+            Change::Subscribe(slot) => {
+                self.requested[usize::from(slot)] = false;
+                slot
+            }
+            Change::Unsubscribe(slot) => {
+                self.requested[usize::from(slot)] = true;
+                slot
+            }
+        };
+        self.dirty.insert(slot);
+    }
+
+    /// Redis confirmed a subscription: true if every slot is now live (the
+    /// moment a firehose has heard everything).
+    fn confirmed(&mut self, slot: u16) -> bool {
+        let i = usize::from(slot);
+        if !self.live[i] {
+            self.live[i] = true;
+            self.live_count += 1;
+            return self.live_count == usize::from(keys::SLOTS);
+        }
+        false
+    }
+
+    /// Redis dropped a subscription (our SUNSUBSCRIBE, or the slot moved to
+    /// another node): not live, not requested; subscribed again if wanted.
+    fn dropped(&mut self, slot: u16) {
+        let i = usize::from(slot);
+        if self.live[i] {
+            self.live[i] = false;
+            self.live_count -= 1;
+        }
+        self.requested[i] = false;
+        if self.wanted(slot) {
+            self.dirty.insert(slot);
+        }
+    }
+
+    /// The pub/sub connection (or one cluster node's) broke: nothing is
+    /// live or requested any more; every wanted slot is subscribed again.
+    fn lost(&mut self) {
+        self.requested.iter_mut().for_each(|r| *r = false);
+        self.live.iter_mut().for_each(|l| *l = false);
+        self.live_count = 0;
+        if self.firehoses > 0 {
+            self.dirty.extend(0..keys::SLOTS);
+        } else {
+            self.dirty.extend(self.streams.keys().copied());
+        }
+    }
+
+    fn requested_count(&self) -> usize {
+        self.requested.iter().filter(|r| **r).count()
+    }
+}
+
+#[derive(Default)]
+struct State {
+    subscribers: HashMap<String, Vec<Entry>>,
+    firehoses: Vec<FirehoseEntry>,
+    slots: Slots,
+}
+
 #[derive(Default)]
 pub struct Hub {
-    subscribers: Mutex<HashMap<String, Vec<Entry>>>,
-    firehoses: Mutex<Vec<FirehoseEntry>>,
+    state: Mutex<State>,
     next_id: AtomicU64,
     buffer: usize,
+    /// Wakes the listener: some slot is dirty, or the connection broke.
+    changed: Notify,
 }
 
 struct FirehoseEntry {
+    id: u64,
     tx: mpsc::Sender<String>,
     signal: Arc<Signal>,
 }
 
 /// Every stream id with a release, as they happen. When its buffer is full,
-/// or the live tail reconnected, [`Signal::take`] turns true: the owner must
-/// then find out what it missed on its own (e.g. by scanning Redis).
+/// and whenever every slot is heard again (at first, after a reconnect or a
+/// failover), [`Signal::take`] turns true: the owner must then find out what
+/// it missed on its own (e.g. by scanning Redis). Unregisters on drop, and
+/// with it the hub's want of every slot.
 pub struct Firehose {
+    hub: Arc<Hub>,
+    id: u64,
     pub rx: mpsc::Receiver<String>,
     pub signal: Arc<Signal>,
+}
+
+impl Drop for Firehose {
+    fn drop(&mut self) {
+        let mut state = self.hub.lock();
+        let before = state.firehoses.len();
+        state.firehoses.retain(|f| f.id != self.id);
+        if state.firehoses.len() < before {
+            state.slots.remove_firehose();
+        }
+        drop(state);
+        self.hub.changed.notify_one();
+    }
 }
 
 /// A registered subscriber; unregisters on drop.
@@ -92,14 +308,74 @@ pub struct Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        let mut subscribers = self.hub.lock();
+        let mut state = self.hub.lock();
+        let State { subscribers, slots, .. } = &mut *state;
+        let mut unfollowed = false;
         if let Some(entries) = subscribers.get_mut(&self.stream) {
             entries.retain(|e| e.id != self.id);
             if entries.is_empty() {
                 subscribers.remove(&self.stream);
+                slots.unfollow(&self.stream);
+                unfollowed = true;
             }
         }
         crate::metrics::HUB_STREAMS.set(subscribers.len() as f64);
+        drop(state);
+        if unfollowed {
+            self.hub.changed.notify_one();
+        }
+    }
+}
+
+/// Where the hub listens: the single node or the cluster of `--redis-url`.
+#[derive(Debug, Clone)]
+pub struct Source {
+    url: String,
+}
+
+impl Source {
+    /// Checks the URL (a malformed one fails here, at start-up).
+    pub fn new(url: &str) -> anyhow::Result<Self> {
+        if !ordo_runtime::redis_conn::is_cluster_url(url) {
+            ordo_runtime::redis_conn::client(url)?;
+        }
+        Ok(Self { url: url.to_owned() })
+    }
+}
+
+/// The listener's connection: SSUBSCRIBE / SUNSUBSCRIBE one channel per
+/// command (on a cluster the channels of one command must share a slot; on
+/// one node one confirmation per command keeps replies in step).
+enum PubSub {
+    Single(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl PubSub {
+    async fn apply(&self, change: Change) -> redis::RedisResult<()> {
+        let (command, slot) = match change {
+            Change::Subscribe(slot) => ("SSUBSCRIBE", slot),
+            Change::Unsubscribe(slot) => ("SUNSUBSCRIBE", slot),
+        };
+        let channel = keys::released_channel(slot);
+        match self {
+            Self::Single(conn) => redis::cmd(command).arg(channel).exec_async(&mut conn.clone()).await,
+            Self::Cluster(conn) => {
+                let mut conn = conn.clone();
+                match change {
+                    Change::Subscribe(_) => conn.ssubscribe(channel).await,
+                    // Replicas serve sharded channels too, and the client's own
+                    // resubscription after a failover may land on any node of
+                    // the slot's shard: drop the channel on every node.
+                    Change::Unsubscribe(_) => {
+                        let every_node = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllNodes, None));
+                        let mut unsubscribe = redis::cmd(command);
+                        unsubscribe.arg(channel);
+                        conn.route_command(unsubscribe, every_node).await.map(drop)
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -108,48 +384,67 @@ impl Hub {
         Arc::new(Self { buffer: buffer.max(1), ..Default::default() })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Entry>>> {
-        // A panic while holding this lock leaves the map consistent (plain inserts and removes).
-        self.subscribers.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock leaves the state consistent (plain inserts and removes).
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn subscribe(self: &Arc<Self>, stream: &str) -> Subscription {
         let (tx, rx) = mpsc::channel(self.buffer);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let signal = Arc::new(Signal::default());
-        let mut subscribers = self.lock();
-        subscribers.entry(stream.to_owned()).or_default().push(Entry { id, tx, signal: signal.clone() });
+        let mut state = self.lock();
+        let State { subscribers, slots, .. } = &mut *state;
+        let entries = subscribers.entry(stream.to_owned()).or_default();
+        let first = entries.is_empty();
+        entries.push(Entry { id, tx, signal: signal.clone() });
+        if first {
+            slots.follow(stream);
+        }
         crate::metrics::HUB_STREAMS.set(subscribers.len() as f64);
-        drop(subscribers);
+        drop(state);
+        if first {
+            self.changed.notify_one();
+        }
         Subscription { hub: self.clone(), stream: stream.to_owned(), id, rx, signal }
     }
 
-    /// Hears every stream with a release from now on; unregistered when the
-    /// receiver is dropped.
-    pub fn firehose(&self) -> Firehose {
+    /// Hears every stream with a release from now on (subscribing every
+    /// slot); unregistered when dropped.
+    pub fn firehose(self: &Arc<Self>) -> Firehose {
         let (tx, rx) = mpsc::channel(self.buffer);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let signal = Arc::new(Signal::default());
-        self.lock_firehoses().push(FirehoseEntry { tx, signal: signal.clone() });
-        Firehose { rx, signal }
+        let mut state = self.lock();
+        state.firehoses.push(FirehoseEntry { id, tx, signal: signal.clone() });
+        state.slots.add_firehose();
+        if state.slots.live_count == usize::from(keys::SLOTS) {
+            // Everything is heard already; what came before is the owner's to scan.
+            signal.raise();
+        }
+        drop(state);
+        self.changed.notify_one();
+        Firehose { hub: self.clone(), id, rx, signal }
     }
 
-    fn lock_firehoses(&self) -> std::sync::MutexGuard<'_, Vec<FirehoseEntry>> {
-        // Plain pushes and retains: consistent even after a panic.
-        self.firehoses.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// Slots the hub has asked Redis to tell it about (for tests and logs).
+    pub fn subscribed_slots(&self) -> usize {
+        self.lock().slots.requested_count()
     }
 
     fn publish(&self, batch: ReleasedBatch) {
         batch.results.iter().for_each(crate::metrics::released);
-        self.lock_firehoses().retain(|firehose| match firehose.tx.try_send(batch.stream_id.clone()) {
+        let mut state = self.lock();
+        state.firehoses.retain(|firehose| match firehose.tx.try_send(batch.stream_id.clone()) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 firehose.signal.raise();
                 true
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            // Its owner is gone without dropping it yet; the drop unregisters it.
+            Err(mpsc::error::TrySendError::Closed(_)) => true,
         });
-        let subscribers = self.lock();
-        let Some(entries) = subscribers.get(&batch.stream_id) else { return };
+        let Some(entries) = state.subscribers.get(&batch.stream_id) else { return };
         let batch = Arc::new(batch);
         for entry in entries {
             if entry.tx.try_send(batch.clone()).is_err() {
@@ -158,55 +453,306 @@ impl Hub {
         }
     }
 
-    fn all_lagged(&self) {
-        for entry in self.lock().values().flatten() {
-            entry.signal.raise();
-        }
-        for firehose in self.lock_firehoses().iter() {
-            firehose.signal.raise();
+    /// One push from Redis, on the connection's reader (must not block).
+    /// `broken` is raised when the connection broke, for a single node's
+    /// connection, which does not reconnect by itself (a cluster client
+    /// reconnects each node).
+    fn on_push(&self, push: PushInfo, broken: Option<&AtomicBool>) {
+        match push.kind {
+            PushKind::SMessage => {
+                let Some(Value::BulkString(payload)) = push.data.get(1) else { return };
+                match ReleasedBatch::decode(payload.as_slice()) {
+                    Ok(batch) => self.publish(batch),
+                    Err(error) => tracing::warn!(%error, "undecodable released batch"),
+                }
+            }
+            PushKind::SSubscribe => {
+                let Some(slot) = release_slot(push.data.first()) else { return };
+                tracing::debug!(slot, "release channel subscribed");
+                let mut state = self.lock();
+                let everything = state.slots.confirmed(slot);
+                // Heard from now on; anything before is in the log.
+                if let Some(streams) = state.slots.streams.get(&slot) {
+                    for stream in streams {
+                        for entry in state.subscribers.get(stream).into_iter().flatten() {
+                            entry.signal.raise();
+                        }
+                    }
+                }
+                if everything {
+                    state.firehoses.iter().for_each(|firehose| firehose.signal.raise());
+                }
+            }
+            PushKind::SUnsubscribe => {
+                let Some(slot) = release_slot(push.data.first()) else { return };
+                tracing::debug!(slot, "release channel unsubscribed");
+                self.lock().slots.dropped(slot);
+                self.changed.notify_one();
+            }
+            PushKind::Disconnection => {
+                tracing::info!("a release channel connection broke; subscribing the followed slots again");
+                self.lock().slots.lost();
+                if let Some(broken) = broken {
+                    broken.store(true, Ordering::Release);
+                }
+                self.changed.notify_one();
+            }
+            _ => {}
         }
     }
 
-    /// Listens on the release channel until `shutdown`, reconnecting forever.
-    pub async fn listen(self: Arc<Self>, client: redis::Client, shutdown: Shutdown) {
+    /// Follows the release channels of the wanted slots until `shutdown`,
+    /// reconnecting forever.
+    pub async fn listen(self: Arc<Self>, source: Source, shutdown: Shutdown) {
         let mut backoff = ordo_runtime::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         loop {
-            let connected = async {
-                let mut pubsub = client.get_async_pubsub().await?;
-                pubsub.subscribe(ordo_core::keys::RELEASED_CHANNEL).await?;
-                Ok::<_, redis::RedisError>(pubsub)
-            };
-            let pubsub = tokio::select! {
+            // Raised by the connection's reader when it broke (single node).
+            let broken = Arc::new(AtomicBool::new(false));
+            let connected = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                connected = connected => connected,
+                connected = self.connect(&source, broken.clone()) => connected,
             };
-            match pubsub {
-                Ok(mut pubsub) => {
+            match connected {
+                Ok(pubsub) => {
                     tracing::info!("tailing released results");
                     backoff.reset();
-                    // Anything released while we were away is only in the logs.
-                    self.all_lagged();
-                    let mut messages = pubsub.on_message();
-                    loop {
-                        let message = tokio::select! {
-                            _ = shutdown.cancelled() => return,
-                            message = messages.next() => message,
-                        };
-                        let Some(message) = message else { break };
-                        match ReleasedBatch::decode(message.get_payload_bytes()) {
-                            Ok(batch) => self.publish(batch),
-                            Err(error) => tracing::warn!(%error, "undecodable released batch"),
-                        }
+                    // A fresh connection has no subscriptions: every wanted slot again.
+                    self.lock().slots.lost();
+                    if !self.serve(&pubsub, &broken, &shutdown).await {
+                        return;
                     }
                     tracing::warn!("release channel connection lost; reconnecting");
                 }
-                Err(error) => tracing::warn!(%error, "cannot subscribe to the release channel; retrying"),
+                Err(error) => tracing::warn!(%error, "cannot connect for the release channels; retrying"),
             }
-            self.all_lagged();
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 () = backoff.wait() => {}
             }
         }
+    }
+
+    async fn connect(self: &Arc<Self>, source: &Source, broken: Arc<AtomicBool>) -> anyhow::Result<PubSub> {
+        let hub = self.clone();
+        let single = !ordo_runtime::redis_conn::is_cluster_url(&source.url);
+        // On a cluster one node's connection breaking is not the end of the
+        // connection: the client reconnects it (every wanted slot is asked for again).
+        let pushes = move |push: PushInfo| -> Result<(), std::convert::Infallible> {
+            hub.on_push(push, single.then_some(broken.as_ref()));
+            Ok(())
+        };
+        if single {
+            let client = ordo_runtime::redis_conn::client(&source.url)?;
+            let info = client.get_connection_info().clone();
+            let settings = info.redis_settings().clone().set_protocol(redis::ProtocolVersion::RESP3);
+            let client = redis::Client::open(info.set_redis_settings(settings))?;
+            let config = redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(1)))
+                .set_response_timeout(Some(Duration::from_secs(2)))
+                .set_push_sender(pushes);
+            let conn = client.get_multiplexed_async_connection_with_config(&config).await?;
+            return Ok(PubSub::Single(conn));
+        }
+        let client = ordo_runtime::redis_conn::cluster_pubsub_client(&source.url, pushes)?;
+        let conn = client.get_async_connection().await?;
+        Ok(PubSub::Cluster(conn))
+    }
+
+    /// Applies the wanted subscriptions as they change. Returns false on
+    /// shutdown, true when the connection broke (reconnect).
+    async fn serve(&self, pubsub: &PubSub, broken: &AtomicBool, shutdown: &Shutdown) -> bool {
+        let mut retry = ordo_runtime::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        loop {
+            if broken.load(Ordering::Acquire) {
+                return true;
+            }
+            let changes = self.lock().slots.changes();
+            let outcomes: Vec<(Change, redis::RedisResult<()>)> = futures::stream::iter(
+                changes.into_iter().map(|change| async move { (change, pubsub.apply(change).await) }),
+            )
+            .buffer_unordered(PARALLEL_COMMANDS)
+            .collect()
+            .await;
+            let mut failure = None;
+            {
+                let mut state = self.lock();
+                for (change, outcome) in outcomes {
+                    if let Err(error) = outcome {
+                        state.slots.failed(change);
+                        failure.get_or_insert(error);
+                    }
+                }
+                crate::metrics::HUB_SLOTS.set(state.slots.requested_count() as f64);
+            }
+            if let Some(error) = failure {
+                if matches!(pubsub, PubSub::Single(_)) && (error.is_connection_dropped() || error.is_io_error()) {
+                    return true;
+                }
+                // A cluster slot whose master is failing over: ask again soon.
+                tracing::warn!(%error, "cannot change the release channel subscriptions; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return false,
+                    () = retry.wait() => {}
+                }
+                continue;
+            }
+            retry.reset();
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                () = self.changed.notified() => {}
+            }
+        }
+    }
+}
+
+/// The slot of a release channel named in a subscription push (`None` for
+/// any other channel).
+fn release_slot(channel: Option<&Value>) -> Option<u16> {
+    let Some(Value::BulkString(name)) = channel else { return None };
+    let slot = keys::key_slot(name);
+    (keys::released_channel(slot).as_bytes() == name.as_slice()).then_some(slot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two stream ids in different slots, and a second one in the first's slot.
+    fn streams() -> (String, String, String) {
+        let a = "orders-1".to_owned();
+        let slot_a = keys::stream_slot(&a);
+        let b = (0..).map(|i| format!("other-{i}")).find(|s| keys::stream_slot(s) != slot_a).expect("another slot");
+        let same = (0..).map(|i| format!("twin-{i}")).find(|s| keys::stream_slot(s) == slot_a).expect("same slot");
+        (a, b, same)
+    }
+
+    #[test]
+    fn a_slot_is_subscribed_by_its_first_stream_and_unsubscribed_by_its_last() {
+        let (a, b, same) = streams();
+        let (slot_a, slot_b) = (keys::stream_slot(&a), keys::stream_slot(&b));
+        let mut slots = Slots::default();
+        slots.follow(&a);
+        slots.follow(&b);
+        let mut changes = slots.changes();
+        changes.sort_by_key(|c| match c {
+            Change::Subscribe(s) | Change::Unsubscribe(s) => *s,
+        });
+        let mut expected = vec![Change::Subscribe(slot_a), Change::Subscribe(slot_b)];
+        expected.sort_by_key(|c| match c {
+            Change::Subscribe(s) | Change::Unsubscribe(s) => *s,
+        });
+        assert_eq!(changes, expected);
+        slots.follow(&same);
+        assert_eq!(slots.changes(), [], "a second stream in a subscribed slot changes nothing");
+        slots.unfollow(&a);
+        assert_eq!(slots.changes(), [], "the slot still has a followed stream");
+        slots.unfollow(&same);
+        assert_eq!(slots.changes(), [Change::Unsubscribe(slot_a)]);
+        assert_eq!(slots.requested_count(), 1);
+        slots.unfollow(&b);
+        assert_eq!(slots.changes(), [Change::Unsubscribe(slot_b)]);
+        assert_eq!(slots.requested_count(), 0);
+        assert!(slots.streams.is_empty());
+    }
+
+    #[test]
+    fn leaving_and_coming_back_before_the_listener_looks_changes_nothing() {
+        let (a, _, _) = streams();
+        let mut slots = Slots::default();
+        slots.follow(&a);
+        assert_eq!(slots.changes().len(), 1);
+        slots.unfollow(&a);
+        slots.follow(&a);
+        assert_eq!(slots.changes(), [], "still subscribed, still wanted");
+    }
+
+    #[test]
+    fn a_failed_command_is_tried_again() {
+        let (a, _, _) = streams();
+        let slot = keys::stream_slot(&a);
+        let mut slots = Slots::default();
+        slots.follow(&a);
+        let changes = slots.changes();
+        assert_eq!(changes, [Change::Subscribe(slot)]);
+        slots.failed(changes[0]);
+        assert_eq!(slots.changes(), [Change::Subscribe(slot)]);
+        slots.unfollow(&a);
+        let changes = slots.changes();
+        assert_eq!(changes, [Change::Unsubscribe(slot)]);
+        slots.failed(changes[0]);
+        assert_eq!(slots.changes(), [Change::Unsubscribe(slot)]);
+    }
+
+    #[test]
+    fn a_lost_connection_or_a_moved_slot_subscribes_again_only_what_is_wanted() {
+        let (a, b, _) = streams();
+        let (slot_a, slot_b) = (keys::stream_slot(&a), keys::stream_slot(&b));
+        let mut slots = Slots::default();
+        slots.follow(&a);
+        slots.follow(&b);
+        slots.changes();
+        assert!(!slots.confirmed(slot_a) && !slots.confirmed(slot_b));
+        slots.unfollow(&b);
+        assert_eq!(slots.changes(), [Change::Unsubscribe(slot_b)]);
+        slots.dropped(slot_b);
+        assert_eq!(slots.changes(), [], "an unwanted slot's drop asks for nothing");
+        slots.dropped(slot_a);
+        assert_eq!(slots.changes(), [Change::Subscribe(slot_a)], "a wanted slot Redis dropped is asked for again");
+        slots.lost();
+        assert_eq!(slots.live_count, 0);
+        assert_eq!(slots.changes(), [Change::Subscribe(slot_a)]);
+    }
+
+    #[test]
+    fn a_firehose_wants_every_slot_and_hears_everything_once_all_are_confirmed() {
+        let (a, _, _) = streams();
+        let slot_a = keys::stream_slot(&a);
+        let mut slots = Slots::default();
+        slots.follow(&a);
+        slots.changes();
+        slots.add_firehose();
+        let changes = slots.changes();
+        assert_eq!(changes.len(), usize::from(keys::SLOTS) - 1, "every slot but the one already subscribed");
+        assert!(!changes.contains(&Change::Subscribe(slot_a)));
+        let all = (0..keys::SLOTS).map(|slot| slots.confirmed(slot)).filter(|&everything| everything).count();
+        assert_eq!(all, 1, "the last confirmation, and only it, completes the set");
+        slots.remove_firehose();
+        let changes = slots.changes();
+        assert_eq!(changes.len(), usize::from(keys::SLOTS) - 1, "all but the followed stream's slot are dropped");
+        assert!(!changes.contains(&Change::Unsubscribe(slot_a)));
+    }
+
+    #[test]
+    fn only_release_channels_name_a_slot() {
+        let channel = |name: &str| Value::BulkString(name.as_bytes().to_vec());
+        for slot in [0, 1, 9_000, keys::SLOTS - 1] {
+            assert_eq!(release_slot(Some(&channel(&keys::released_channel(slot)))), Some(slot));
+        }
+        assert_eq!(release_slot(Some(&channel("ordo:released"))), None);
+        assert_eq!(release_slot(Some(&channel("something:{else}"))), None);
+        assert_eq!(release_slot(None), None);
+    }
+
+    #[tokio::test]
+    async fn hub_subscriptions_count_streams_per_slot_and_confirmations_flag_subscribers() {
+        let (a, _, same) = streams();
+        let slot = keys::stream_slot(&a);
+        let hub = Hub::new(4);
+        let first = hub.subscribe(&a);
+        let second = hub.subscribe(&a);
+        let twin = hub.subscribe(&same);
+        assert_eq!(hub.lock().slots.changes(), [Change::Subscribe(slot)]);
+        let confirmation = PushInfo {
+            kind: PushKind::SSubscribe,
+            data: vec![Value::BulkString(keys::released_channel(slot).into_bytes()), Value::Int(1)],
+        };
+        hub.on_push(confirmation, None);
+        assert!(first.signal.take() && second.signal.take() && twin.signal.take(), "all re-read the log");
+        drop(first);
+        drop(twin);
+        assert_eq!(hub.lock().slots.changes(), [], "the stream still has a subscriber");
+        drop(second);
+        assert_eq!(hub.lock().slots.changes(), [Change::Unsubscribe(slot)]);
+        assert!(hub.lock().subscribers.is_empty());
     }
 }

@@ -11,9 +11,10 @@
 //! (OUT_OF_RANGE, HTTP 410), never a silent gap.
 //!
 //! It reads reorder state and never writes it: [`hub`] tails the release
-//! channel, [`log`] reads the release logs, [`session`] joins the two. The
-//! only keys it writes are its own AMQP publish cursors and lease
-//! ([`amqp::outbox`]).
+//! channels of the slots it follows, [`log`] reads the release logs,
+//! [`session`] joins the two. The only keys it writes are its own AMQP
+//! publish cursors and lease ([`amqp::outbox`]). It runs against one Redis
+//! node or a Redis Cluster (`--redis-url redis+cluster://…`) alike.
 
 pub mod amqp;
 mod https;
@@ -52,7 +53,8 @@ pub struct Config {
     #[arg(long, env = "PUSH_GATEWAY_METRICS_LISTEN", default_value = "0.0.0.0:9095", value_parser = ordo_runtime::metrics::parse_listen)]
     // Fully qualified: clap would otherwise treat it as an optional address.
     pub metrics_listen: ::std::option::Option<SocketAddr>,
-    /// Redis holding the release logs.
+    /// Redis holding the release logs: one node (`redis://`, `rediss://`)
+    /// or a Redis Cluster (`redis+cluster://host:port[,host:port…]`).
     #[arg(long, env = "ORDO_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
     /// Released batches buffered per subscriber; a subscriber that falls
@@ -211,7 +213,8 @@ pub async fn run_with(
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     // Lazy: health is served (NOT_SERVING) at once, even while Redis is down.
-    let conn = ordo_runtime::redis_conn::lazy(&config.redis_url)?;
+    // One node or a Redis Cluster, by the URL (`redis+cluster://`).
+    let conn = ordo_runtime::redis_conn::connect(&config.redis_url)?;
     let (readiness, _watcher) = Readiness::watch(vec![Dependency::redis(conn.clone())], shutdown.clone());
     metrics::describe();
     let hub = hub::Hub::new(config.subscriber_buffer);
@@ -220,8 +223,7 @@ pub async fn run_with(
     // Stops everything when shutdown comes, or when the gRPC or SSE server fails.
     let stop = shutdown.child_token();
 
-    let _tail =
-        Owned(tokio::spawn(hub.clone().listen(ordo_runtime::redis_conn::client(&config.redis_url)?, stop.clone())));
+    let _tail = Owned(tokio::spawn(hub.clone().listen(hub::Source::new(&config.redis_url)?, stop.clone())));
     let amqp = config.amqp().map(|amqp| {
         tracing::info!(exchange = %amqp.exchange, "AMQP publishing on");
         Owned(tokio::spawn(amqp::run(amqp, log.clone(), hub.clone(), stop.clone())))

@@ -16,11 +16,9 @@ use std::time::Duration;
 
 use ordo_core::keys;
 use ordo_proto::v1::EventResult;
+use ordo_runtime::redis_conn::RedisConn;
 use prost::Message;
-use redis::{
-    aio::ConnectionManager,
-    streams::{StreamId, StreamRangeReply},
-};
+use redis::streams::{StreamId, StreamRangeReply};
 
 /// Entries read per round trip when catching up.
 pub const PAGE: usize = 512;
@@ -74,7 +72,7 @@ pub enum LogError {
 
 #[derive(Clone)]
 pub struct Log {
-    conn: ConnectionManager,
+    conn: RedisConn,
     max_age: Option<Duration>,
     oldest_by_age: redis::Script,
 }
@@ -114,11 +112,11 @@ struct Fetched {
 
 impl Log {
     /// `max_age`: entries released longer ago are expired for subscribers.
-    pub fn new(conn: ConnectionManager, max_age: Option<Duration>) -> Self {
+    pub fn new(conn: RedisConn, max_age: Option<Duration>) -> Self {
         Self { conn, max_age, oldest_by_age: redis::Script::new(OLDEST_BY_AGE) }
     }
 
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> RedisConn {
         self.conn.clone()
     }
 

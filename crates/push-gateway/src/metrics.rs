@@ -15,6 +15,8 @@ pub static SUBSCRIBERS_AMQP: LazyLock<Gauge> = LazyLock::new(|| gauge!("ordo_sub
 pub static FOLLOWED_STREAMS: LazyLock<Gauge> = LazyLock::new(|| gauge!("ordo_push_followed_streams"));
 /// Streams with at least one live subscriber in the hub (Subscribe, Follow, SSE).
 pub static HUB_STREAMS: LazyLock<Gauge> = LazyLock::new(|| gauge!("ordo_push_hub_streams"));
+/// Slots whose release channel the hub subscribes (SSUBSCRIBE asked and not dropped).
+pub static HUB_SLOTS: LazyLock<Gauge> = LazyLock::new(|| gauge!("ordo_push_hub_slots"));
 pub static REORDER_WAIT: LazyLock<Histogram> = LazyLock::new(|| histogram!("ordo_reorder_wait_seconds"));
 pub static AMQP_CONFIRMED: LazyLock<Counter> = LazyLock::new(|| counter!("ordo_amqp_confirmed_total"));
 pub static AMQP_LAG: LazyLock<Gauge> = LazyLock::new(|| gauge!("ordo_amqp_outbox_lag_results"));
@@ -26,7 +28,7 @@ pub static AMQP_LAG_ERRORS: LazyLock<Counter> =
 /// [`describe_amqp`]). Called once at start, after `ordo_runtime::app::run`
 /// installed the recorder (a description given before that would be lost).
 pub fn describe() {
-    for gauge in [&SUBSCRIBERS_GRPC, &SUBSCRIBERS_SSE, &SUBSCRIBERS_AMQP, &FOLLOWED_STREAMS, &HUB_STREAMS] {
+    for gauge in [&SUBSCRIBERS_GRPC, &SUBSCRIBERS_SSE, &SUBSCRIBERS_AMQP, &FOLLOWED_STREAMS, &HUB_STREAMS, &HUB_SLOTS] {
         LazyLock::force(gauge);
     }
     LazyLock::force(&RELEASED);
@@ -46,6 +48,11 @@ pub fn describe() {
         Unit::Count,
         "Streams with at least one live subscriber in the release-channel hub (Subscribe, Follow, SSE); idle streams have no entry."
     );
+    describe_gauge!(
+        "ordo_push_hub_slots",
+        Unit::Count,
+        "Slots whose sharded release channel the hub subscribes: those of the followed streams (all 16384 while this replica publishes to AMQP)."
+    );
     describe_histogram!(
         "ordo_reorder_wait_seconds",
         Unit::Seconds,
@@ -54,7 +61,7 @@ pub fn describe() {
     describe_counter!(
         "ordo_results_released_total",
         Unit::Count,
-        "Released results heard on the release channel (by each gateway replica), by status."
+        "Released results heard on the release channels (by each gateway replica), by status."
     );
     describe_counter!(
         "ordo_amqp_confirmed_total",

@@ -4,17 +4,16 @@
 --
 -- KEYS[1] = the dead-letter log; then for each stream three keys: meta, pend, log.
 -- ARGV[1] = retention (max released entries kept per stream log)
--- ARGV[2] = pub/sub channel for released batches
--- ARGV[3] = ttl in ms of a stream's pend and log after its last activity
+-- ARGV[2] = ttl in ms of a stream's pend and log after its last activity
 --   (0 = none: then its meta never expires either)
--- ARGV[4] = dead letters kept (approximate)
--- ARGV[5] = how to publish: 'PUBLISH' (single node: the global channel) or
---   'SPUBLISH' (Redis Cluster: the slot's sharded channel; then every key,
---   the dead-letter log and the channel are in one slot)
--- ARGV[6] = ttl in ms of a stream's meta after its last activity, at least
---   ARGV[3] (used only when ARGV[3] > 0): meta outlives pend and log as the
+-- ARGV[3] = dead letters kept (approximate)
+-- ARGV[4] = ttl in ms of a stream's meta after its last activity, at least
+--   ARGV[2] (used only when ARGV[2] > 0): meta outlives pend and log as the
 --   stream's dedup tombstone (its `next` keeps refusing resent sequences)
--- then for each stream: stream_id, mode ('1' ordered, '2' unordered), n,
+-- then for each stream: stream_id, channel (the sharded pub/sub channel of
+--   the stream's slot, SPUBLISHed to on a single node and on a cluster alike;
+--   on a cluster every key, the dead-letter log and the channel of one call
+--   are in one slot), mode ('1' ordered, '2' unordered), n,
 --   then n triples: sequence, encoded EventResult, encoded DeadLetter ('' = none).
 -- Returns one string with a '1' (accepted) or '0' (duplicate) per result, in
 -- input order.
@@ -29,11 +28,9 @@
 
 local dlq = KEYS[1]
 local retention = ARGV[1]
-local channel = ARGV[2]
-local ttl = tonumber(ARGV[3])
-local dlq_retention = ARGV[4]
-local publish = ARGV[5]
-local meta_ttl = tonumber(ARGV[6])
+local ttl = tonumber(ARGV[2])
+local dlq_retention = ARGV[3]
+local meta_ttl = tonumber(ARGV[4])
 local clock = redis.call('TIME')
 local now_ms = string.format('%.0f', clock[1] * 1000 + math.floor(clock[2] / 1000))
 
@@ -52,11 +49,11 @@ local function varint(n)
 end
 
 local flags = {}
-local a = 7
+local a = 5
 for k = 2, #KEYS, 3 do
   local meta, pend, log = KEYS[k], KEYS[k + 1], KEYS[k + 2]
-  local stream, want_mode, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
-  a = a + 3
+  local stream, channel, want_mode, n = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
+  a = a + 4
 
   local m = redis.call('HMGET', meta, 'next', 'released', 'mode')
   local nxt = tonumber(m[1]) or 0
@@ -163,7 +160,7 @@ for k = 2, #KEYS, 3 do
     redis.call('PEXPIRE', log, ttl)
   end
   if #out > 0 then
-    redis.call(publish, channel,
+    redis.call('SPUBLISH', channel,
       '\10' .. varint(#stream) .. stream .. '\16' .. varint(nxt) .. table.concat(out))
   end
 end

@@ -2,12 +2,13 @@
 //! stream's reorder state and of the dead-letter log. This module owns every
 //! write to reorder state and to the dead-letter log.
 //!
-//! On a single node a batch is one script call, its dead letters go to the
-//! global log and its releases to the global channel. On a Redis Cluster one
-//! script call may touch one hash slot only, so a batch is split by the slot
-//! of its streams and the calls (one per slot) are sent at once, each with
-//! its slot's dead-letter log and sharded channel ([`keys::dead_letters`],
-//! [`keys::released_channel`]). Each call is retried on its own, so a
+//! Each stream's releases are SPUBLISHed to its slot's sharded channel
+//! ([`keys::released_channel`]), on a single node and on a cluster alike.
+//! On a single node a batch is one script call and its dead letters go to
+//! the global log. On a Redis Cluster one script call may touch one hash
+//! slot only, so a batch is split by the slot of its streams and the calls
+//! (one per slot) are sent at once, each with its slot's dead-letter log
+//! ([`keys::dead_letters`]). Each call is retried on its own, so a
 //! transient error of one slot (a failover) does not re-send the others.
 //!
 //! With `wait_replicas` set, every call is followed, on the same connection,
@@ -163,18 +164,16 @@ impl Store {
                 })
                 .push(i);
         }
-        let (dead_letters, channel, publish) = match slot {
-            None => (keys::DEAD_LETTERS.to_owned(), keys::RELEASED_CHANNEL.to_owned(), "PUBLISH"),
-            Some(slot) => (keys::dead_letters(slot), keys::released_channel(slot), "SPUBLISH"),
+        let dead_letters = match slot {
+            None => keys::DEAD_LETTERS.to_owned(),
+            Some(slot) => keys::dead_letters(slot),
         };
         let mut invocation = self.script.prepare_invoke();
         invocation
             .key(dead_letters)
             .arg(self.config.retention)
-            .arg(channel)
             .arg(self.config.ttl_ms)
             .arg(self.config.dead_letter_retention)
-            .arg(publish)
             .arg(self.config.ttl_ms.saturating_add(self.config.tombstone_ms));
         let mut input_order = Vec::with_capacity(members.len());
         for stream in &order {
@@ -184,7 +183,10 @@ impl Store {
                 OrderingMode::Unordered => "2",
                 _ => "1",
             };
-            invocation.arg(*stream).arg(mode).arg(members.len());
+            // Releases go to the stream's slot channel on one node too, so a
+            // push-gateway hears only the slots it follows.
+            let channel = keys::released_channel(keys::stream_slot(stream));
+            invocation.arg(*stream).arg(channel).arg(mode).arg(members.len());
             for &i in members {
                 invocation.arg(items[i].sequence).arg(items[i].body.as_slice()).arg(items[i].dead_letter.as_slice());
                 input_order.push(i);

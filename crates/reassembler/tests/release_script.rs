@@ -19,7 +19,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::StreamExt;
 use integration_tests::redis_cluster::RedisCluster;
 use ordo_core::keys;
 use ordo_proto::v1::{DeadLetter, Event, EventResult, OrderingMode, ReleasedBatch};
@@ -59,20 +58,33 @@ impl Backend {
         Store::new(self.conn(), config)
     }
 
-    /// The payloads of the released batches of `streams` from now on: the
-    /// global channel on a single node, their slots' sharded channels on a
-    /// cluster (as the push-gateway must follow them).
+    /// The payloads of the released batches of `streams` from now on: their
+    /// slots' sharded channels, on a single node and on a cluster alike (as
+    /// the push-gateway follows them).
     async fn released(&self, streams: &[String]) -> mpsc::UnboundedReceiver<Vec<u8>> {
         let (tx, rx) = mpsc::unbounded_channel();
         match self {
             Self::Single(redis) => {
-                let client = redis::Client::open(redis.url.as_str()).expect("url");
-                let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
-                pubsub.subscribe(keys::RELEASED_CHANNEL).await.expect("subscribe");
+                let (push_tx, mut push_rx) = mpsc::unbounded_channel::<redis::PushInfo>();
+                let client = redis::Client::open(format!("{}/?protocol=resp3", redis.url)).expect("url");
+                let config = redis::AsyncConnectionConfig::new().set_push_sender(push_tx);
+                let mut conn = client.get_multiplexed_async_connection_with_config(&config).await.expect("connection");
+                let slots: HashSet<u16> = streams.iter().map(|s| keys::stream_slot(s)).collect();
+                for slot in slots {
+                    // One channel per command: its one confirmation is the reply.
+                    redis::cmd("SSUBSCRIBE")
+                        .arg(keys::released_channel(slot))
+                        .exec_async(&mut conn)
+                        .await
+                        .expect("ssubscribe");
+                }
                 tokio::spawn(async move {
-                    let mut messages = pubsub.into_on_message();
-                    while let Some(message) = messages.next().await {
-                        if tx.send(message.get_payload_bytes().to_vec()).is_err() {
+                    let _conn = conn;
+                    while let Some(push) = push_rx.recv().await {
+                        if push.kind == redis::PushKind::SMessage
+                            && let Some(redis::Value::BulkString(payload)) = push.data.get(1)
+                            && tx.send(payload.clone()).is_err()
+                        {
                             return;
                         }
                     }

@@ -12,6 +12,7 @@ mod bad_input;
 mod bounded_follows;
 mod cancel;
 mod cluster_ordering;
+mod cluster_push;
 mod contract;
 mod dashboard;
 mod dead_letters;

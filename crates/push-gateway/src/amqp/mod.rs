@@ -14,11 +14,16 @@
 //! stream in order from a cursor that only moves forward past confirmed
 //! messages.
 //!
-//! Which streams to publish: the hub's [`Firehose`] names every stream with a
-//! live release; a full scan of Redis (at start, after each broker reconnect,
-//! on becoming leader, and whenever the firehose lagged) finds whatever
-//! released unnoticed. Several gateway replicas may run with AMQP on: one
-//! holds a lease per exchange and publishes, the others stand by.
+//! Which streams to publish: while it leads, the publisher holds the hub's
+//! [`Firehose`], which names every stream with a live release (the hub then
+//! subscribes every slot's release channel: the publisher follows every
+//! stream, so it hears every release, once); a full scan of Redis (every
+//! master on a cluster: at start, after each broker reconnect, on becoming
+//! leader, once the firehose hears every slot, and whenever it lagged,
+//! e.g. after a failover) finds whatever released unnoticed. Several gateway
+//! replicas may run with AMQP on: one holds a lease per exchange and
+//! publishes, the others stand by without a firehose (so a standby's hub
+//! subscribes only the slots its own subscribers follow).
 //!
 //! A cursor left behind the log's oldest entry (the reassembler trimmed
 //! results the broker never got) is reported, never skipped silently: an
@@ -133,7 +138,8 @@ pub async fn run(config: AmqpConfig, log: Log, hub: Arc<Hub>, shutdown: Shutdown
     let publisher = Publisher {
         tls,
         outbox,
-        firehose: hub.firehose(),
+        hub,
+        firehose: None,
         log,
         config,
         dirty: HashSet::new(),
@@ -151,7 +157,9 @@ struct Publisher {
     tls: lapin::tcp::OwnedTLSConfig,
     log: Log,
     outbox: Outbox,
-    firehose: Firehose,
+    hub: Arc<Hub>,
+    /// Held while leading (see the module docs).
+    firehose: Option<Firehose>,
     /// Streams that may have unconfirmed results, in round-robin order.
     dirty: HashSet<String>,
     queue: VecDeque<String>,
@@ -219,7 +227,7 @@ impl Publisher {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 _ = tokio::time::sleep_until(until) => return,
-                stream = self.firehose.rx.recv() => match stream {
+                stream = next_released(&mut self.firehose) => match stream {
                     Some(stream) => self.mark(stream),
                     None => return,
                 },
@@ -249,12 +257,14 @@ impl Publisher {
             (true, None) => {
                 tracing::info!(exchange = %self.config.exchange, "leading AMQP publishing");
                 self.leader_since = Some(Instant::now());
+                self.firehose = Some(self.hub.firehose());
                 crate::metrics::SUBSCRIBERS_AMQP.set(1.0);
                 self.need_scan = true;
             }
             (false, Some(_)) => {
                 tracing::warn!(exchange = %self.config.exchange, "lost the AMQP publishing lease to another replica");
                 self.leader_since = None;
+                self.firehose = None;
                 crate::metrics::SUBSCRIBERS_AMQP.set(0.0);
                 self.dirty.clear();
                 self.queue.clear();
@@ -292,7 +302,7 @@ impl Publisher {
             self.idle(LEASE_RENEW).await;
             return Ok(());
         }
-        if self.firehose.signal.take() {
+        if self.firehose.as_ref().is_some_and(|firehose| firehose.signal.take()) {
             self.need_scan = true;
         }
         if self.need_scan {
@@ -303,15 +313,18 @@ impl Publisher {
             found.into_iter().for_each(|stream| self.mark(stream));
             self.need_scan = false;
         }
-        while let Ok(stream) = self.firehose.rx.try_recv() {
+        while let Some(stream) = self.firehose.as_mut().and_then(|firehose| firehose.rx.try_recv().ok()) {
             self.mark(stream);
         }
         if self.queue.is_empty() {
             tokio::select! {
                 _ = self.shutdown.cancelled() => {}
                 _ = tokio::time::sleep(LEASE_RENEW) => {}
-                _ = self.firehose.signal.raised() => self.need_scan = true,
-                stream = self.firehose.rx.recv() => if let Some(stream) = stream { self.mark(stream) },
+                heard = firehose_news(&mut self.firehose) => match heard {
+                    News::Lagged => self.need_scan = true,
+                    News::Released(Some(stream)) => self.mark(stream),
+                    News::Released(None) => {}
+                },
             }
             return Ok(());
         }
@@ -415,6 +428,30 @@ impl Publisher {
         }
         let more = !moved || entries.results.len() >= PAGE || last + 1 < entries.released;
         Ok(if more { Progress::More } else { Progress::Done })
+    }
+}
+
+/// The next stream the firehose names (`None` once it closed); never, while
+/// standing by without one.
+async fn next_released(firehose: &mut Option<Firehose>) -> Option<String> {
+    match firehose {
+        Some(firehose) => firehose.rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What the firehose said.
+enum News {
+    Lagged,
+    Released(Option<String>),
+}
+
+/// The firehose's next stream or lag, whichever comes first; never without one.
+async fn firehose_news(firehose: &mut Option<Firehose>) -> News {
+    let Some(firehose) = firehose else { return std::future::pending().await };
+    tokio::select! {
+        () = firehose.signal.raised() => News::Lagged,
+        stream = firehose.rx.recv() => News::Released(stream),
     }
 }
 

@@ -9,11 +9,19 @@
 //!   back or past what it confirmed.
 //! - `ordo:amqp:{exchange}:leader` — the lease of the one gateway replica that
 //!   publishes to this exchange (owner id, expires unless renewed).
+//!
+//! On a Redis Cluster every command and script here touches one key, so
+//! each goes to that key's master; the scans for streams with unpublished
+//! results walk every master's keyspace in turn
+//! ([`RedisConn::masters`], [`RedisConn::query_on`]), and what they read per
+//! stream (its meta, in its own slot) is one command per stream, sent at once.
 
 use std::time::Duration;
 
+use futures::future::try_join_all;
 use ordo_core::keys;
-use redis::{AsyncCommands, aio::ConnectionManager};
+use ordo_runtime::redis_conn::{Master, RedisConn};
+use redis::AsyncCommands;
 
 /// Sets a cursor field only if it still holds the expected value ('' = unset).
 /// KEYS[1] = cursor hash; ARGV = stream, expected, new ('' deletes).
@@ -49,7 +57,7 @@ const SCAN_COUNT: usize = 500;
 
 #[derive(Clone)]
 pub struct Outbox {
-    conn: ConnectionManager,
+    conn: RedisConn,
     cursor_key: String,
     lease_key: String,
     owner: String,
@@ -59,7 +67,7 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    pub fn new(conn: ConnectionManager, exchange: &str) -> Self {
+    pub fn new(conn: RedisConn, exchange: &str) -> Self {
         let owner = format!("{}-{:016x}", std::process::id(), rand::random::<u64>());
         Self {
             conn,
@@ -119,63 +127,60 @@ impl Outbox {
     /// (cursor below `released`, or no cursor yet), found by scanning the
     /// streams' meta keys. Also drops cursors of streams whose state expired.
     pub async fn scan(&self) -> redis::RedisResult<Vec<String>> {
-        let mut conn = self.conn.clone();
         let mut dirty = Vec::new();
-        let mut position: u64 = 0;
-        loop {
-            let (next, _, page) = self.scan_page(&mut conn, position).await?;
-            dirty.extend(
-                page.into_iter()
-                    .filter(|(_, released, cursor)| released.unwrap_or(0) != cursor.unwrap_or(0))
-                    .map(|(stream, _, _)| stream),
-            );
-            position = next;
-            if position == 0 {
-                break;
+        for master in self.conn.masters().await? {
+            let mut position: u64 = 0;
+            loop {
+                let (next, _, page) = self.scan_page(&master, position).await?;
+                dirty.extend(
+                    page.into_iter()
+                        .filter(|(_, released, cursor)| released.unwrap_or(0) != cursor.unwrap_or(0))
+                        .map(|(stream, _, _)| stream),
+                );
+                position = next;
+                if position == 0 {
+                    break;
+                }
             }
         }
         self.drop_expired_cursors().await?;
         Ok(dirty)
     }
 
-    /// One SCAN page of the streams' meta keys from `position`: the next
-    /// position, how many keys the page held, and per stream its `released`
-    /// count and this exchange's cursor (either may be absent).
+    /// One SCAN page of the streams' meta keys on `master` from `position`:
+    /// the next position, how many keys the page held, and per stream its
+    /// `released` count and this exchange's cursor (either may be absent).
     async fn scan_page(
         &self,
-        conn: &mut ConnectionManager,
+        master: &Master,
         position: u64,
     ) -> redis::RedisResult<(u64, usize, Vec<(String, Option<u64>, Option<u64>)>)> {
-        let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(position)
-            .arg("MATCH")
-            .arg(keys::meta("*"))
-            .arg("COUNT")
-            .arg(SCAN_COUNT)
-            .query_async(conn)
+        let (next, found): (u64, Vec<String>) = self
+            .conn
+            .query_on(
+                master,
+                redis::cmd("SCAN").arg(position).arg("MATCH").arg(keys::meta("*")).arg("COUNT").arg(SCAN_COUNT),
+            )
             .await?;
         let streams: Vec<String> = found.iter().filter_map(|key| stream_of_meta(key)).collect();
         if streams.is_empty() {
             return Ok((next, found.len(), Vec::new()));
         }
-        let mut pipe = redis::pipe();
-        for stream in &streams {
-            pipe.hget(keys::meta(stream), "released");
-        }
-        pipe.cmd("HMGET").arg(&self.cursor_key).arg(&streams);
-        let mut replies: Vec<redis::Value> = pipe.query_async(conn).await?;
-        let cursors: Vec<Option<u64>> = match replies.pop() {
-            Some(value) => redis::from_redis_value(value)?,
-            None => Vec::new(),
-        };
-        let mut page = Vec::with_capacity(streams.len());
-        for (i, stream) in streams.into_iter().enumerate() {
-            let released: Option<u64> = match replies.get(i) {
-                Some(value) => redis::from_redis_value_ref(value)?,
-                None => None,
-            };
-            page.push((stream, released, cursors.get(i).copied().flatten()));
-        }
+        // One command per stream (each meta is in its stream's slot), sent at once.
+        let released: Vec<Option<u64>> = try_join_all(streams.iter().map(|stream| {
+            let mut conn = self.conn.clone();
+            async move { conn.hget(keys::meta(stream), "released").await }
+        }))
+        .await?;
+        let mut conn = self.conn.clone();
+        let cursors: Vec<Option<u64>> =
+            redis::cmd("HMGET").arg(&self.cursor_key).arg(&streams).query_async(&mut conn).await?;
+        let page = streams
+            .into_iter()
+            .zip(released)
+            .enumerate()
+            .map(|(i, (stream, released))| (stream, released, cursors.get(i).copied().flatten()))
+            .collect();
         Ok((next, found.len(), page))
     }
 
@@ -194,11 +199,11 @@ impl Outbox {
             let fields: Vec<(String, String)> =
                 pairs.chunks_exact(2).map(|pair| (pair[0].clone(), pair[1].clone())).collect();
             if !fields.is_empty() {
-                let mut pipe = redis::pipe();
-                for (stream, _) in &fields {
-                    pipe.exists(keys::meta(stream));
-                }
-                let exists: Vec<bool> = pipe.query_async(&mut conn).await?;
+                let exists: Vec<bool> = try_join_all(fields.iter().map(|(stream, _)| {
+                    let mut conn = self.conn.clone();
+                    async move { conn.exists(keys::meta(stream)).await }
+                }))
+                .await?;
                 for ((stream, cursor), exists) in fields.iter().zip(exists) {
                     if !exists {
                         let expected = cursor.parse().ok();
@@ -220,19 +225,25 @@ impl Outbox {
     /// `max_keys` meta keys (a bound on the cost of one sample; a deployment
     /// with more streams gets a lower bound). Read-only, unlike [`Self::scan`].
     pub async fn lag(&self, max_keys: usize) -> redis::RedisResult<u64> {
-        let mut conn = self.conn.clone();
-        let (mut position, mut scanned, mut lag) = (0u64, 0usize, 0u64);
-        loop {
-            let (next, keys_seen, page) = self.scan_page(&mut conn, position).await?;
-            scanned += keys_seen;
-            for (_, released, cursor) in page {
-                lag = lag.saturating_add(unconfirmed(released.unwrap_or(0), cursor));
-            }
-            position = next;
-            if position == 0 || scanned >= max_keys {
-                return Ok(lag);
+        let (mut scanned, mut lag) = (0usize, 0u64);
+        for master in self.conn.masters().await? {
+            let mut position = 0u64;
+            loop {
+                let (next, keys_seen, page) = self.scan_page(&master, position).await?;
+                scanned += keys_seen;
+                for (_, released, cursor) in page {
+                    lag = lag.saturating_add(unconfirmed(released.unwrap_or(0), cursor));
+                }
+                position = next;
+                if scanned >= max_keys {
+                    return Ok(lag);
+                }
+                if position == 0 {
+                    break;
+                }
             }
         }
+        Ok(lag)
     }
 }
 
