@@ -792,3 +792,31 @@ impl Drop for Cluster {
         }
     }
 }
+
+/// The JetStream source (`ordo-source`) next to a cluster.
+impl Cluster {
+    /// Starts `ordo-source` named `name` (process and log `name`) against
+    /// this cluster's harmonizer and Redis and the NATS at `nats_url`, with
+    /// `args` (e.g. `--stream`), and waits until it serves health. The
+    /// handle is the caller's (kill, restart on the same port).
+    pub async fn start_source<I: IntoIterator<Item: Into<String>>>(
+        &self,
+        name: &str,
+        nats_url: &str,
+        args: I,
+    ) -> anyhow::Result<ServiceProcess> {
+        let mut all = vec![
+            "--name".to_owned(),
+            name.to_owned(),
+            "--nats-url".to_owned(),
+            nats_url.to_owned(),
+            "--harmonizer".to_owned(),
+            self.harmonizer_addr(),
+            "--redis-url".to_owned(),
+            self.redis_url(),
+        ];
+        all.extend(args.into_iter().map(Into::into));
+        let spec = ServiceSpec { name: name.to_owned(), binary: binary("ordo-source"), args: all, env: Vec::new() };
+        ServiceProcess::start(spec, self.log_dir(), Duration::from_secs(20)).await
+    }
+}

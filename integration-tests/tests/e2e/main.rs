@@ -22,6 +22,7 @@ mod give_up;
 mod grpcurl;
 mod harmonizers;
 mod http_operation;
+mod jetstream;
 mod lifecycle;
 mod metrics;
 mod ordering;
