@@ -577,11 +577,7 @@ pub async fn run(config: &Config) -> anyhow::Result<Report> {
 /// The Ordo variant: the suite, `ordo-source` between the stream and the
 /// harmonizer, and a reader of the sink's results stream.
 mod ordo {
-    use integration_tests::{
-        Cluster,
-        nats::NatsServer,
-        process::{ServiceProcess, ServiceSpec, binary},
-    };
+    use integration_tests::{Cluster, nats::NatsServer};
 
     use super::*;
 
@@ -594,22 +590,16 @@ mod ordo {
         format!("bench.results.k{keys}")
     }
 
-    /// `ordo-source`'s command line for one scenario (the testkit adds `--listen`).
-    fn source_args(cluster: &Cluster, nats: &NatsServer, stream: &str, name: &str, sink: &str) -> Vec<String> {
+    /// `ordo-source`'s flags for one scenario besides those the testkit sets
+    /// (`--name`, `--nats-url`, `--harmonizer`, `--redis-url`, `--listen`).
+    fn source_args(stream: &str, sink: &str) -> Vec<String> {
         let sink_stream = format!("{stream}_RESULTS");
+        let key = format!("header:{KEY_HEADER}");
         [
-            "--nats-url",
-            &nats.url(),
             "--stream",
             stream,
-            "--name",
-            name,
             "--key",
-            &format!("header:{KEY_HEADER}"),
-            "--harmonizer",
-            &cluster.harmonizer_addr(),
-            "--redis-url",
-            &cluster.redis_url(),
+            &key,
             "--operation",
             crate::bench::OPERATION,
             "--sink-prefix",
@@ -690,13 +680,8 @@ mod ordo {
         let mut stream = create_stream(js, &stream_name, &prefix).await?;
         let sink = sink_prefix(k);
         let results = create_stream(js, &format!("{stream_name}_RESULTS"), &sink).await?;
-        let spec = ServiceSpec {
-            name: "ordo-source".into(),
-            binary: binary("ordo-source"),
-            args: source_args(&cluster, nats, &stream_name, &name, &sink),
-            env: Vec::new(),
-        };
-        let mut source = ServiceProcess::start(spec, cluster.log_dir(), Duration::from_secs(30))
+        let mut source = cluster
+            .start_source(&name, &nats.url(), source_args(&stream_name, &sink))
             .await
             .context("cannot start ordo-source")?;
         wait_for_consumer(&mut stream, &name, source.log_path()).await?;
