@@ -139,16 +139,21 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     let reconnected = Arc::new(Notify::new());
     let client = {
         let reconnected = reconnected.clone();
+        // The first connect is no reconnect: the intake creates the consumer then anyway.
+        let connected_before = Arc::new(std::sync::atomic::AtomicBool::new(false));
         async_nats::ConnectOptions::new()
             .name(format!("ordo-source {}", config.name))
             .retry_on_initial_connect()
             .event_callback(move |event| {
                 let reconnected = reconnected.clone();
+                let connected_before = connected_before.clone();
                 async move {
                     match event {
                         async_nats::Event::Connected => {
                             tracing::info!("connected to NATS");
-                            reconnected.notify_one();
+                            if connected_before.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                                reconnected.notify_one();
+                            }
                         }
                         async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
                         other => tracing::info!(event = %other, "NATS"),
