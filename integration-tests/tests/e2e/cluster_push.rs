@@ -4,23 +4,24 @@
 //! - on one node, the gateway subscribes exactly the release channels of the
 //!   slots of the streams somebody follows (`PUBSUB SHARDCHANNELS`), nothing
 //!   global, and drops them when the subscribers leave;
-//! - on a Redis Cluster (3 masters, 1 replica each), gRPC Subscribe and SSE
-//!   subscribers of streams on every master get every result once and in
-//!   order across a killed master (its replica promoted) and a forced
-//!   failover (`CLUSTER FAILOVER`) mid-stream;
-//! - the AMQP outbox on a cluster publishes every stream's results in order
-//!   (the machine's RabbitMQ).
-//!
-//! The cluster tests start the reassembler and the push-gateway against the
-//! cluster themselves and deliver results to the reassembler's `Deliver`
-//! directly (as a worker would), since the harmonizer and the workers do not
-//! run on a cluster yet.
+//! - the whole suite on a Redis Cluster (`ClusterBuilder::redis_cluster`):
+//!   a `Process` call, gRPC Subscribe and SSE subscribers of streams in three
+//!   slots get every result once and in order across a `CLUSTER FAILOVER`
+//!   mid-stream;
+//! - the reassembler and the push-gateway alone on a cluster, fed through the
+//!   reassembler's `Deliver` (as a worker would), so each fault lands between
+//!   two chosen batches: Subscribe and SSE readers of a stream on each master
+//!   get every result once and in order across a forced failover and a
+//!   SIGKILLed master, each followed slot is then subscribed on its current
+//!   master only, and none is left once nobody follows; a cursor mid-stream
+//!   resumes there; the AMQP outbox publishes every stream in order (the
+//!   machine's RabbitMQ).
 
 use std::{collections::BTreeSet, time::Duration};
 
 use integration_tests::{
     Cluster, ProcessCall, ServiceProcess,
-    client::{LINGER, check_in_order_exactly_once},
+    client::{LINGER, by_stream, check_in_order_exactly_once},
     eventually::try_eventually,
     ports::free_port,
     process::{ServiceSpec, binary},
@@ -37,7 +38,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{
-    DEADLINE, assert_ok, check_numbered_payloads, numbered_events,
+    DEADLINE, assert_ok, check_numbered_payloads, interleave, numbered_events,
     push::{check_sse_results, receive, subscribe},
 };
 
@@ -111,6 +112,80 @@ async fn single_node_gateway_subscribes_only_the_slots_of_followed_streams() {
     assert!(none.is_ok(), "subscriptions dropped with their subscribers: {:?}", shard_channels(&mut conn).await);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_whole_suite_subscribe_sse_and_the_call_across_a_forced_failover() {
+    const N: u64 = 60;
+    let mut cluster = Cluster::builder()
+        .redis_cluster()
+        .workers(2)
+        .reassembler_args(["--redis-wait-replicas", "1", "--redis-wait-timeout", "500ms"])
+        .start()
+        .await;
+    let urls: Vec<String> =
+        (0..integration_tests::redis_cluster::NODES).map(|i| cluster.redis_cluster().node_url(i)).collect();
+    wait_replicas_in_sync(&urls).await;
+    let streams = streams_in_distinct_slots("suite-push", 3);
+    let mut readers = Vec::new();
+    for stream in &streams {
+        let results = subscribe(&cluster, stream, 0).await.expect("Subscribe opens");
+        readers.push((stream.clone(), tokio::spawn(collect_grpc(results, N as usize))));
+    }
+    let mut sse_readers = Vec::new();
+    for stream in &streams {
+        let url = sse::events_url(&cluster.sse_url(), stream, Some("from=0"));
+        sse_readers.push((stream.clone(), tokio::spawn(collect_sse(url, N as usize))));
+    }
+    let mut call = ProcessCall::open(&cluster.harmonizer());
+    let events = interleave(streams.iter().map(|s| numbered_events(s, N, "async-echo", "uniform:0ms-20ms")).collect());
+    call.feed(events, Some(Duration::from_millis(15)));
+
+    // A third in: the master of the first stream's slot fails over.
+    let total = streams.len() * N as usize;
+    call.wait_for_total(total / 3, DEADLINE).await.expect("a third of the results");
+    let master = cluster.redis_cluster().master_of(keys::stream_slot(&streams[0])).await.expect("a master");
+    let replica = cluster.redis_cluster().replica_of(master).await.expect("a replica");
+    cluster.redis_cluster().failover(replica).await.expect("CLUSTER FAILOVER");
+    assert!(!call.fed(), "the failover came mid-stream (events were still being sent)");
+
+    call.wait_for_total(total, DEADLINE).await.expect("every result on the call");
+    let got = call.finish(LINGER).await.expect("the call ends cleanly");
+    for (stream, results) in by_stream(&got) {
+        assert_ok(check_in_order_exactly_once(&results, N), &format!("the call's results of {stream}"));
+    }
+    for (stream, reader) in readers {
+        let results = reader.await.expect("the Subscribe reader");
+        assert_ok(check_in_order_exactly_once(&results, N), &format!("Subscribe of {stream}"));
+        assert_ok(check_numbered_payloads(&results), "payloads");
+    }
+    for (stream, reader) in sse_readers {
+        let events = reader.await.expect("the SSE reader");
+        assert_eq!(events.len() as u64, N, "SSE of {stream}: every result once");
+        assert_ok(check_sse_results(&events, &stream, 0), &format!("SSE of {stream}"));
+    }
+}
+
+/// Waits until every replica of the cluster at node `urls` finished its
+/// first sync with its master (until then a failed master has no replica fit
+/// to take over, and `WAIT 1` fails).
+async fn wait_replicas_in_sync(urls: &[String]) {
+    let synced = try_eventually(DEADLINE, || {
+        let urls = urls.to_vec();
+        async move {
+            for url in urls {
+                let client = redis::Client::open(url).ok()?;
+                let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+                let info: String = redis::cmd("INFO").arg("replication").query_async(&mut conn).await.ok()?;
+                if info.contains("role:slave") && !info.contains("master_link_status:up") {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    })
+    .await;
+    assert!(synced.is_ok(), "the replicas never synced: {synced:?}");
+}
+
 /// The reassembler and push-gateway binaries against a private Redis Cluster.
 struct OnCluster {
     redis: RedisCluster,
@@ -145,6 +220,7 @@ impl OnCluster {
         let mut args = vec!["--redis-url".into(), url, "--sse-listen".into(), format!("127.0.0.1:{sse_port}")];
         args.extend(push_gateway_args.iter().map(|a| (*a).to_owned()));
         let mut push_gateway_spec = spec("push-gateway", args);
+        // Subscription changes show in its log (for a failure's post-mortem).
         push_gateway_spec.env.push(("RUST_LOG".into(), "info,push_gateway=debug".into()));
         let push_gateway = ServiceProcess::start(push_gateway_spec, dir.path(), DEADLINE)
             .await
@@ -154,29 +230,9 @@ impl OnCluster {
         suite
     }
 
-    /// Waits until every replica finished its first sync with its master
-    /// (until then a killed master has no replica fit to take over, and
-    /// `WAIT 1` fails).
     async fn wait_replicas_in_sync(&mut self) {
         let urls: Vec<String> = (0..integration_tests::redis_cluster::NODES).map(|i| self.redis.node_url(i)).collect();
-        let synced = try_eventually(DEADLINE, || {
-            let urls = urls.clone();
-            async move {
-                for url in urls {
-                    let client = redis::Client::open(url).ok()?;
-                    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-                    let info: String = redis::cmd("INFO").arg("replication").query_async(&mut conn).await.ok()?;
-                    if info.contains("role:slave") && !info.contains("master_link_status:up") {
-                        return None;
-                    }
-                }
-                Some(())
-            }
-        })
-        .await;
-        if let Err(error) = synced {
-            panic!("the replicas never synced: {error}\n{}", self.redis.log_tails(10));
-        }
+        wait_replicas_in_sync(&urls).await;
     }
 
     fn sse_url(&self) -> String {
@@ -384,10 +440,12 @@ async fn cluster_subscribe_and_sse_get_every_result_once_in_order_across_failove
         async move { channels_per_node(&urls).await?.iter().all(BTreeSet::is_empty).then_some(()) }
     })
     .await;
-    if none_left.is_err() {
-        let _ = std::fs::copy(suite.push_gateway.log_path(), "/tmp/pg_debug_gateway.log");
-    }
-    assert!(none_left.is_ok(), "every channel dropped once nobody follows: {:?}", channels_per_node(&urls).await);
+    assert!(
+        none_left.is_ok(),
+        "every channel dropped once nobody follows: {:?}\n{}",
+        channels_per_node(&urls).await,
+        suite.logs()
+    );
 }
 
 /// `PUBSUB SHARDCHANNELS` of each node (an empty set for a node that is down).
