@@ -316,12 +316,14 @@ fn cluster_builder_with(
 }
 
 /// A connection manager for the single node `url` that connects on first
-/// use and reconnects by itself. Fails for a malformed URL, and for a
-/// cluster URL: the services that support a cluster use [`connect`].
+/// use and reconnects by itself: the single-node half of [`connect`], which
+/// every service uses (so every service takes a cluster URL). Fails for a
+/// malformed URL, and for a cluster URL (a connection manager reaches one
+/// node).
 pub fn lazy(url: &str) -> anyhow::Result<ConnectionManager> {
     if is_cluster_url(url) {
         anyhow::bail!(
-            "{:?} is a Redis Cluster URL, which this service does not support yet: give it one node's redis:// URL",
+            "{:?} is a Redis Cluster URL, which one node's connection cannot serve: use redis_conn::connect",
             redact(url)
         );
     }
@@ -440,7 +442,7 @@ mod tests {
         }
         let Err(error) = lazy("redis+cluster://127.0.0.1:1") else { panic!("a cluster url is refused") };
         let error = error.to_string();
-        assert!(error.contains("does not support"), "{error}");
+        assert!(error.contains("redis_conn::connect"), "{error}");
     }
 
     #[tokio::test]
