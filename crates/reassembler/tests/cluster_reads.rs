@@ -11,6 +11,7 @@ use std::collections::BTreeSet;
 use integration_tests::{redis_cluster::RedisCluster, redis_server::RedisServer};
 use ordo_core::keys;
 use ordo_proto::v1::{DeadLetter, Event, EventResult, GetDeadLetterRequest, ListDeadLettersRequest, OrderingMode};
+use ordo_runtime::redis_conn::{self, Master};
 use prost::Message;
 use reassembler::{
     dead_letters,
@@ -97,6 +98,15 @@ async fn cluster_dead_letters_of_every_slot_are_listed_once_in_id_order_and_foun
     let expected = store_dead_letters(&store).await;
     let slots: BTreeSet<u16> = expected.iter().map(|(s, _)| keys::stream_slot(s)).collect();
     assert!(slots.len() > 10, "the streams spread over many slots: {slots:?}");
+    // The per-master helpers the listing stands on: every master once, the
+    // keyspace split between them.
+    let conn = ordo_runtime::redis_conn::connect(&cluster.url()).expect("url");
+    let sizes: Vec<(Master, u64)> = redis_conn::for_each_master(&conn, &redis::cmd("DBSIZE")).await.expect("DBSIZE");
+    assert_eq!(sizes.len(), 3, "three masters: {sizes:?}");
+    assert_eq!(sizes.iter().map(|(m, _)| m).collect::<BTreeSet<_>>().len(), 3, "{sizes:?}");
+    assert!(sizes.iter().all(|(_, n)| *n > 0), "the streams spread over every master: {sizes:?}");
+    let all = redis_conn::scan_keys(&conn, "*", 100).await.expect("SCAN of every master");
+    assert_eq!(all.len() as u64, sizes.iter().map(|(_, n)| n).sum::<u64>(), "each key once");
     let logs = store.dead_letter_logs().await.expect("the logs");
     assert_eq!(
         logs.iter().filter_map(|(slot, _)| *slot).collect::<BTreeSet<_>>(),
@@ -180,4 +190,9 @@ async fn single_node_dead_letters_keep_the_global_logs_plain_ids() {
     let refused = dead_letters::get(&store, GetDeadLetterRequest { id: format!("{id}@5") }).await;
     assert!(matches!(refused, Err(Error::Invalid(_))), "a slot on a single node: {refused:?}");
     assert_eq!(store.pending_results(1000).await.expect("a sample"), (0, 0));
+    let conn = ordo_runtime::redis_conn::connect(&redis.url()).expect("url");
+    assert_eq!(redis_conn::scan_keys(&conn, "ordo:dlq*", 100).await.expect("SCAN"), ["ordo:dlq"]);
+    let sizes: Vec<(Master, u64)> = redis_conn::for_each_master(&conn, &redis::cmd("DBSIZE")).await.expect("DBSIZE");
+    assert_eq!(sizes.len(), 1);
+    assert_eq!(sizes[0].0, Master::Single);
 }
