@@ -725,9 +725,11 @@ impl Cluster {
         self.processes()
             .map(|p| (p.name().to_owned(), p.pid()))
             .chain(match &self.redis {
-                Redis::Single(redis) => Some(("redis".to_owned(), redis.pid())),
-                // Six nodes; benchmarks measure the one-node topology.
-                Redis::Cluster(_) => None,
+                Redis::Single(redis) => vec![("redis".to_owned(), redis.pid())],
+                // Every node, masters and replicas: `redis-0` … `redis-5`.
+                Redis::Cluster(cluster) => {
+                    cluster.pids().into_iter().enumerate().map(|(index, pid)| (format!("redis-{index}"), pid)).collect()
+                }
             })
             .collect()
     }

@@ -113,6 +113,12 @@ impl RedisCluster {
         Ok(cluster)
     }
 
+    /// The OS process id of each node while it runs (for CPU and memory
+    /// readings), by node index.
+    pub fn pids(&self) -> Vec<Option<u32>> {
+        self.nodes.iter().map(|node| node.child.pid()).collect()
+    }
+
     /// `redis+cluster://` with every node, the URL services are given.
     pub fn url(&self) -> String {
         let hosts: Vec<String> = self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();

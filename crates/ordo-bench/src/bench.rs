@@ -1,4 +1,4 @@
-//! Ordo against its baselines, in one run, on four workloads:
+//! Ordo against its baselines, in one run, on five workloads:
 //!
 //! - **(a)** the Confluent Parallel Consumer's example: `events` (10,000)
 //!   events on one stream, `latency=uniform:0ms-5ms`, concurrency 100;
@@ -10,6 +10,9 @@
 //!   64, 4,096, 32,768 and 131,072 streams, one fresh cluster per point, with
 //!   CPU per event and per stream, peak RSS and Redis memory per stream, and
 //!   each point's ratio to the first (see [`crate::many_streams`]).
+//! - **(e)** scale-out: (b)'s ORDERED events on one Redis node, on a 3-master
+//!   Redis Cluster and with two workers and reassemblers, a cluster each
+//!   (see [`crate::scale_out`]);
 //!
 //! Variants of (a) and (c), side by side:
 //! - Ordo ORDERED and UNORDERED, the client keeping at most `concurrency`
@@ -62,6 +65,7 @@ pub enum WorkloadId {
     B,
     C,
     D,
+    E,
 }
 
 impl std::fmt::Display for WorkloadId {
@@ -71,6 +75,7 @@ impl std::fmt::Display for WorkloadId {
             Self::B => "b",
             Self::C => "c",
             Self::D => "d",
+            Self::E => "e",
         })
     }
 }
@@ -537,7 +542,7 @@ pub async fn run(config: &Config) -> anyhow::Result<Report> {
     let mut workloads = Vec::new();
     {
         // (d) starts a cluster per point; the others share this one.
-        let shared = if config.workloads.iter().any(|&w| w != WorkloadId::D) {
+        let shared = if config.workloads.iter().any(|&w| !matches!(w, WorkloadId::D | WorkloadId::E)) {
             let cluster = Cluster::builder().try_start().await.context("cannot start the Ordo cluster")?;
             warm_up(&cluster, nonce).await?;
             Some(cluster)
@@ -547,6 +552,10 @@ pub async fn run(config: &Config) -> anyhow::Result<Report> {
         for &id in &config.workloads {
             if id == WorkloadId::D {
                 workloads.push(many_streams::run(config, nonce).await?);
+                continue;
+            }
+            if id == WorkloadId::E {
+                workloads.push(crate::scale_out::run(config, nonce).await?);
                 continue;
             }
             let cluster = shared.as_ref().context("the shared cluster was not started")?;

@@ -51,7 +51,7 @@ pub struct ExperimentArgs {
 #[command(name = "ordo-bench", version)]
 pub struct BenchArgs {
     /// Workloads to run, comma-separated.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "a,b,c,d")]
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "a,b,c,d,e")]
     pub workloads: Vec<WorkloadId>,
     /// Events of workloads (a) and (c).
     #[arg(long, default_value_t = 10_000)]

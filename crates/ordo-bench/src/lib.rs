@@ -13,6 +13,8 @@
 //!   [`procstat`]: CPU time and peak RSS from `/proc`; [`stats`]:
 //!   histograms and confidence intervals; [`chart`]: the PNG;
 //!   [`many_streams`]: workload (d), the same events over ever more streams;
+//!   [`scale_out`]: workload (e), (b) on one Redis node, a Redis Cluster and
+//!   two workers and reassemblers;
 //!   [`redis_probe`]: `INFO memory` and `MEMORY USAGE` of the private Redis.
 //! - [`chaos`]: the fault suite (`ordo-chaos`, `just chaos`); [`soak`]:
 //!   a long run at a fixed rate sampling memory and descriptors
@@ -34,6 +36,7 @@ pub mod many_streams;
 pub mod procstat;
 pub mod redis_probe;
 pub mod results;
+pub mod scale_out;
 pub mod soak;
 pub mod source_bench;
 pub mod stats;

@@ -137,3 +137,32 @@ async fn many_streams_short_mode_has_a_row_per_point() {
     assert_eq!(points.as_array().map(Vec::len), Some(2), "{parsed}");
     assert!(points[1]["redis"]["used_memory_after"].as_u64().is_some_and(|b| b > 0), "{parsed}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_out_short_mode_runs_each_topology_and_meters_every_redis_node() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = bench::Config {
+        workloads: vec![WorkloadId::E],
+        saturation_calls: 2,
+        saturation_streams: 4,
+        saturation_events: 400,
+        saturation_in_flight: 64,
+        deadline: Duration::from_secs(60),
+        out_dir: dir.path().to_path_buf(),
+        ..bench::Config::default()
+    };
+    let report = bench::run(&config).await.expect("the benchmark runs");
+    report.check().expect("no topology lost, duplicated or misordered a result");
+    let [workload] = &report.workloads[..] else { panic!("one workload: {:?}", report.workloads.len()) };
+    assert_eq!(workload.id, WorkloadId::E);
+    assert_eq!(workload.variants.len(), 3, "one variant per topology");
+    for v in &workload.variants {
+        assert_eq!((v.events, v.order_violations, v.failed, v.duplicates), (400, 0, 0, 0), "{}", v.name);
+        assert!(v.service_cpu_s_per_million.is_some_and(|c| c > 0.0), "{}: every process metered", v.name);
+    }
+    let roles = |i: usize| -> Vec<String> { workload.variants[i].processes.iter().map(|p| p.name.clone()).collect() };
+    assert!(roles(0).contains(&"redis".to_owned()), "{:?}", roles(0));
+    assert!(roles(1).contains(&"redis (×6, summed)".to_owned()), "all six cluster nodes: {:?}", roles(1));
+    assert!(roles(2).contains(&"worker (×2, summed)".to_owned()), "{:?}", roles(2));
+    assert!(roles(2).contains(&"reassembler (×2, summed)".to_owned()), "{:?}", roles(2));
+}
