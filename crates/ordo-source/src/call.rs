@@ -102,12 +102,17 @@ async fn send(
     }
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut healthy_since = Instant::now();
+    // Closed once the intake stopped: the call goes on for what is in flight.
+    let mut intake_open = true;
     loop {
         tokio::select! {
             biased;
             () = over.cancelled() => return false,
-            next = outbound.recv() => {
-                let Some((key, sequence)) = next else { return false };
+            next = outbound.recv(), if intake_open => {
+                let Some((key, sequence)) = next else {
+                    intake_open = false;
+                    continue;
+                };
                 let event = shared.lock_flight().event(&key, sequence);
                 if let Some(event) = event
                     && !push(event).await

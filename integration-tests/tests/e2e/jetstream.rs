@@ -286,3 +286,32 @@ async fn jetstream_redis_restarted_mid_run() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn jetstream_source_drains_on_sigterm() {
+    // 1.5 s per result: SIGTERM comes while all six are in flight.
+    let mut rig = Rig::start(&["--attribute", "latency=fixed:1500ms"]).await;
+    let keys = keys(2);
+    rig.publish(&keys, 3).await;
+    eventually(Duration::from_secs(20), || async {
+        let in_flight = rig.scrape().await.sum("ordo_source_in_flight_messages", &[]);
+        (in_flight >= 2.0).then_some(()).ok_or(format!("{in_flight} in flight"))
+    })
+    .await;
+    let status = rig.source.terminate(Duration::from_secs(12)).await.expect("exits within the drain timeout");
+    assert!(status.success(), "SIGTERM is a clean stop: {status}");
+    // It stopped consuming, so what it had not taken yet waits for the next
+    // start; what it held was released, acked and published before it exited.
+    let js = rig.js().await;
+    let mut consumer: jetstream::consumer::Consumer<jetstream::consumer::pull::Config> =
+        js.get_consumer_from_stream(SOURCE, INPUT).await.expect("the durable consumer stays");
+    let info = consumer.info().await.expect("consumer info").clone();
+    assert_eq!(info.num_ack_pending, 0, "nothing left unacked: {info:?}");
+    let acked = info.ack_floor.stream_sequence;
+    assert!(acked >= 2, "the messages in flight were acked ({acked})");
+    assert_eq!(published(&js).await, Ok(acked), "each acked message's result was published before the exit");
+    // The next start finishes the rest, exactly once in order.
+    rig.source.restart(Duration::from_secs(20)).await.expect("restart");
+    let results = rig.results(6, Duration::from_secs(30)).await;
+    assert_exactly_once_in_order(&results, &keys, 3);
+}
