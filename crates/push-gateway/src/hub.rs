@@ -427,11 +427,6 @@ impl Hub {
         Firehose { hub: self.clone(), id, rx, signal }
     }
 
-    /// Slots the hub has asked Redis to tell it about (for tests and logs).
-    pub fn subscribed_slots(&self) -> usize {
-        self.lock().slots.requested_count()
-    }
-
     fn publish(&self, batch: ReleasedBatch) {
         batch.results.iter().for_each(crate::metrics::released);
         let mut state = self.lock();
