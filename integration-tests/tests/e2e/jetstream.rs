@@ -315,3 +315,38 @@ async fn jetstream_source_drains_on_sigterm() {
     let results = rig.results(6, Duration::from_secs(30)).await;
     assert_exactly_once_in_order(&results, &keys, 3);
 }
+
+#[tokio::test]
+async fn jetstream_harmonizer_killed_mid_run() {
+    survives(async |rig: &mut Rig| {
+        let harmonizer = rig.cluster.harmonizer_process();
+        harmonizer.kill();
+        harmonizer.restart(Duration::from_secs(20)).await.expect("the harmonizer restarts on its port");
+        // The source opened a new Process call and resent what was in flight.
+        eventually(Duration::from_secs(30), || async {
+            let resent = rig.scrape().await.sum("ordo_source_events_resent_total", &[]);
+            (resent > 0.0).then_some(()).ok_or("nothing resent yet")
+        })
+        .await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn jetstream_key_from_a_subject_token() {
+    let rig = Rig::start(&["--key", "subject:1"]).await;
+    let js = rig.js().await;
+    let keys = keys(3);
+    for i in 0..5 {
+        for key in &keys {
+            // No Ordo-Key header: the key is the subject's second token.
+            js.publish(format!("orders.{key}"), format!("{key}-{i}").into())
+                .await
+                .expect("publish")
+                .await
+                .expect("PubAck");
+        }
+    }
+    let results = rig.results(15, Duration::from_secs(30)).await;
+    assert_exactly_once_in_order(&results, &keys, 5);
+}
