@@ -252,7 +252,15 @@ async fn survives(fault: impl AsyncFnOnce(&mut Rig)) {
 #[tokio::test]
 async fn jetstream_source_killed_mid_run() {
     survives(async |rig: &mut Rig| {
-        let consumed = rig.scrape().await.sum("ordo_source_messages_consumed_total", &[]);
+        // Killed while it holds deliveries unacked (each takes at least 10 ms).
+        let consumed = eventually(Duration::from_secs(20), || async {
+            let metrics = rig.scrape().await;
+            let in_flight = metrics.sum("ordo_source_in_flight_messages", &[]);
+            (in_flight >= 8.0)
+                .then(|| metrics.sum("ordo_source_messages_consumed_total", &[]))
+                .ok_or(format!("{in_flight} in flight"))
+        })
+        .await;
         rig.source.kill();
         rig.source.restart(Duration::from_secs(20)).await.expect("the source restarts");
         // What the killed source held unacked is delivered again.
