@@ -7,7 +7,8 @@
 //!   `grpc.health.v1` SERVING, logs per process in one directory;
 //!   heterogeneous worker pools ([`WorkerSpec`]); the operation registry in
 //!   the cluster's Redis ([`Cluster::registry`],
-//!   [`Cluster::wait_for_registry_version`], [`Cluster::wait_for_workers`]).
+//!   [`Cluster::wait_for_registry_version`], [`Cluster::wait_for_workers`]);
+//!   the JetStream source next to it ([`Cluster::start_source`]).
 //! - [`example`]: the examples' servers (`examples/python-operation`,
 //!   `examples/http-operation`) as killable, restartable child processes,
 //!   and the example registry file.
