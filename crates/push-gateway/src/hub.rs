@@ -38,7 +38,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use futures::StreamExt as _;
@@ -56,6 +56,8 @@ use crate::Shutdown;
 /// SSUBSCRIBE / SUNSUBSCRIBE commands in flight at once (a firehose wants
 /// every slot: 16,384 commands, one channel each).
 const PARALLEL_COMMANDS: usize = 64;
+/// How long a subscription may go unconfirmed before it is asked for again.
+const CONFIRM_WITHIN: Duration = Duration::from_secs(3);
 
 struct Entry {
     id: u64,
@@ -101,6 +103,8 @@ struct Slots {
     live_count: usize,
     /// Slots whose wanted state may differ from `requested`.
     dirty: HashSet<u16>,
+    /// Subscriptions asked for and not confirmed yet, since when.
+    unconfirmed: HashMap<u16, Instant>,
 }
 
 impl Default for Slots {
@@ -113,6 +117,7 @@ impl Default for Slots {
             live: vec![false; slots],
             live_count: 0,
             dirty: HashSet::new(),
+            unconfirmed: HashMap::new(),
         }
     }
 }
@@ -179,6 +184,7 @@ impl Slots {
             match (self.wanted(slot), self.requested[i]) {
                 (true, false) => {
                     self.requested[i] = true;
+                    self.unconfirmed.insert(slot, Instant::now());
                     changes.push(Change::Subscribe(slot));
                 }
                 (false, true) => {
@@ -196,6 +202,7 @@ impl Slots {
         let slot = match change {
             Change::Subscribe(slot) => {
                 self.requested[usize::from(slot)] = false;
+                self.unconfirmed.remove(&slot);
                 slot
             }
             Change::Unsubscribe(slot) => {
@@ -209,6 +216,7 @@ impl Slots {
     /// Redis confirmed a subscription: true if every slot is now live (the
     /// moment a firehose has heard everything).
     fn confirmed(&mut self, slot: u16) -> bool {
+        self.unconfirmed.remove(&slot);
         let i = usize::from(slot);
         if !self.live[i] {
             self.live[i] = true;
@@ -227,9 +235,26 @@ impl Slots {
             self.live_count -= 1;
         }
         self.requested[i] = false;
+        self.unconfirmed.remove(&slot);
         if self.wanted(slot) {
             self.dirty.insert(slot);
         }
+    }
+
+    /// Subscriptions asked for more than `timeout` before `now` and never
+    /// confirmed are asked for again: a reply can be taken for another's
+    /// (a push Redis sends unasked, e.g. when a failover moves a slot,
+    /// arriving while a command waits on that node), and a slot must not
+    /// stay silent on such a mix-up. True if any was.
+    fn overdue(&mut self, now: Instant, timeout: Duration) -> bool {
+        let late: Vec<u16> =
+            self.unconfirmed.iter().filter(|(_, at)| now.duration_since(**at) >= timeout).map(|(s, _)| *s).collect();
+        for &slot in &late {
+            self.unconfirmed.remove(&slot);
+            self.requested[usize::from(slot)] = false;
+            self.dirty.insert(slot);
+        }
+        !late.is_empty()
     }
 
     /// The pub/sub connection (or one cluster node's) broke: nothing is
@@ -238,6 +263,7 @@ impl Slots {
         self.requested.iter_mut().for_each(|r| *r = false);
         self.live.iter_mut().for_each(|l| *l = false);
         self.live_count = 0;
+        self.unconfirmed.clear();
         if self.firehoses > 0 {
             self.dirty.extend(0..keys::SLOTS);
         } else {
@@ -561,7 +587,13 @@ impl Hub {
             if broken.load(Ordering::Acquire) {
                 return true;
             }
-            let changes = self.lock().slots.changes();
+            let changes = {
+                let mut state = self.lock();
+                if state.slots.overdue(Instant::now(), CONFIRM_WITHIN) {
+                    tracing::warn!("a release channel subscription was not confirmed in time; asking again");
+                }
+                state.slots.changes()
+            };
             let outcomes: Vec<(Change, redis::RedisResult<()>)> = futures::stream::iter(
                 changes.into_iter().map(|change| async move { (change, pubsub.apply(change).await) }),
             )
@@ -595,6 +627,8 @@ impl Hub {
             tokio::select! {
                 _ = shutdown.cancelled() => return false,
                 () = self.changed.notified() => {}
+                // Looks at unconfirmed subscriptions now and then.
+                () = tokio::time::sleep(CONFIRM_WITHIN) => {}
             }
         }
     }
@@ -715,6 +749,23 @@ mod tests {
         let changes = slots.changes();
         assert_eq!(changes.len(), usize::from(keys::SLOTS) - 1, "all but the followed stream's slot are dropped");
         assert!(!changes.contains(&Change::Unsubscribe(slot_a)));
+    }
+
+    #[test]
+    fn a_subscription_never_confirmed_is_asked_for_again() {
+        let (a, b, _) = streams();
+        let (slot_a, slot_b) = (keys::stream_slot(&a), keys::stream_slot(&b));
+        let mut slots = Slots::default();
+        slots.follow(&a);
+        slots.follow(&b);
+        slots.changes();
+        let asked = Instant::now();
+        slots.confirmed(slot_b);
+        assert!(!slots.overdue(asked + Duration::from_secs(1), Duration::from_secs(3)), "not late yet");
+        assert!(slots.overdue(asked + Duration::from_secs(3), Duration::from_secs(3)));
+        assert_eq!(slots.changes(), [Change::Subscribe(slot_a)], "only the unconfirmed one, again");
+        slots.confirmed(slot_a);
+        assert!(!slots.overdue(asked + Duration::from_secs(60), Duration::from_secs(3)), "confirmed: never late");
     }
 
     #[test]
