@@ -108,6 +108,26 @@ async fn check_streams(cluster: &Cluster, results: &[EventResult], modes: &BTree
     assert!(problems.is_empty(), "{} problems:\n{}", problems.len(), problems.join("\n"));
 }
 
+/// Waits until node `replica` replicates node `master` (a restarted old
+/// master rejoins as its successor's replica), so WAIT 1 on those slots can
+/// succeed again; a cluster that does not get there fails here, not as a
+/// hang of the results.
+async fn wait_replica_of(cluster: &mut Cluster, replica: usize, master: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let nodes = cluster.redis_cluster().nodes().await.unwrap_or_default();
+        let master_id = nodes.iter().find(|n| n.index == master).map(|n| n.id.clone());
+        if master_id.is_some() && nodes.iter().any(|n| n.index == replica && n.master_id == master_id) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node {replica} did not become a replica of node {master}: {nodes:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The node index of the master of `stream`'s slot now.
 async fn master_of(cluster: &mut Cluster, stream: &str) -> usize {
     cluster.redis_cluster().master_of(keys::stream_slot(stream)).await.expect("a master serves the slot")
@@ -167,6 +187,7 @@ async fn cluster_ordered_and_unordered_streams_survive_a_failover_and_a_killed_m
     cluster.redis_cluster().wait_master(successor).await.expect("the replica takes over");
     // Back as a replica of its successor, so WAIT 1 succeeds on its slots again.
     cluster.redis_cluster().restart(killed).await.expect("the killed node restarts");
+    wait_replica_of(&mut cluster, killed, successor).await;
 
     let expected: BTreeMap<String, usize> = streams.iter().map(|s| (s.clone(), N as usize)).collect();
     call.wait_for_counts(&expected, DEADLINE).await.expect("every stream's results arrive");
