@@ -382,9 +382,11 @@ async fn plain_consumer(
         .create_consumer(consumer::pull::Config {
             durable_name: Some(durable.clone()),
             ack_policy: consumer::AckPolicy::Explicit,
-            // Enough unacknowledged messages in hand for `cap` at work and a
-            // key's queue behind them (the server's default is 1,000).
-            max_ack_pending: 20_000,
+            // The server's default: enough in hand for `cap` at work, and few
+            // enough that a key's queue is worked off within `ack_wait` (30 s):
+            // holding all 10,000 messages of one key (36 s of work) got the
+            // last ones redelivered as duplicates.
+            max_ack_pending: 1000,
             ..Default::default()
         })
         .await
