@@ -165,4 +165,6 @@ async fn scale_out_short_mode_runs_each_topology_and_meters_every_redis_node() {
     assert!(roles(1).contains(&"redis (×6, summed)".to_owned()), "all six cluster nodes: {:?}", roles(1));
     assert!(roles(2).contains(&"worker (×2, summed)".to_owned()), "{:?}", roles(2));
     assert!(roles(2).contains(&"reassembler (×2, summed)".to_owned()), "{:?}", roles(2));
+    // Topologies are not ORDERED/UNORDERED pairs: no ratio target may pair them.
+    assert!(report.targets.iter().all(|t| !t.target.starts_with("(e)")), "{:?}", report.targets);
 }
