@@ -63,7 +63,7 @@ experiment *ARGS: deps
     cargo build --release --workspace --bins
     ORDO_BIN_DIR=target/release target/release/ordo-experiment {{ARGS}}
 
-# Ordered streams against baselines, workloads (a), (b), (c), (d): release build,
+# Ordered streams against baselines, workloads (a)–(e): release build,
 # then the benchmark (`just bench --full-sequential` runs the sequential
 # consumer over all 10,000 events). Writes results/bench/.
 # Many streams only: `just bench --workloads d --streams-list 64,4096,32768,131072 --many-streams-events 262144`.
