@@ -199,6 +199,33 @@ pub struct Workload {
     pub many_streams: Option<ManyStreams>,
 }
 
+impl Workload {
+    /// A workload of zero-delay events (no latency model, no Little's-law
+    /// bound): (b), (d) and (e).
+    pub(crate) fn zero_delay(
+        id: WorkloadId,
+        title: String,
+        events: usize,
+        concurrency: usize,
+        variants: Vec<Variant>,
+    ) -> Self {
+        Self {
+            id,
+            title,
+            events,
+            concurrency,
+            latency: "none".into(),
+            requested_mean_ms: 0.0,
+            measured_sleep: None,
+            measured_mean_ms: 0.0,
+            little_bound_s: None,
+            little_bound_measured_s: None,
+            variants,
+            many_streams: None,
+        }
+    }
+}
+
 /// A target of the issue, as measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Target {
@@ -504,20 +531,13 @@ async fn saturation(config: &Config, cluster: &Cluster, nonce: u64) -> anyhow::R
     let n = config.saturation_in_flight * calls;
     let (baseline_variants, _) = baselines(config, &vec![Duration::ZERO; total], n, None).await;
     variants.extend(baseline_variants);
-    Ok(Workload {
-        id: WorkloadId::B,
-        title: format!("(b) saturation: {total} events, {calls} calls × {streams} streams, no delay"),
-        events: total,
-        concurrency: n,
-        latency: "none".into(),
-        requested_mean_ms: 0.0,
-        measured_sleep: None,
-        measured_mean_ms: 0.0,
-        little_bound_s: None,
-        little_bound_measured_s: None,
+    Ok(Workload::zero_delay(
+        WorkloadId::B,
+        format!("(b) saturation: {total} events, {calls} calls × {streams} streams, no delay"),
+        total,
+        n,
         variants,
-        many_streams: None,
-    })
+    ))
 }
 
 /// A short zero-delay call so that connections, pools and allocators are warm.

@@ -215,30 +215,25 @@ pub async fn run(config: &Config, nonce: u64) -> anyhow::Result<Workload> {
         p.cpu_per_event_ratio = ratio(p.service_cpu_us_per_event, baseline.1);
     }
     let listed: Vec<String> = list.iter().map(ToString::to_string).collect();
-    Ok(Workload {
-        id: WorkloadId::D,
-        title: format!(
+    let mut workload = Workload::zero_delay(
+        WorkloadId::D,
+        format!(
             "(d) many streams: {total} ORDERED events over {} streams, {} calls, no delay",
             listed.join(" / "),
             config.many_streams_calls.max(1)
         ),
-        events: total,
-        concurrency: in_flight * config.many_streams_calls.max(1),
-        latency: "none".into(),
-        requested_mean_ms: 0.0,
-        measured_sleep: None,
-        measured_mean_ms: 0.0,
-        little_bound_s: None,
-        little_bound_measured_s: None,
+        total,
+        in_flight * config.many_streams_calls.max(1),
         variants,
-        many_streams: Some(ManyStreams {
-            baseline_streams: list[0],
-            total_events: total,
-            calls: config.many_streams_calls.max(1),
-            in_flight,
-            points,
-        }),
-    })
+    );
+    workload.many_streams = Some(ManyStreams {
+        baseline_streams: list[0],
+        total_events: total,
+        calls: config.many_streams_calls.max(1),
+        in_flight,
+        points,
+    });
+    Ok(workload)
 }
 
 /// The target for the point at [`TARGET_STREAMS`], if measured.

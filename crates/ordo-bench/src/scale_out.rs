@@ -77,22 +77,15 @@ pub async fn run(config: &Config, nonce: u64) -> anyhow::Result<Workload> {
             variant.note = format!("{:.2}× the first point's events/s", variant.events_per_s / base);
         }
     }
-    Ok(Workload {
-        id: WorkloadId::E,
-        title: format!(
+    Ok(Workload::zero_delay(
+        WorkloadId::E,
+        format!(
             "(e) scale-out: (b)'s {total} ORDERED events, {calls} calls × {streams} streams, no delay, on three topologies"
         ),
-        events: total,
-        concurrency: config.saturation_in_flight * calls,
-        latency: "none".into(),
-        requested_mean_ms: 0.0,
-        measured_sleep: None,
-        measured_mean_ms: 0.0,
-        little_bound_s: None,
-        little_bound_measured_s: None,
+        total,
+        config.saturation_in_flight * calls,
         variants,
-        many_streams: None,
-    })
+    ))
 }
 
 /// The role of a process named by the testkit (`worker-1`, `redis-4`, …).
