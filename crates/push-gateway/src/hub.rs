@@ -105,7 +105,22 @@ struct Slots {
     dirty: HashSet<u16>,
     /// Subscriptions asked for and not confirmed yet, since when.
     unconfirmed: HashMap<u16, Instant>,
+    /// How long a subscribed slot stays subscribed after its last followed
+    /// stream left (`--hub-slot-hold`): streams that come and go in the
+    /// same slot then cost no SSUBSCRIBE/SUNSUBSCRIBE, and no lagged
+    /// re-read of the log on each new confirmation. Bounded: there are
+    /// [`keys::SLOTS`] slots at most.
+    hold: Duration,
+    /// Subscribed slots with no followed stream, since when (unsubscribed
+    /// once held for `hold`).
+    idle: HashMap<u16, Instant>,
+    /// When `idle` is looked at next (at most every [`IDLE_SWEEP`]: the
+    /// listener asks for changes on every first and last subscriber).
+    next_sweep: Instant,
 }
+
+/// How often held idle slots are checked for expiry.
+const IDLE_SWEEP: Duration = Duration::from_secs(1);
 
 impl Default for Slots {
     fn default() -> Self {
@@ -118,6 +133,9 @@ impl Default for Slots {
             live_count: 0,
             dirty: HashSet::new(),
             unconfirmed: HashMap::new(),
+            hold: Duration::ZERO,
+            idle: HashMap::new(),
+            next_sweep: Instant::now(),
         }
     }
 }
@@ -137,6 +155,7 @@ impl Slots {
     /// A stream got its first subscriber.
     fn follow(&mut self, stream: &str) {
         let slot = keys::stream_slot(stream);
+        self.idle.remove(&slot);
         let streams = self.streams.entry(slot).or_default();
         if streams.is_empty() && self.firehoses == 0 {
             self.dirty.insert(slot);
@@ -152,7 +171,11 @@ impl Slots {
         if streams.is_empty() {
             self.streams.remove(&slot);
             if self.firehoses == 0 {
-                self.dirty.insert(slot);
+                if self.hold.is_zero() || !self.requested[usize::from(slot)] {
+                    self.dirty.insert(slot);
+                } else {
+                    self.idle.insert(slot, Instant::now());
+                }
             }
         }
     }
@@ -176,6 +199,25 @@ impl Slots {
     /// wanted. Marks them requested / not requested as it goes (the caller
     /// marks a failed one dirty again with [`Self::failed`]).
     fn changes(&mut self) -> Vec<Change> {
+        self.changes_at(Instant::now())
+    }
+
+    /// [`Self::changes`] at `now`: idle slots held for `hold` are let go.
+    fn changes_at(&mut self, now: Instant) -> Vec<Change> {
+        if !self.idle.is_empty() && now >= self.next_sweep {
+            self.next_sweep = now + IDLE_SWEEP;
+            let hold = self.hold;
+            let expired: Vec<u16> = self
+                .idle
+                .iter()
+                .filter(|(_, since)| now.saturating_duration_since(**since) >= hold)
+                .map(|(s, _)| *s)
+                .collect();
+            for slot in expired {
+                self.idle.remove(&slot);
+                self.dirty.insert(slot);
+            }
+        }
         let mut dirty: Vec<u16> = self.dirty.drain().collect();
         dirty.sort_unstable();
         let mut changes = Vec::new();
@@ -236,6 +278,7 @@ impl Slots {
         }
         self.requested[i] = false;
         self.unconfirmed.remove(&slot);
+        self.idle.remove(&slot);
         if self.wanted(slot) {
             self.dirty.insert(slot);
         }
@@ -264,6 +307,7 @@ impl Slots {
         self.live.iter_mut().for_each(|l| *l = false);
         self.live_count = 0;
         self.unconfirmed.clear();
+        self.idle.clear();
         if self.firehoses > 0 {
             self.dirty.extend(0..keys::SLOTS);
         } else {
@@ -406,8 +450,17 @@ impl PubSub {
 }
 
 impl Hub {
+    /// A hub whose slots are unsubscribed as soon as nobody follows them.
     pub fn new(buffer: usize) -> Arc<Self> {
-        Arc::new(Self { buffer: buffer.max(1), ..Default::default() })
+        Self::with_slot_hold(buffer, Duration::ZERO)
+    }
+
+    /// A hub that keeps a slot subscribed for `hold` after its last
+    /// followed stream left (`--hub-slot-hold`).
+    pub fn with_slot_hold(buffer: usize, hold: Duration) -> Arc<Self> {
+        let hub = Self { buffer: buffer.max(1), ..Default::default() };
+        hub.lock().slots.hold = hold;
+        Arc::new(hub)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -682,6 +735,47 @@ mod tests {
         assert_eq!(slots.changes(), [Change::Unsubscribe(slot_b)]);
         assert_eq!(slots.requested_count(), 0);
         assert!(slots.streams.is_empty());
+    }
+
+    #[test]
+    fn with_a_hold_an_idle_slot_stays_subscribed_until_the_hold_passes() {
+        let (a, b, same) = streams();
+        let slot_a = keys::stream_slot(&a);
+        let mut slots = Slots { hold: Duration::from_secs(30), ..Slots::default() };
+        let start = Instant::now();
+        slots.follow(&a);
+        slots.follow(&b);
+        assert_eq!(slots.changes_at(start).len(), 2);
+        slots.unfollow(&a);
+        assert_eq!(slots.changes_at(start), [], "held: no SUNSUBSCRIBE when the last stream leaves");
+        assert_eq!(slots.requested_count(), 2);
+        // A stream of the same slot comes within the hold: nothing to do.
+        slots.follow(&same);
+        assert_eq!(slots.changes_at(start + Duration::from_secs(40)), [], "followed again: not idle any more");
+        slots.unfollow(&same);
+        assert_eq!(slots.changes_at(start + Duration::from_secs(10)), [], "idle for less than the hold: kept");
+        assert_eq!(
+            slots.changes_at(start + Duration::from_secs(31)),
+            [Change::Unsubscribe(slot_a)],
+            "held for the whole hold: let go"
+        );
+        assert_eq!(slots.requested_count(), 1, "the other slot is still followed");
+        assert!(slots.idle.is_empty());
+    }
+
+    #[test]
+    fn a_held_slot_dropped_by_redis_is_not_subscribed_again() {
+        let (a, _, _) = streams();
+        let slot = keys::stream_slot(&a);
+        let mut slots = Slots { hold: Duration::from_secs(30), ..Slots::default() };
+        slots.follow(&a);
+        assert_eq!(slots.changes().len(), 1);
+        slots.confirmed(slot);
+        slots.unfollow(&a);
+        slots.dropped(slot);
+        assert_eq!(slots.changes(), [], "nobody follows it: not asked for again");
+        assert_eq!(slots.requested_count(), 0);
+        assert!(slots.idle.is_empty());
     }
 
     #[test]

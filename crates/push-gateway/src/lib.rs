@@ -61,6 +61,12 @@ pub struct Config {
     /// further behind is served from the log instead (memory stays bounded).
     #[arg(long, env = "PUSH_GATEWAY_SUBSCRIBER_BUFFER", default_value_t = 1024)]
     pub subscriber_buffer: usize,
+    /// How long a release-channel slot stays subscribed after the last
+    /// stream followed in it left (`0s`: unsubscribe at once). Many short
+    /// streams then do not subscribe and unsubscribe their slots over and
+    /// over; at most 16,384 slots are ever held.
+    #[arg(long, env = "PUSH_GATEWAY_HUB_SLOT_HOLD", default_value = "30s", value_parser = ordo_core::duration::parse)]
+    pub hub_slot_hold: Duration,
     /// Results released longer ago than this are expired for subscribers:
     /// asking for one fails (gRPC OUT_OF_RANGE, SSE 410) as if it had been
     /// trimmed. `off` keeps them as long as the log does (count retention is
@@ -217,7 +223,7 @@ pub async fn run_with(
     let conn = ordo_runtime::redis_conn::connect(&config.redis_url)?;
     let (readiness, _watcher) = Readiness::watch(vec![Dependency::redis(conn.clone())], shutdown.clone());
     metrics::describe();
-    let hub = hub::Hub::new(config.subscriber_buffer);
+    let hub = hub::Hub::with_slot_hold(config.subscriber_buffer, config.hub_slot_hold);
     let log = log::Log::new(conn, config.retention_age);
     let drain = config.common.drain_timeout;
     // Stops everything when shutdown comes, or when the gRPC or SSE server fails.

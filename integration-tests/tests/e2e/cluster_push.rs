@@ -61,7 +61,9 @@ fn streams_in_distinct_slots(prefix: &str, n: usize) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn single_node_gateway_subscribes_only_the_slots_of_followed_streams() {
-    let cluster = Cluster::start().await;
+    // No hold: a slot is let go as soon as nobody follows it (the default
+    // keeps it 30 s; `a_slot_is_held_…` below).
+    let cluster = Cluster::builder().push_gateway_args(["--hub-slot-hold", "0s"]).start().await;
     let client = redis::Client::open(cluster.redis_url()).expect("the test redis url");
     let mut conn = client.get_multiplexed_async_connection().await.expect("the test redis");
     let nothing = try_eventually(DEADLINE, || {
@@ -110,6 +112,36 @@ async fn single_node_gateway_subscribes_only_the_slots_of_followed_streams() {
     })
     .await;
     assert!(none.is_ok(), "subscriptions dropped with their subscribers: {:?}", shard_channels(&mut conn).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slot_is_held_after_its_last_subscriber_leaves_and_serves_the_next_stream_there() {
+    let cluster = Cluster::builder().push_gateway_args(["--hub-slot-hold", "1h"]).start().await;
+    let client = redis::Client::open(cluster.redis_url()).expect("the test redis url");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("the test redis");
+    let stream = &streams_in_distinct_slots("held", 1)[0];
+    let channel = keys::released_channel(keys::stream_slot(stream));
+    let grpc = subscribe(&cluster, stream, 0).await.expect("Subscribe opens");
+    let subscribed = try_eventually(DEADLINE, || {
+        let mut conn = conn.clone();
+        let channel = channel.clone();
+        async move { shard_channels(&mut conn).await.ok().filter(|c| c.contains(&channel)).map(drop) }
+    })
+    .await;
+    assert!(subscribed.is_ok(), "the followed slot is subscribed: {:?}", shard_channels(&mut conn).await);
+    drop(grpc);
+    // Well past the session's end and several listener rounds (3 s each).
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let channels = shard_channels(&mut conn).await.expect("PUBSUB SHARDCHANNELS");
+    assert!(channels.contains(&channel), "held for --hub-slot-hold: {channels:?}");
+    // The held subscription serves a later subscriber of the slot at once.
+    let mut again = subscribe(&cluster, stream, 0).await.expect("Subscribe opens again");
+    const N: u64 = 6;
+    let mut call = ProcessCall::open(&cluster.harmonizer());
+    call.feed(numbered_events(stream, N, "async-echo", "fixed:2ms"), None);
+    let got = receive(&mut again, N as usize, DEADLINE).await;
+    assert_ok(check_in_order_exactly_once(&got, N), "Subscribe on a held slot");
+    call.finish(LINGER).await.expect("the call ends cleanly");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -217,7 +249,15 @@ impl OnCluster {
         .await
         .expect("the reassembler serves on the cluster");
         let sse_port = free_port();
-        let mut args = vec!["--redis-url".into(), url, "--sse-listen".into(), format!("127.0.0.1:{sse_port}")];
+        // No hold: the tests check that no subscription is left once nobody follows.
+        let mut args = vec![
+            "--redis-url".into(),
+            url,
+            "--sse-listen".into(),
+            format!("127.0.0.1:{sse_port}"),
+            "--hub-slot-hold".into(),
+            "0s".into(),
+        ];
         args.extend(push_gateway_args.iter().map(|a| (*a).to_owned()));
         let mut push_gateway_spec = spec("push-gateway", args);
         // Subscription changes show in its log (for a failure's post-mortem).
