@@ -22,6 +22,7 @@ pub mod redis_conn;
 pub mod server;
 pub mod shutdown;
 pub mod sync;
+pub mod task;
 pub mod telemetry;
 pub mod tls;
 

@@ -29,6 +29,7 @@ mod metrics;
 pub mod sink;
 mod source;
 
+use ordo_runtime::task::Owned;
 use std::{
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
@@ -198,7 +199,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     let (outbound, inbound) = mpsc::channel(config.max_in_flight.max(1));
     let decoder = Decoder::new(config.key.clone(), config.operation.clone(), config.attribute_map(), &config.name);
 
-    let intake = Owned(tokio::spawn(
+    let intake = Owned::spawn(
         source::Intake {
             shared: shared.clone(),
             js: js.clone(),
@@ -208,18 +209,17 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
             outbound,
         }
         .run(stop_intake.clone()),
-    ));
-    let floor = Owned(tokio::spawn(source::keep_floor(shared.clone(), js.clone(), config.clone(), stop_rest.clone())));
-    let progress = Owned(tokio::spawn(source::keep_in_progress(shared.clone(), config.ack_wait, stop_rest.clone())));
-    let call =
-        Owned(tokio::spawn(call::drive(shared.clone(), config.harmonizer.clone(), inbound, stop_intake.clone())));
+    );
+    let floor = Owned::spawn(source::keep_floor(shared.clone(), js.clone(), config.clone(), stop_rest.clone()));
+    let progress = Owned::spawn(source::keep_in_progress(shared.clone(), config.ack_wait, stop_rest.clone()));
+    let call = Owned::spawn(call::drive(shared.clone(), config.harmonizer.clone(), inbound, stop_intake.clone()));
     let sink = config.sink_enabled().then(|| {
         let sink = sink::Sink {
             prefix: config.sink_prefix.clone(),
             stream: config.sink_stream.clone(),
             sweep: config.sink_sweep,
         };
-        Owned(tokio::spawn(sink.run(shared.clone(), js.clone(), woken, stop_rest.clone())))
+        Owned::spawn(sink.run(shared.clone(), js.clone(), woken, stop_rest.clone()))
     });
     tracing::info!(stream = %config.stream, name = %config.name, harmonizer = %config.harmonizer, sink = config.sink_enabled(), "ordo-source started");
 
@@ -239,20 +239,4 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     floor.finish(Duration::from_millis(200)).await;
     progress.finish(Duration::from_millis(200)).await;
     served
-}
-
-/// Aborts a task when dropped, so no task outlives [`run`] however it ends.
-struct Owned<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for Owned<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-impl<T> Owned<T> {
-    /// Waits at most `within` for the task (already told to stop) to end.
-    async fn finish(mut self, within: Duration) -> Option<T> {
-        tokio::time::timeout(within, &mut self.0).await.ok()?.ok()
-    }
 }

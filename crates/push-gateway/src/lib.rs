@@ -26,6 +26,7 @@ pub mod service;
 pub mod session;
 pub mod sse;
 
+use ordo_runtime::task::Owned;
 use std::{net::SocketAddr, time::Duration};
 
 use anyhow::Context as _;
@@ -35,7 +36,7 @@ use ordo_runtime::{
     readiness::{Dependency, Readiness},
     server::GrpcServer,
 };
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::net::TcpListener;
 
 /// The broker a bare `--amqp` connects to.
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -195,22 +196,6 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     run_with(config, listener, sse, shutdown).await
 }
 
-/// Aborts a task when dropped, so no task outlives [`run_with`] however it ends.
-struct Owned<T>(JoinHandle<T>);
-
-impl<T> Drop for Owned<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-impl<T> Owned<T> {
-    /// Waits at most `within` for the task (already told to stop) to end.
-    async fn finish(mut self, within: Duration) -> Option<T> {
-        tokio::time::timeout(within, &mut self.0).await.ok()?.ok()
-    }
-}
-
 /// [`run`] with the SSE listener given (or none: no SSE).
 pub async fn run_with(
     config: Config,
@@ -229,10 +214,10 @@ pub async fn run_with(
     // Stops everything when shutdown comes, or when the gRPC or SSE server fails.
     let stop = shutdown.child_token();
 
-    let _tail = Owned(tokio::spawn(hub.clone().listen(hub::Source::new(&config.redis_url)?, stop.clone())));
+    let _tail = Owned::spawn(hub.clone().listen(hub::Source::new(&config.redis_url)?, stop.clone()));
     let amqp = config.amqp().map(|amqp| {
         tracing::info!(exchange = %amqp.exchange, "AMQP publishing on");
-        Owned(tokio::spawn(amqp::run(amqp, log.clone(), hub.clone(), stop.clone())))
+        Owned::spawn(amqp::run(amqp, log.clone(), hub.clone(), stop.clone()))
     });
     let auth = ordo_runtime::auth::Auth::from_args(&config.auth).map_err(anyhow::Error::msg)?;
     auth.log_startup("push-gateway");
@@ -248,13 +233,13 @@ pub async fn run_with(
         };
         let router = sse::router(state, cors);
         let stop = stop.clone();
-        Owned(tokio::spawn(async move {
+        Owned::spawn(async move {
             let served = sse::serve(listener, router, stop.clone(), drain).await;
             if served.is_err() {
                 stop.cancel();
             }
             served
-        }))
+        })
     });
 
     let service = service::PushGatewayService::new(hub, log, stop.clone(), readiness.clone()).with_auth(auth);
