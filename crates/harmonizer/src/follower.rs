@@ -122,6 +122,36 @@ impl Drop for Cursors {
     }
 }
 
+/// Changes coalesced into one request, at most.
+const MAX_CHANGES: usize = 1024;
+
+/// Applies `changes` (up to [`MAX_CHANGES`] of them) and returns the requests
+/// that tell the gateway, in as few as keep their meaning: the gateway
+/// applies a request's removals before its additions, so a stream stopped
+/// after it was added in the same request starts a new one.
+fn coalesce(cursors: &mut Cursors, changes: impl Iterator<Item = Change>) -> Vec<FollowRequest> {
+    let mut requests = Vec::new();
+    let mut request = FollowRequest::default();
+    let mut added = std::collections::HashSet::new();
+    for change in changes.take(MAX_CHANGES) {
+        if let Change::Stop(stream) = &change
+            && added.contains(stream)
+        {
+            requests.push(std::mem::take(&mut request));
+            added.clear();
+        }
+        if let Some(one) = cursors.apply(change) {
+            added.extend(one.add.iter().map(|cursor| cursor.stream_id.clone()));
+            request.add.extend(one.add);
+            request.remove.extend(one.remove);
+        }
+    }
+    if !request.add.is_empty() || !request.remove.is_empty() {
+        requests.push(request);
+    }
+    requests
+}
+
 async fn run(
     client: PushGatewayClient<TracedChannel>,
     mut changes: mpsc::UnboundedReceiver<Change>,
@@ -150,9 +180,20 @@ async fn run(
                     tokio::select! {
                         change = changes.recv() => {
                             let Some(change) = change else { return };
-                            if let Some(request) = cursors.apply(change)
-                                && tx.send(request).await.is_err()
-                            {
+                            // With the changes already queued: a burst of new
+                            // streams goes in a few requests, not one each.
+                            let mut queued = Some(change);
+                            let requests = coalesce(&mut cursors, std::iter::from_fn(|| {
+                                queued.take().or_else(|| changes.try_recv().ok())
+                            }));
+                            let mut sent = true;
+                            for request in requests {
+                                if tx.send(request).await.is_err() {
+                                    sent = false;
+                                    break;
+                                }
+                            }
+                            if !sent {
                                 break;
                             }
                         }
@@ -190,6 +231,28 @@ mod tests {
     fn batch(stream: &str, positions: std::ops::Range<u64>) -> FollowBatch {
         let results = positions.map(|position| EventResult { position, ..Default::default() }).collect();
         FollowBatch { stream_id: stream.into(), results, ..Default::default() }
+    }
+
+    #[test]
+    fn changes_are_coalesced_without_reordering_a_stop_after_a_follow() {
+        let mut cursors = Cursors::default();
+        let changes = vec![follow("a", 0), follow("b", 3), Change::Stop("c".into()), follow("a", 1)];
+        let requests = coalesce(&mut cursors, changes.into_iter());
+        assert_eq!(requests.len(), 1, "{requests:?}");
+        assert_eq!(requests[0].add.iter().map(|c| c.stream_id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert!(requests[0].remove.is_empty(), "c was never followed");
+        // Stop a (added earlier in this batch) then follow it again: the stop
+        // must reach the gateway after a's addition, and the new follow after it.
+        let changes = vec![follow("d", 0), Change::Stop("d".into()), follow("d", 2), Change::Stop("b".into())];
+        let requests = coalesce(&mut cursors, changes.into_iter());
+        assert_eq!(requests.len(), 2, "{requests:?}");
+        assert_eq!(requests[0].add[0].stream_id, "d");
+        assert!(requests[0].remove.is_empty());
+        assert_eq!(requests[1].remove, ["d".to_owned(), "b".to_owned()]);
+        assert_eq!(requests[1].add.len(), 1);
+        assert_eq!(requests[1].add[0].from_sequence, 2);
+        assert_eq!(cursors.0.get("d"), Some(&2));
+        assert!(!cursors.0.contains_key("b"));
     }
 
     #[test]

@@ -5,8 +5,11 @@
 //! streams from Redis, dispatches, follows released results through the
 //! push-gateway and writes results to the client.
 //!
-//! An event at or beyond `next + window` holds the call (no further reads:
-//! HTTP/2 back-pressure) until the window moves, or is rejected with
+//! Events are read in bursts of those already received (at most [`BURST`]),
+//! handled in order; the new streams of a burst are opened with one Redis
+//! round trip, not one each. An event at or beyond `next + window` holds the
+//! call (no further reads beyond its burst: HTTP/2 back-pressure) until the
+//! window moves, or is rejected with
 //! OUT_OF_RANGE after `--window-wait`. A stateful event whose operation no
 //! live worker serves (and none did within `--event-timeout`) holds the call
 //! the same way until a worker serving it appears, or is rejected with
@@ -43,7 +46,12 @@
 //! may not write is refused like any other bad event: its own REJECTED
 //! result (PERMISSION_DENIED), and the call goes on with the others.
 
-use std::sync::Arc;
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    sync::Arc,
+};
+
+use futures::FutureExt as _;
 
 use ordo_core::limits;
 use ordo_proto::v1::{Completed, Event, EventResult, FollowBatch, OrderingMode};
@@ -81,6 +89,34 @@ enum Wait {
 
 type Out = mpsc::Sender<Result<EventResult, Status>>;
 
+/// Events taken off the wire at once, of those already received: the new
+/// streams among them are opened with one Redis round trip
+/// ([`state::read_many`]) instead of one each, in order.
+const BURST: usize = 256;
+
+/// How taking the events already received ended.
+enum Taken {
+    /// The call is still open (nothing more had arrived, or [`BURST`] is full).
+    Open,
+    /// The client half-closed.
+    Closed,
+    /// A frame failed.
+    Failed(Status),
+}
+
+/// Moves the events already received (without waiting) into `queue`, up to [`BURST`].
+fn take_received(inbound: &mut Streaming<Event>, queue: &mut VecDeque<Event>) -> Taken {
+    while queue.len() < BURST {
+        match inbound.message().now_or_never() {
+            None => break,
+            Some(Ok(Some(event))) => queue.push_back(event),
+            Some(Ok(None)) => return Taken::Closed,
+            Some(Err(status)) => return Taken::Failed(status),
+        }
+    }
+    Taken::Open
+}
+
 /// Why the client's side of the call stopped delivering events.
 enum Inbound {
     Open,
@@ -110,12 +146,14 @@ pub async fn run(
         call_span,
         grant,
         lingering: Lingering::default(),
+        queue: VecDeque::new(),
+        opened: HashMap::new(),
     };
     let mut state = Inbound::Open;
     let mut blocked: Option<Blocked> = None;
     let mut workers = shared.pool.changes();
     loop {
-        if !matches!(state, Inbound::Open) && blocked.is_none() && call.streams.settled() {
+        if !matches!(state, Inbound::Open) && blocked.is_none() && call.queue.is_empty() && call.streams.settled() {
             break;
         }
         let reading = matches!(state, Inbound::Open);
@@ -124,21 +162,28 @@ pub async fn run(
         let timer = call.streams.next_due();
         let linger = call.lingering.next_due();
         tokio::select! {
-            event = inbound.message(), if reading && blocked.is_none() => match event {
-                Ok(Some(event)) => {
-                    let stream = event.stream_id.clone();
-                    blocked = call.handle(event).await;
-                    call.forget_if_settled(&stream, blocked.as_ref());
-                }
-                Ok(None) => state = Inbound::Closed,
-                Err(status) => match frame_error(status) {
-                    Some(status) => {
-                        tracing::warn!(code = ?status.code(), message = status.message(), owed = call.streams.owed(),
-                            "bad frame on a Process call: reading stops, owed results are still sent");
-                        state = Inbound::Broken(status);
+            event = inbound.message(), if reading && blocked.is_none() && call.queue.is_empty() => {
+                let ended = match event {
+                    Ok(Some(event)) => {
+                        call.queue.push_back(event);
+                        take_received(&mut inbound, &mut call.queue)
                     }
-                    None => break,
-                },
+                    Ok(None) => Taken::Closed,
+                    Err(status) => Taken::Failed(status),
+                };
+                match ended {
+                    Taken::Open => {}
+                    Taken::Closed => state = Inbound::Closed,
+                    Taken::Failed(status) => match frame_error(status) {
+                        Some(status) => {
+                            tracing::warn!(code = ?status.code(), message = status.message(), owed = call.streams.owed(),
+                                "bad frame on a Process call: reading stops, owed results are still sent");
+                            state = Inbound::Broken(status);
+                        }
+                        None => break,
+                    },
+                }
+                blocked = call.handle_queued().await;
             },
             batch = call.follower.batches.recv() => {
                 let Some(batch) = batch else { break };
@@ -148,9 +193,7 @@ pub async fn run(
                 }
                 call.forget_if_settled(&stream, blocked.as_ref());
                 if let Some(b) = blocked.take() {
-                    let stream = b.event.stream_id.clone();
-                    blocked = call.retry_blocked(b).await;
-                    call.forget_if_settled(&stream, blocked.as_ref());
+                    blocked = call.unblock(b, false).await;
                 }
             }
             changed = workers.changed(), if waits_for_worker => {
@@ -158,16 +201,12 @@ pub async fn run(
                     break; // the pool is gone: shutting down
                 }
                 if let Some(b) = blocked.take() {
-                    let stream = b.event.stream_id.clone();
-                    blocked = call.retry_blocked(b).await;
-                    call.forget_if_settled(&stream, blocked.as_ref());
+                    blocked = call.unblock(b, false).await;
                 }
             }
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                 if let Some(b) = blocked.take() {
-                    let stream = b.event.stream_id.clone();
-                    blocked = call.expire_blocked(b).await;
-                    call.forget_if_settled(&stream, blocked.as_ref());
+                    blocked = call.unblock(b, true).await;
                 }
             }
             _ = tokio::time::sleep_until(timer.unwrap_or_else(Instant::now)), if timer.is_some() => {
@@ -181,9 +220,12 @@ pub async fn run(
             _ = shared.shutdown.cancelled(), if reading => {
                 // Drain: no new events, but every accepted one still gets its result.
                 state = Inbound::Draining;
-                if let Some(b) = blocked.take() {
-                    call.reject(&b.event, Error::ShuttingDown).await;
-                    call.forget_if_settled(&b.event.stream_id, None);
+                // The blocked event and those read after it were not accepted.
+                let unaccepted: Vec<Event> = blocked.take().map(|b| b.event).into_iter().chain(call.queue.drain(..)).collect();
+                call.opened.clear();
+                for event in unaccepted {
+                    call.reject(&event, Error::ShuttingDown).await;
+                    call.forget_if_settled(&event.stream_id, None);
                 }
             }
             _ = call.out.closed() => break,
@@ -236,6 +278,12 @@ struct Call {
     grant: ordo_runtime::auth::Grant,
     /// Settled streams waiting to be forgotten.
     lingering: Lingering,
+    /// Events read but not handled yet, in order: those after a blocked
+    /// event, and the rest of a burst ([`BURST`]).
+    queue: VecDeque<Event>,
+    /// The state of new streams of the queued events, read together
+    /// ([`Self::open_new_streams`]); taken when their first event is handled.
+    opened: HashMap<String, state::StreamMeta>,
 }
 
 impl Call {
@@ -265,6 +313,63 @@ impl Call {
                 self.follower.stop(&stream);
             }
         }
+    }
+
+    /// Handles the queued events in order, until one must wait (returned).
+    async fn handle_queued(&mut self) -> Option<Blocked> {
+        self.open_new_streams().await;
+        while let Some(event) = self.queue.pop_front() {
+            let stream = event.stream_id.clone();
+            let blocked = self.handle(event).await;
+            self.forget_if_settled(&stream, blocked.as_ref());
+            if blocked.is_some() {
+                // Read again when the queue moves on: the wait may be long.
+                self.opened.clear();
+                return blocked;
+            }
+        }
+        self.opened.clear();
+        None
+    }
+
+    /// Reads the state of every stream the queued events open, in one round
+    /// trip. A stream's state read a moment before its event is handled is as
+    /// good as one read then: the call has nothing in flight on a stream it
+    /// does not know. If the read fails, each stream is read on its own as
+    /// its event is handled (and refused if that fails too).
+    async fn open_new_streams(&mut self) {
+        let mut seen = HashSet::new();
+        let wanted: Vec<&str> = self
+            .queue
+            .iter()
+            .map(|event| event.stream_id.as_str())
+            .filter(|stream| !self.streams.knows(stream) && !self.opened.contains_key(*stream) && seen.insert(*stream))
+            .collect();
+        if wanted.len() < 2 || self.shared.readiness.down_for(crate::REDIS_GRACE) {
+            return;
+        }
+        match state::read_many(&self.shared.redis, &wanted).await {
+            Ok(metas) => {
+                for (stream, meta) in wanted.into_iter().zip(metas) {
+                    self.opened.insert(stream.to_owned(), meta);
+                }
+            }
+            Err(error) => {
+                tracing::debug!(%error, streams = wanted.len(), "batched read of new streams failed; reading each")
+            }
+        }
+    }
+
+    /// Tries a blocked event again (`expire`: its deadline passed), then goes
+    /// on with the queued events if it no longer waits.
+    async fn unblock(&mut self, blocked: Blocked, expire: bool) -> Option<Blocked> {
+        let stream = blocked.event.stream_id.clone();
+        let blocked = if expire { self.expire_blocked(blocked).await } else { self.retry_blocked(blocked).await };
+        self.forget_if_settled(&stream, blocked.as_ref());
+        if blocked.is_some() {
+            return blocked;
+        }
+        self.handle_queued().await
     }
 
     async fn send(&self, result: EventResult) -> bool {
@@ -309,7 +414,11 @@ impl Call {
                 self.reject(&event, Error::Unavailable("reorder state (Redis)")).await;
                 return None;
             }
-            match state::read(&self.shared.redis, stream).await {
+            let meta = match self.opened.remove(stream) {
+                Some(meta) => Ok(meta),
+                None => state::read(&self.shared.redis, stream).await,
+            };
+            match meta {
                 Ok(meta) => {
                     let mode = state::effective_mode(meta.mode, event.mode());
                     self.follower.follow(stream, meta.released);

@@ -16,20 +16,41 @@ pub struct StreamMeta {
     pub mode: Option<OrderingMode>,
 }
 
-pub async fn read(conn: &RedisConn, stream: &str) -> redis::RedisResult<StreamMeta> {
+/// The one command that reads a stream's state.
+fn query(stream: &str) -> redis::Cmd {
     let mut command = redis::cmd("HMGET");
     command.arg(keys::meta(stream)).arg(&["next", "released", "mode"]);
-    let (next, released, mode): (Option<u64>, Option<u64>, Option<u8>) = ordo_runtime::redis_conn::call(|| {
+    command
+}
+
+type Fields = (Option<u64>, Option<u64>, Option<u8>);
+
+fn meta_of((next, released, mode): Fields) -> StreamMeta {
+    StreamMeta {
+        next: next.unwrap_or(0),
+        released: released.unwrap_or(0),
+        mode: mode.map(|m| if m == 2 { OrderingMode::Unordered } else { OrderingMode::Ordered }),
+    }
+}
+
+pub async fn read(conn: &RedisConn, stream: &str) -> redis::RedisResult<StreamMeta> {
+    let command = query(stream);
+    let fields: Fields = ordo_runtime::redis_conn::call(|| {
         let mut conn = conn.clone();
         let command = &command;
         async move { command.query_async(&mut conn).await }
     })
     .await?;
-    Ok(StreamMeta {
-        next: next.unwrap_or(0),
-        released: released.unwrap_or(0),
-        mode: mode.map(|m| if m == 2 { OrderingMode::Unordered } else { OrderingMode::Ordered }),
-    })
+    Ok(meta_of(fields))
+}
+
+/// The state of many streams, in their order, in one round trip (on a
+/// cluster one per slot, sent at once): what a burst of events of new
+/// streams needs before it can be admitted.
+pub async fn read_many(conn: &RedisConn, streams: &[&str]) -> redis::RedisResult<Vec<StreamMeta>> {
+    let commands: Vec<(u16, redis::Cmd)> = streams.iter().map(|s| (keys::stream_slot(s), query(s))).collect();
+    let fields: Vec<Fields> = ordo_runtime::redis_conn::query_each(conn, &commands).await?;
+    Ok(fields.into_iter().map(meta_of).collect())
 }
 
 /// The mode a stream runs in: the stored one, else the one its event asks for.

@@ -163,6 +163,58 @@ pub async fn for_each_master<T: FromRedisValue>(conn: &RedisConn, cmd: &Cmd) -> 
     .await
 }
 
+/// Runs many single-slot commands, each given with the hash slot of its
+/// keys, and answers each in the order given: one pipeline (one round trip)
+/// on a single node; on a cluster one pipeline per slot, all sent at once.
+/// For reads that many streams need at the same moment (the harmonizer
+/// opening the new streams of a burst of events, the push-gateway's
+/// catch-up reads), instead of a round trip each. The first error fails
+/// the whole call; transient errors are retried as by [`call`].
+pub async fn query_each<T: FromRedisValue + Send>(
+    conn: &RedisConn,
+    commands: &[(u16, Cmd)],
+) -> redis::RedisResult<Vec<T>> {
+    if commands.is_empty() {
+        return Ok(Vec::new());
+    }
+    call(|| async move {
+        if !conn.is_cluster() {
+            let mut pipe = redis::pipe();
+            for (_, command) in commands {
+                pipe.add_command(command.clone());
+            }
+            return pipe.query_async::<Vec<T>>(&mut conn.clone()).await;
+        }
+        let mut slots: std::collections::BTreeMap<u16, Vec<usize>> = std::collections::BTreeMap::new();
+        for (index, (slot, _)) in commands.iter().enumerate() {
+            slots.entry(*slot).or_default().push(index);
+        }
+        let calls = slots.into_values().map(|indices| {
+            let mut pipe = redis::pipe();
+            for &index in &indices {
+                pipe.add_command(commands[index].1.clone());
+            }
+            let mut conn = conn.clone();
+            async move { pipe.query_async::<Vec<T>>(&mut conn).await.map(|answers| (indices, answers)) }
+        });
+        let mut answers: Vec<Option<T>> = std::iter::repeat_with(|| None).take(commands.len()).collect();
+        for group in futures::future::join_all(calls).await {
+            let (indices, values) = group?;
+            if values.len() != indices.len() {
+                return Err(unexpected("a pipeline answered a different number of replies than it sent"));
+            }
+            for (index, value) in indices.into_iter().zip(values) {
+                answers[index] = Some(value);
+            }
+        }
+        answers
+            .into_iter()
+            .map(|answer| answer.ok_or_else(|| unexpected("a pipeline left a command unanswered")))
+            .collect()
+    })
+    .await
+}
+
 /// Every key matching the glob `pattern` on every master (`SCAN … MATCH
 /// pattern COUNT count`, each master's cursor to its end), sorted, each
 /// once. One call SCANs the whole keyspace: for sampling and listings, not

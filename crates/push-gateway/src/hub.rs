@@ -71,7 +71,54 @@ const CLUSTER_CATCH_UP: Duration = Duration::from_secs(5);
 struct Entry {
     id: u64,
     tx: mpsc::Sender<Arc<ReleasedBatch>>,
-    signal: Arc<Signal>,
+    lag: Lag,
+}
+
+/// How an entry is told that it missed live releases.
+enum Lag {
+    /// A [`Subscription`]'s own flag.
+    Own(Arc<Signal>),
+    /// A [`Group`]'s set of lagged streams.
+    Group(Arc<GroupLag>),
+}
+
+impl Entry {
+    /// `stream` (this entry's) may have missed releases: re-read its log.
+    fn raise(&self, stream: &str) {
+        match &self.lag {
+            Lag::Own(signal) => signal.raise(),
+            Lag::Group(group) => group.raise(stream),
+        }
+    }
+}
+
+/// The streams of a [`Group`] that missed live releases.
+#[derive(Default)]
+pub struct GroupLag {
+    streams: Mutex<HashSet<String>>,
+    notify: Notify,
+}
+
+impl GroupLag {
+    fn raise(&self, stream: &str) {
+        let mut streams = self.streams.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !streams.contains(stream) {
+            streams.insert(stream.to_owned());
+        }
+        drop(streams);
+        self.notify.notify_one();
+    }
+
+    /// The streams that lagged since the last call (each once).
+    pub fn take(&self) -> Vec<String> {
+        let mut streams = self.streams.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        streams.drain().collect()
+    }
+
+    /// Returns once some stream lagged (possibly before this call).
+    pub async fn raised(&self) {
+        self.notify.notified().await;
+    }
 }
 
 /// Set when a subscriber missed live messages; it must re-read the log.
@@ -387,22 +434,54 @@ pub struct Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        let mut state = self.hub.lock();
-        let State { subscribers, slots, .. } = &mut *state;
-        let mut unfollowed = false;
-        if let Some(entries) = subscribers.get_mut(&self.stream) {
-            entries.retain(|e| e.id != self.id);
-            if entries.is_empty() {
-                subscribers.remove(&self.stream);
-                slots.unfollow(&self.stream);
-                unfollowed = true;
-            }
+        self.hub.unregister(std::iter::once(self.stream.as_str()), self.id);
+    }
+}
+
+/// Many streams followed together (one `Follow` call): every release of
+/// any of them arrives on the one channel `rx`, and a stream that missed
+/// releases (a full channel, a slot subscription confirmed) is named in
+/// [`Group::lag`] instead of flagging a task of its own. So a followed
+/// stream costs the gateway a map entry, not a task and a channel.
+/// Unregisters every stream on drop.
+pub struct Group {
+    hub: Arc<Hub>,
+    id: u64,
+    tx: mpsc::Sender<Arc<ReleasedBatch>>,
+    pub rx: mpsc::Receiver<Arc<ReleasedBatch>>,
+    pub lag: Arc<GroupLag>,
+    streams: HashSet<String>,
+}
+
+impl Group {
+    /// Follows `stream` too (nothing if it is followed already). Its
+    /// releases arrive from now on; whatever came before is in its log.
+    pub fn add(&mut self, stream: &str) {
+        if self.streams.insert(stream.to_owned()) {
+            let entry = Entry { id: self.id, tx: self.tx.clone(), lag: Lag::Group(self.lag.clone()) };
+            self.hub.register(stream, entry);
         }
-        crate::metrics::HUB_STREAMS.set(subscribers.len() as f64);
-        drop(state);
-        if unfollowed {
-            self.hub.changed.notify_one();
+    }
+
+    /// Stops following `stream` (nothing if it is not followed).
+    pub fn remove(&mut self, stream: &str) {
+        if self.streams.remove(stream) {
+            self.hub.unregister(std::iter::once(stream), self.id);
         }
+    }
+
+    pub fn len(&self) -> usize {
+        self.streams.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.streams.is_empty()
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        self.hub.unregister(self.streams.iter().map(String::as_str), self.id);
     }
 }
 
@@ -481,20 +560,60 @@ impl Hub {
         let (tx, rx) = mpsc::channel(self.buffer);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let signal = Arc::new(Signal::default());
+        self.register(stream, Entry { id, tx, lag: Lag::Own(signal.clone()) });
+        Subscription { hub: self.clone(), stream: stream.to_owned(), id, rx, signal }
+    }
+
+    /// An empty [`Group`] whose channel holds `buffer` batches.
+    pub fn group(self: &Arc<Self>, buffer: usize) -> Group {
+        let (tx, rx) = mpsc::channel(buffer.max(1));
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        Group { hub: self.clone(), id, tx, rx, lag: Arc::default(), streams: HashSet::new() }
+    }
+
+    /// Adds a subscriber of `stream`; its first makes the stream's slot wanted.
+    fn register(&self, stream: &str, entry: Entry) {
         let mut state = self.lock();
         let State { subscribers, slots, .. } = &mut *state;
-        let entries = subscribers.entry(stream.to_owned()).or_default();
-        let first = entries.is_empty();
-        entries.push(Entry { id, tx, signal: signal.clone() });
-        if first {
-            slots.follow(stream);
-        }
+        let first = match subscribers.get_mut(stream) {
+            Some(entries) => {
+                entries.push(entry);
+                false
+            }
+            None => {
+                subscribers.insert(stream.to_owned(), vec![entry]);
+                slots.follow(stream);
+                true
+            }
+        };
         crate::metrics::HUB_STREAMS.set(subscribers.len() as f64);
         drop(state);
         if first {
             self.changed.notify_one();
         }
-        Subscription { hub: self.clone(), stream: stream.to_owned(), id, rx, signal }
+    }
+
+    /// Removes subscriber `id` of each of `streams`; a stream's last one
+    /// leaving makes its slot unwanted.
+    fn unregister<'a>(&self, streams: impl Iterator<Item = &'a str>, id: u64) {
+        let mut state = self.lock();
+        let State { subscribers, slots, .. } = &mut *state;
+        let mut unfollowed = false;
+        for stream in streams {
+            if let Some(entries) = subscribers.get_mut(stream) {
+                entries.retain(|e| e.id != id);
+                if entries.is_empty() {
+                    subscribers.remove(stream);
+                    slots.unfollow(stream);
+                    unfollowed = true;
+                }
+            }
+        }
+        crate::metrics::HUB_STREAMS.set(subscribers.len() as f64);
+        drop(state);
+        if unfollowed {
+            self.changed.notify_one();
+        }
     }
 
     /// Hears every stream with a release from now on (subscribing every
@@ -531,7 +650,7 @@ impl Hub {
         let batch = Arc::new(batch);
         for entry in entries {
             if entry.tx.try_send(batch.clone()).is_err() {
-                entry.signal.raise();
+                entry.raise(&batch.stream_id);
             }
         }
     }
@@ -558,7 +677,7 @@ impl Hub {
                 if let Some(streams) = state.slots.streams.get(&slot) {
                     for stream in streams {
                         for entry in state.subscribers.get(stream).into_iter().flatten() {
-                            entry.signal.raise();
+                            entry.raise(stream);
                         }
                     }
                 }
@@ -653,7 +772,9 @@ impl Hub {
             if matches!(pubsub, PubSub::Cluster(_)) && caught_up.elapsed() >= CLUSTER_CATCH_UP {
                 caught_up = Instant::now();
                 let state = self.lock();
-                state.subscribers.values().flatten().for_each(|entry| entry.signal.raise());
+                for (stream, entries) in &state.subscribers {
+                    entries.iter().for_each(|entry| entry.raise(stream));
+                }
             }
             let changes = {
                 let mut state = self.lock();
@@ -908,6 +1029,56 @@ mod tests {
         assert_eq!(hub.lock().slots.changes(), [], "the stream still has a subscriber");
         drop(second);
         assert_eq!(hub.lock().slots.changes(), [Change::Unsubscribe(slot)]);
+        assert!(hub.lock().subscribers.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_group_hears_its_streams_on_one_channel_and_names_the_ones_that_lagged() {
+        let (a, b, same) = streams();
+        let slot = keys::stream_slot(&a);
+        let hub = Hub::new(4);
+        let mut group = hub.group(2);
+        group.add(&a);
+        group.add(&a);
+        group.add(&b);
+        let own = hub.subscribe(&a);
+        assert_eq!(group.len(), 2);
+        assert_eq!(hub.lock().subscribers.get(&a).map(Vec::len), Some(2), "the group is one subscriber of a");
+        let batch = |stream: &str| ReleasedBatch { stream_id: stream.to_owned(), ..Default::default() };
+        hub.publish(batch(&a));
+        hub.publish(batch(&b));
+        hub.publish(batch(&same));
+        assert_eq!(group.rx.recv().await.map(|b| b.stream_id.clone()), Some(a.clone()));
+        assert_eq!(group.rx.recv().await.map(|b| b.stream_id.clone()), Some(b.clone()));
+        assert!(group.rx.try_recv().is_err(), "a stream the group does not follow is not heard");
+        assert!(group.lag.take().is_empty());
+        // The channel holds 2: the third batch does not fit, and its stream is named.
+        hub.publish(batch(&b));
+        hub.publish(batch(&b));
+        hub.publish(batch(&a));
+        assert_eq!(group.lag.take(), [a.clone()]);
+        // A confirmed slot names the group's streams in it.
+        hub.on_push(
+            PushInfo {
+                kind: PushKind::SSubscribe,
+                data: vec![Value::BulkString(keys::released_channel(slot).into_bytes()), Value::Int(1)],
+            },
+            None,
+        );
+        let mut lagged = group.lag.take();
+        lagged.sort();
+        let mut expected = vec![a.clone()];
+        if keys::stream_slot(&b) == slot {
+            expected.push(b.clone());
+        }
+        expected.sort();
+        assert_eq!(lagged, expected);
+        assert!(own.signal.take(), "the other subscriber of a is flagged on its own");
+        group.remove(&b);
+        assert!(!hub.lock().subscribers.contains_key(&b));
+        drop(group);
+        assert_eq!(hub.lock().subscribers.get(&a).map(Vec::len), Some(1), "only the subscription is left");
+        drop(own);
         assert!(hub.lock().subscribers.is_empty());
     }
 }

@@ -17,6 +17,7 @@
 //! node or a Redis Cluster (`--redis-url redis+cluster://…`) alike.
 
 pub mod amqp;
+mod follow;
 mod https;
 pub mod hub;
 pub mod json;

@@ -106,7 +106,7 @@ struct Fetched {
     first: Option<u64>,
     /// Entries from the cursor on: (position, release time ms, result).
     page: Vec<(u64, Option<u64>, EventResult)>,
-    /// Redis server time, Unix milliseconds.
+    /// Redis server time, Unix milliseconds (0 when no age limit needs it).
     now_ms: u64,
 }
 
@@ -120,47 +120,64 @@ impl Log {
         self.conn.clone()
     }
 
+    /// The commands of one read of `stream` from `from` (all in its slot):
+    /// three (the server's clock too when an age limit needs it). This runs
+    /// for every catch-up, so it asks for nothing more.
+    fn commands(&self, stream: &str, from: u64, count: usize) -> Vec<redis::Cmd> {
+        let mut meta = redis::cmd("HMGET");
+        meta.arg(keys::meta(stream)).arg(&["next", "released"]);
+        let mut first = redis::cmd("XRANGE");
+        first.arg(keys::log(stream)).arg("-").arg("+").arg("COUNT").arg(1);
+        let mut page = redis::cmd("XRANGE");
+        page.arg(keys::log(stream)).arg(keys::log_id(from)).arg("+").arg("COUNT").arg(count.max(1));
+        let mut commands = vec![meta, first, page];
+        if self.max_age.is_some() {
+            commands.push(redis::cmd("TIME"));
+        }
+        commands
+    }
+
     async fn fetch(&self, stream: &str, from: u64, count: usize) -> Result<Fetched, LogError> {
-        let mut pipe = redis::pipe();
-        pipe.hget(keys::meta(stream), "next")
-            .hget(keys::meta(stream), "released")
-            .exists(keys::meta(stream))
-            .xrange_count(keys::log(stream), "-", "+", 1)
-            .xrange_count(keys::log(stream), keys::log_id(from), "+", count.max(1))
-            .cmd("TIME");
+        let commands = self.commands(stream, from, count);
         // A Redis restart breaks the connection once: retried (bounded,
         // jittered) so a reader sees a short delay, not an error.
-        let (next, released, exists, first, page, time): (
-            Option<u64>,
-            Option<u64>,
-            bool,
-            StreamRangeReply,
-            StreamRangeReply,
-            (u64, u64),
-        ) = ordo_runtime::redis_conn::call(|| {
+        let replies: Vec<redis::Value> = ordo_runtime::redis_conn::call(|| {
             let mut conn = self.conn.clone();
-            let pipe = &pipe;
+            let mut pipe = redis::pipe();
+            commands.iter().for_each(|command| {
+                pipe.add_command(command.clone());
+            });
             async move { pipe.query_async(&mut conn).await }
         })
         .await?;
-        let mut entries = Vec::with_capacity(page.ids.len());
-        for entry in page.ids {
-            let corrupt = || LogError::Corrupt { stream: stream.to_owned(), id: entry.id.clone() };
-            let position = keys::position_of(&entry.id).ok_or_else(corrupt)?;
-            let Some(redis::Value::BulkString(body)) = entry.map.get(RESULT_FIELD) else { return Err(corrupt()) };
-            let mut result = EventResult::decode(body.as_slice()).map_err(|_| corrupt())?;
-            // Older log entries carry their position in the id only.
-            result.position = position;
-            entries.push((position, released_at(&entry), result));
+        parse(stream, replies)
+    }
+
+    /// Reads many streams at once, each from its cursor (at most [`PAGE`]
+    /// results each), in one round trip (on a cluster one per slot): the
+    /// catch-up of a `Follow` call's new and lagged streams. The outer error
+    /// is Redis failing the whole read (retry it); each stream's own answer is
+    /// as [`Self::read_from`]'s.
+    pub async fn read_many(&self, cursors: &[(&str, u64)]) -> Result<Vec<Result<Page, LogError>>, LogError> {
+        let mut commands = Vec::new();
+        let mut counts = Vec::with_capacity(cursors.len());
+        for (stream, from) in cursors {
+            let slot = keys::stream_slot(stream);
+            let own = self.commands(stream, *from, PAGE);
+            counts.push(own.len());
+            commands.extend(own.into_iter().map(|command| (slot, command)));
         }
-        Ok(Fetched {
-            next: next.unwrap_or(0),
-            released: released.unwrap_or(0),
-            exists,
-            first: first.ids.first().and_then(|entry| keys::position_of(&entry.id)),
-            page: entries,
-            now_ms: time.0.saturating_mul(1000).saturating_add(time.1 / 1000),
-        })
+        let mut replies =
+            ordo_runtime::redis_conn::query_each::<redis::Value>(&self.conn, &commands).await?.into_iter();
+        let mut pages = Vec::with_capacity(cursors.len());
+        for ((stream, from), count) in cursors.iter().zip(counts) {
+            let fetched = parse(stream, replies.by_ref().take(count).collect());
+            pages.push(match fetched {
+                Ok(fetched) => self.page(stream, *from, fetched).await,
+                Err(error) => Err(error),
+            });
+        }
+        Ok(pages)
     }
 
     /// Whether an entry released at `released_at` is past the age limit at `now_ms`.
@@ -205,6 +222,10 @@ impl Log {
     /// [`LogError::Expired`] when `from` was trimmed away or is past the age limit.
     pub async fn read_from(&self, stream: &str, from: u64) -> Result<Page, LogError> {
         let fetched = self.fetch(stream, from, PAGE).await?;
+        self.page(stream, from, fetched).await
+    }
+
+    async fn page(&self, stream: &str, from: u64, fetched: Fetched) -> Result<Page, LogError> {
         self.ensure_retained(stream, from, &fetched).await?;
         let next_sequence = fetched.next;
         Ok(Page { results: fetched.page.into_iter().map(|(_, _, r)| r).collect(), next_sequence })
@@ -226,6 +247,48 @@ impl Log {
             exists: fetched.exists,
         })
     }
+}
+
+/// One read's replies ([`Log::commands`]) as a [`Fetched`].
+fn parse(stream: &str, replies: Vec<redis::Value>) -> Result<Fetched, LogError> {
+    use redis::FromRedisValue;
+    let mut replies = replies.into_iter();
+    let mut next_reply = || {
+        replies
+            .next()
+            .ok_or_else(|| redis::RedisError::from((redis::ErrorKind::UnexpectedReturnType, "a log read lost a reply")))
+    };
+    fn value<T: FromRedisValue>(reply: redis::Value) -> Result<T, LogError> {
+        T::from_redis_value(reply).map_err(|error| LogError::Redis(error.into()))
+    }
+    let (next, released): (Option<u64>, Option<u64>) = value(next_reply()?)?;
+    let first: StreamRangeReply = value(next_reply()?)?;
+    let page: StreamRangeReply = value(next_reply()?)?;
+    let time: Option<(u64, u64)> = match next_reply() {
+        Ok(time) => Some(value(time)?),
+        Err(_) => None,
+    };
+    // The reassembler's script writes `next` and `released` together in
+    // every call, so the meta hash exists exactly when they do.
+    let exists = next.is_some() || released.is_some();
+    let mut entries = Vec::with_capacity(page.ids.len());
+    for entry in page.ids {
+        let corrupt = || LogError::Corrupt { stream: stream.to_owned(), id: entry.id.clone() };
+        let position = keys::position_of(&entry.id).ok_or_else(corrupt)?;
+        let Some(redis::Value::BulkString(body)) = entry.map.get(RESULT_FIELD) else { return Err(corrupt()) };
+        let mut result = EventResult::decode(body.as_slice()).map_err(|_| corrupt())?;
+        // Older log entries carry their position in the id only.
+        result.position = position;
+        entries.push((position, released_at(&entry), result));
+    }
+    Ok(Fetched {
+        next: next.unwrap_or(0),
+        released: released.unwrap_or(0),
+        exists,
+        first: first.ids.first().and_then(|entry| keys::position_of(&entry.id)),
+        page: entries,
+        now_ms: time.map_or(0, |(secs, micros)| secs.saturating_mul(1000).saturating_add(micros / 1000)),
+    })
 }
 
 fn released_at(entry: &StreamId) -> Option<u64> {

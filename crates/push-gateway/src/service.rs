@@ -10,7 +10,7 @@
 //! may read every stream it asks for (UNAUTHENTICATED / PERMISSION_DENIED).
 //! `Follow` is internal (the harmonizer's) and is protected by mTLS instead.
 
-use std::{collections::HashMap, pin::Pin, sync::Arc};
+use std::{pin::Pin, sync::Arc};
 
 use futures::Stream;
 use ordo_proto::v1::{
@@ -64,7 +64,7 @@ pub struct PushGatewayService {
 /// once it lasts longer, new calls are refused at once instead of waiting.
 const REFUSE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
-fn shutting_down() -> Status {
+pub(crate) fn shutting_down() -> Status {
     Status::unavailable("push-gateway shutting down; resubscribe from your last position + 1")
 }
 
@@ -78,63 +78,6 @@ struct Sessions(Vec<JoinHandle<()>>);
 impl Drop for Sessions {
     fn drop(&mut self) {
         self.0.iter().for_each(JoinHandle::abort);
-    }
-}
-
-/// The per-stream state of one Follow call: the next position it will
-/// forward of each stream, and the stream's session. Entries go when the
-/// follower removes the stream, when its session failed, and (all of them)
-/// when the call ends; each one is counted in `ordo_push_followed_streams`.
-#[derive(Default)]
-struct FollowSessions(HashMap<String, (u64, JoinHandle<()>)>);
-
-impl FollowSessions {
-    /// True if `cursor` needs no new session: the stream's live session will
-    /// forward that position anyway.
-    fn covers(&self, cursor: &StreamCursor) -> bool {
-        self.0
-            .get(&cursor.stream_id)
-            .is_some_and(|(next, session)| *next <= cursor.from_sequence && !session.is_finished())
-    }
-
-    /// Starts following `stream` from `from` with `session` (replacing any session it had).
-    fn insert(&mut self, stream: String, from: u64, session: JoinHandle<()>) {
-        match self.0.insert(stream, (from, session)) {
-            Some((_, old)) => old.abort(),
-            None => crate::metrics::FOLLOWED_STREAMS.increment(1.0),
-        }
-    }
-
-    /// The call forwarded the stream up to (not including) position `next`.
-    fn forwarded(&mut self, stream: &str, next: u64) {
-        if let Some((at, _)) = self.0.get_mut(stream) {
-            *at = (*at).max(next);
-        }
-    }
-
-    /// Stops following `stream` (nothing if it was not followed).
-    fn remove(&mut self, stream: &str) {
-        if let Some((_, session)) = self.0.remove(stream) {
-            session.abort();
-            crate::metrics::FOLLOWED_STREAMS.decrement(1.0);
-        }
-    }
-
-    /// Drops the entry of `stream` if its session has ended (it reported an
-    /// error), not one that replaced it meanwhile.
-    fn remove_finished(&mut self, stream: &str) {
-        if self.0.get(stream).is_some_and(|(_, session)| session.is_finished()) {
-            self.remove(stream);
-        }
-    }
-}
-
-impl Drop for FollowSessions {
-    fn drop(&mut self) {
-        for (_, session) in self.0.values() {
-            session.abort();
-        }
-        crate::metrics::FOLLOWED_STREAMS.decrement(self.0.len() as f64);
     }
 }
 
@@ -297,67 +240,9 @@ impl PushGateway for PushGatewayService {
 
     async fn follow(&self, request: Request<Streaming<FollowRequest>>) -> Result<Response<Self::FollowStream>, Status> {
         self.check_ready()?;
-        let mut inbound = request.into_inner();
-        let (items, mut item_rx) = mpsc::channel::<SessionItem>(OUT_BUFFER);
+        let inbound = request.into_inner();
         let (out, out_rx) = mpsc::channel(OUT_BUFFER);
-        let service = self.clone();
-        tokio::spawn(async move {
-            let mut sessions = FollowSessions::default();
-            loop {
-                tokio::select! {
-                    _ = out.closed() => break,
-                    // The follower resumes from what it received, elsewhere or after a restart.
-                    _ = service.shutdown.cancelled() => {
-                        let _ = out.send(Err(shutting_down())).await;
-                        break;
-                    }
-                    request = inbound.message() => match request {
-                        Ok(Some(request)) => {
-                            for stream in &request.remove {
-                                sessions.remove(stream);
-                            }
-                            for cursor in request.add {
-                                if cursor.stream_id.is_empty() {
-                                    continue;
-                                }
-                                // A position this call has already forwarded must be
-                                // served again (the follower asks because it needs it
-                                // again, e.g. a resent event): restart the session from
-                                // there. One not yet forwarded will come anyway.
-                                if sessions.covers(&cursor) {
-                                    continue;
-                                }
-                                let key = cursor.stream_id.clone();
-                                let from = cursor.from_sequence;
-                                sessions.insert(key, from, service.spawn_session(cursor, items.clone()));
-                            }
-                        }
-                        Ok(None) | Err(_) => break,
-                    },
-                    item = item_rx.recv() => {
-                        let Some(item) = item else { break };
-                        let batch = match item {
-                            Ok(batch) => {
-                                // What this call has forwarded of the stream, for the restart rule above.
-                                if let Some(last) = batch.results.last() {
-                                    sessions.forwarded(&batch.stream_id, last.position + 1);
-                                }
-                                batch
-                            }
-                            // The stream's cursor cannot be served (e.g. older than
-                            // retention): its session is over, and so is its entry.
-                            Err((stream_id, status)) => {
-                                sessions.remove_finished(&stream_id);
-                                FollowBatch { stream_id, error: status.message().to_owned(), ..Default::default() }
-                            }
-                        };
-                        if out.send(Ok(batch)).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-        });
+        tokio::spawn(crate::follow::run(self.hub.clone(), self.log.clone(), self.shutdown.clone(), inbound, out));
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
     }
 }

@@ -102,17 +102,23 @@ async fn read_retrying(log: &Log, stream: &str, from: u64) -> Result<crate::log:
     }
 }
 
+/// Opens each result's `push.deliver` span (a child of its trace) and
+/// carries it on in the result's trace context.
+pub(crate) fn trace_delivery(stream: &str, results: &mut [EventResult]) {
+    for result in results {
+        let span = telemetry::event_span("push.deliver", stream, result.sequence, &result.trace_context);
+        if !span.is_disabled() {
+            result.trace_context = telemetry::inject(&span, &result.trace_context);
+        }
+    }
+}
+
 async fn emit(
     out: &mpsc::Sender<FollowBatch>,
     stream: &str,
     next_sequence: u64,
     mut results: Vec<EventResult>,
 ) -> bool {
-    for result in &mut results {
-        let span = telemetry::event_span("push.deliver", stream, result.sequence, &result.trace_context);
-        if !span.is_disabled() {
-            result.trace_context = telemetry::inject(&span, &result.trace_context);
-        }
-    }
+    trace_delivery(stream, &mut results);
     out.send(FollowBatch { stream_id: stream.to_owned(), next_sequence, results, error: String::new() }).await.is_ok()
 }

@@ -196,3 +196,44 @@ async fn single_node_dead_letters_keep_the_global_logs_plain_ids() {
     assert_eq!(sizes.len(), 1);
     assert_eq!(sizes[0].0, Master::Single);
 }
+
+/// `redis_conn::query_each` (the harmonizer's batched open of new streams,
+/// one pipeline per slot on a cluster) answers every command in the order
+/// given, the same as one command at a time, on a cluster and on one node.
+async fn query_each_answers_in_order(url: &str) {
+    let conn = redis_conn::connect(url).expect("url");
+    let store = Store::new(redis_conn::connect(url).expect("url"), config());
+    // Stream i has results 0..i stored: released = next = i (0 for pend-0: no state).
+    let streams: Vec<String> = (0..40).map(|i| format!("each-{i}")).collect();
+    let batch: Vec<Item> =
+        streams.iter().enumerate().flat_map(|(i, s)| (0..i as u64).map(move |q| item(s, q, false))).collect();
+    store.apply(&batch).await.expect("script calls");
+    let commands: Vec<(u16, redis::Cmd)> = streams
+        .iter()
+        .rev()
+        .map(|s| {
+            let mut command = redis::cmd("HGET");
+            command.arg(keys::meta(s)).arg("released");
+            (keys::stream_slot(s), command)
+        })
+        .collect();
+    let slots: BTreeSet<u16> = commands.iter().map(|(slot, _)| *slot).collect();
+    assert!(slots.len() > 10, "the streams spread over many slots");
+    let answers: Vec<Option<u64>> = redis_conn::query_each(&conn, &commands).await.expect("pipelines");
+    let expected: Vec<Option<u64>> = (0..40u64).rev().map(|i| (i > 0).then_some(i)).collect();
+    assert_eq!(answers, expected);
+    let none: Vec<Option<u64>> = redis_conn::query_each(&conn, &[]).await.expect("nothing to ask");
+    assert!(none.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_query_each_answers_in_the_order_asked() {
+    let cluster = RedisCluster::start().await.expect("a private redis cluster");
+    query_each_answers_in_order(&cluster.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_node_query_each_answers_in_the_order_asked() {
+    let redis = RedisServer::start().await.expect("a private redis");
+    query_each_answers_in_order(&redis.url()).await;
+}
