@@ -59,9 +59,10 @@ for k = 2, #KEYS, 3 do
   local nxt = tonumber(m[1]) or 0
   local released = tonumber(m[2]) or 0
   local mode = m[3]
-  if not mode then
+  -- A new stream's mode is written with its next and released, below.
+  local new_mode = not mode
+  if new_mode then
     mode = want_mode
-    redis.call('HSET', meta, 'mode', mode)
   end
 
   local out = {}
@@ -75,8 +76,10 @@ for k = 2, #KEYS, 3 do
   end
 
   -- Which of this batch's sequences are already pending: one HMGET for the
-  -- batch (nothing at all when pend is empty), not a lookup per result.
-  local pending = redis.call('HLEN', pend) > 0
+  -- batch (nothing at all when pend is empty), not a lookup per result. A
+  -- stream without meta has no pend (pend's ttl is at most meta's and meta
+  -- is refreshed on every call): a new stream costs no HLEN.
+  local pending = m[1] and redis.call('HLEN', pend) > 0
   local known = {}
   if pending then
     local ask = {}
@@ -141,7 +144,9 @@ for k = 2, #KEYS, 3 do
   end
   -- What must wait (ORDERED: results; UNORDERED: markers), in few calls.
   local args = {}
+  local waiting = false
   for seq, body in pairs(fresh) do
+    waiting = true
     args[#args + 1] = seq
     args[#args + 1] = body
     if #args >= 1000 then
@@ -153,10 +158,17 @@ for k = 2, #KEYS, 3 do
     redis.call('HSET', pend, unpack(args))
   end
 
-  redis.call('HSET', meta, 'next', nxt, 'released', released)
+  if new_mode then
+    redis.call('HSET', meta, 'next', nxt, 'released', released, 'mode', mode)
+  else
+    redis.call('HSET', meta, 'next', nxt, 'released', released)
+  end
   if ttl > 0 then
     redis.call('PEXPIRE', meta, meta_ttl)
-    redis.call('PEXPIRE', pend, ttl)
+    -- pend exists only if it had entries or got some now.
+    if pending or waiting then
+      redis.call('PEXPIRE', pend, ttl)
+    end
     redis.call('PEXPIRE', log, ttl)
   end
   if #out > 0 then
