@@ -32,7 +32,7 @@ use crate::{
 
 /// Live batches buffered for one call (a full buffer sends the streams
 /// that did not fit back to their logs; nothing is lost).
-const GROUP_BUFFER: usize = 1024;
+const GROUP_BUFFER: usize = 16_384;
 /// Streams caught up per log read.
 const READ_AT_ONCE: usize = 256;
 
