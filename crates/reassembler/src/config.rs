@@ -40,7 +40,9 @@ pub struct Config {
     #[arg(long, env = "REASSEMBLER_DEAD_LETTER_RETENTION", default_value_t = 100_000)]
     pub dead_letter_retention: u64,
     /// A stream's pending results and release log expire after this long
-    /// without a release (0 = never, and then neither does its meta).
+    /// without a release, up to 1/16 longer: the expiry is renewed once less
+    /// than this is left, not on every call (0 = never, and then neither
+    /// does its meta).
     #[arg(long, env = "REASSEMBLER_STREAM_TTL", default_value = "24h", value_parser = parse_ttl)]
     pub stream_ttl: Duration,
     /// How much longer a stream's meta (`next`, `released`, `mode`: the

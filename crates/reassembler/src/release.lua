@@ -5,7 +5,12 @@
 -- KEYS[1] = the dead-letter log; then for each stream three keys: meta, pend, log.
 -- ARGV[1] = retention (max released entries kept per stream log)
 -- ARGV[2] = ttl in ms of a stream's pend and log after its last activity
---   (0 = none: then its meta never expires either)
+--   (0 = none: then its meta never expires either). Expiry is renewed at
+--   most every ttl/16 per stream, not on every call: when it is renewed, the
+--   keys expire ttl + ttl/16 from now (meta field 'x' holds that time), and
+--   it is renewed once less than ttl is left. So keys expire between ttl and
+--   17/16 × ttl after the stream's last activity, and a stream busy for a
+--   while costs two PEXPIREATs per ttl/16, not two PEXPIREs per call.
 -- ARGV[3] = dead letters kept (approximate)
 -- ARGV[4] = ttl in ms of a stream's meta after its last activity, at least
 --   ARGV[2] (used only when ARGV[2] > 0): meta outlives pend and log as the
@@ -32,7 +37,9 @@ local ttl = tonumber(ARGV[2])
 local dlq_retention = ARGV[3]
 local meta_ttl = tonumber(ARGV[4])
 local clock = redis.call('TIME')
-local now_ms = string.format('%.0f', clock[1] * 1000 + math.floor(clock[2] / 1000))
+local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
+local now_ms = string.format('%.0f', now)
+local slack = math.floor(ttl / 16)
 
 -- Hot: called twice per released result, so no table for the common short case.
 local char, floor = string.char, math.floor
@@ -55,10 +62,12 @@ for k = 2, #KEYS, 3 do
   local stream, channel, want_mode, n = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
   a = a + 4
 
-  local m = redis.call('HMGET', meta, 'next', 'released', 'mode')
+  local m = redis.call('HMGET', meta, 'next', 'released', 'mode', 'x')
   local nxt = tonumber(m[1]) or 0
   local released = tonumber(m[2]) or 0
+  local released_before = released
   local mode = m[3]
+  local expires = tonumber(m[4])
   -- A new stream's mode is written with its next and released, below.
   local new_mode = not mode
   if new_mode then
@@ -158,18 +167,37 @@ for k = 2, #KEYS, 3 do
     redis.call('HSET', pend, unpack(args))
   end
 
+  -- One HSET of meta: next and released, the mode of a new stream, and the
+  -- expiry time when it is renewed.
+  local renew = ttl > 0 and (not expires or expires < now + ttl)
+  local fields = { 'next', nxt, 'released', released }
   if new_mode then
-    redis.call('HSET', meta, 'next', nxt, 'released', released, 'mode', mode)
-  else
-    redis.call('HSET', meta, 'next', nxt, 'released', released)
+    fields[#fields + 1] = 'mode'
+    fields[#fields + 1] = mode
   end
-  if ttl > 0 then
-    redis.call('PEXPIRE', meta, meta_ttl)
+  if renew then
+    expires = now + ttl + slack
+    fields[#fields + 1] = 'x'
+    fields[#fields + 1] = string.format('%.0f', expires)
+  end
+  redis.call('HSET', meta, unpack(fields))
+  if renew then
+    local at = string.format('%.0f', expires)
+    redis.call('PEXPIREAT', meta, string.format('%.0f', expires + meta_ttl - ttl))
+    redis.call('PEXPIREAT', log, at)
     -- pend exists only if it had entries or got some now.
     if pending or waiting then
-      redis.call('PEXPIRE', pend, ttl)
+      redis.call('PEXPIREAT', pend, at)
     end
-    redis.call('PEXPIRE', log, ttl)
+  elseif ttl > 0 then
+    -- Not renewed: a key this call created gets the stream's expiry.
+    local at = string.format('%.0f', expires)
+    if waiting then
+      redis.call('PEXPIREAT', pend, at)
+    end
+    if released_before == 0 and released > 0 then
+      redis.call('PEXPIREAT', log, at)
+    end
   end
   if #out > 0 then
     redis.call('SPUBLISH', channel,

@@ -743,7 +743,9 @@ fn a_finished_stream_keeps_its_meta_as_a_tombstone_after_its_log_expired() {
         assert!(live.0 > 0 && live.2 > 0 && live.1 == 0, "meta and log exist, pend is gone: {live:?}");
         let (meta_ttl, log_ttl): (i64, i64) =
             redis::pipe().pttl(&meta).pttl(&log).query_async(&mut conn).await.expect("pttl");
-        assert!(log_ttl > 0 && log_ttl <= ttl.as_millis() as i64, "log ttl {log_ttl}");
+        // Renewed at most every ttl/16: the keys live ttl to 17/16 × ttl after the last call.
+        let longest = (ttl.as_millis() + ttl.as_millis() / 16) as i64;
+        assert!(log_ttl > ttl.as_millis() as i64 - 100 && log_ttl <= longest, "log ttl {log_ttl}");
         assert!(meta_ttl > ttl.as_millis() as i64, "meta outlives the log: {meta_ttl} ms");
 
         tokio::time::sleep(ttl + Duration::from_millis(150)).await;
@@ -771,5 +773,71 @@ fn a_finished_stream_keeps_its_meta_as_a_tombstone_after_its_log_expired() {
         assert_eq!(again, vec![true], "after the tombstone expired the stream is new");
         let log = read_log(&mut conn, s).await;
         assert_eq!(log.iter().map(|r| (r.sequence, r.position)).collect::<Vec<_>>(), vec![(0, 0)], "released again");
+    });
+}
+
+/// Expiry is renewed at most every ttl/16 per stream (two PEXPIREATs then,
+/// none in between), and a key a call creates in between still gets the
+/// stream's expiry: a pending hash created by an early result, a log created
+/// by the first release.
+#[test]
+fn expiry_is_renewed_only_when_less_than_the_ttl_is_left_and_new_keys_get_it() {
+    let redis = Redis::start();
+    runtime().block_on(async {
+        let client = redis::Client::open(redis.url.as_str()).expect("url");
+        let mut conn = redis::aio::ConnectionManager::new(client).await.expect("connect");
+        let ttl: i64 = 1_600;
+        let slack = ttl / 16;
+        let config = StoreConfig { ttl_ms: ttl as u64, tombstone_ms: 1_000, ..config() };
+        let store = Store::new(conn.clone(), config);
+        let s = "renewed-seldom";
+        let (meta, pend, log) = (keys::meta(s), keys::pending(s), keys::log(s));
+        let expiry = |conn: &mut redis::aio::ConnectionManager| {
+            let mut conn = conn.clone();
+            let (meta, pend, log) = (meta.clone(), pend.clone(), log.clone());
+            async move {
+                let got: (Option<u64>, i64, i64, i64) = redis::pipe()
+                    .hget(&meta, "x")
+                    .pttl(&meta)
+                    .pttl(&pend)
+                    .pttl(&log)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("read expiry");
+                got
+            }
+        };
+        // Sequence 1 first: it waits in pend; no log yet.
+        store.apply(&[item(s, 1, OrderingMode::Ordered)]).await.expect("script");
+        let (x1, meta_ttl, pend_ttl, log_ttl) = expiry(&mut conn).await;
+        let x1 = x1.expect("the expiry time is kept in meta");
+        assert!(pend_ttl > ttl && pend_ttl <= ttl + slack, "pend gets ttl + ttl/16: {pend_ttl}");
+        assert!(meta_ttl > ttl + 900, "meta outlives pend by the tombstone: {meta_ttl}");
+        assert_eq!(log_ttl, -2, "no log before the first release");
+        // Sequence 0 at once: both released, pend emptied, the log created
+        // without renewing (plenty left): the log gets the same expiry.
+        store.apply(&[item(s, 0, OrderingMode::Ordered)]).await.expect("script");
+        let (x2, _, pend_ttl, log_ttl) = expiry(&mut conn).await;
+        assert_eq!(x2, Some(x1), "not renewed while more than the ttl is left");
+        assert_eq!(pend_ttl, -2, "pend is gone once empty");
+        assert!(log_ttl > ttl - 200 && log_ttl <= ttl + slack, "a log created in between gets the expiry: {log_ttl}");
+        // Later than ttl/16: less than the ttl is left, so the next call renews.
+        tokio::time::sleep(std::time::Duration::from_millis((slack + 50) as u64)).await;
+        store.apply(&[item(s, 3, OrderingMode::Ordered)]).await.expect("script");
+        let (x3, _, pend_ttl, log_ttl) = expiry(&mut conn).await;
+        let x3 = x3.expect("kept");
+        assert!(x3 > x1, "renewed: {x3} after {x1}");
+        assert!(log_ttl > ttl && log_ttl <= ttl + slack, "the log renewed: {log_ttl}");
+        assert!(pend_ttl > ttl && pend_ttl <= ttl + slack, "and pend (3 waits for 2): {pend_ttl}");
+        // Right after: not renewed again, but the pend a call re-creates gets it.
+        store.apply(&[item(s, 2, OrderingMode::Ordered), item(s, 5, OrderingMode::Ordered)]).await.expect("script");
+        let (x4, _, pend_ttl, _) = expiry(&mut conn).await;
+        assert_eq!(x4, Some(x3), "not renewed again so soon");
+        assert!(
+            pend_ttl > ttl - 200 && pend_ttl <= ttl + slack,
+            "pend emptied and re-created gets the expiry: {pend_ttl}"
+        );
+        let released: Vec<u64> = read_log(&mut conn, s).await.iter().map(|r| r.sequence).collect();
+        assert_eq!(released, [0, 1, 2, 3]);
     });
 }
