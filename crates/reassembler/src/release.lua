@@ -10,7 +10,7 @@
 --   keys expire ttl + ttl/16 from now (meta field 'x' holds that time), and
 --   it is renewed once less than ttl is left. So keys expire between ttl and
 --   17/16 × ttl after the stream's last activity, and a stream busy for a
---   while costs two PEXPIREATs per ttl/16, not two PEXPIREs per call.
+--   while costs two PEXPIREs per ttl/16, not two per call.
 -- ARGV[3] = dead letters kept (approximate)
 -- ARGV[4] = ttl in ms of a stream's meta after its last activity, at least
 --   ARGV[2] (used only when ARGV[2] > 0): meta outlives pend and log as the
@@ -181,22 +181,24 @@ for k = 2, #KEYS, 3 do
     fields[#fields + 1] = string.format('%.0f', expires)
   end
   redis.call('HSET', meta, unpack(fields))
+  -- Relative PEXPIREs of the remaining time (not PEXPIREAT: the documented
+  -- ACL rule allows PEXPIRE).
   if renew then
-    local at = string.format('%.0f', expires)
-    redis.call('PEXPIREAT', meta, string.format('%.0f', expires + meta_ttl - ttl))
-    redis.call('PEXPIREAT', log, at)
+    local left = string.format('%.0f', expires - now)
+    redis.call('PEXPIRE', meta, string.format('%.0f', expires - now + meta_ttl - ttl))
+    redis.call('PEXPIRE', log, left)
     -- pend exists only if it had entries or got some now.
     if pending or waiting then
-      redis.call('PEXPIREAT', pend, at)
+      redis.call('PEXPIRE', pend, left)
     end
   elseif ttl > 0 then
     -- Not renewed: a key this call created gets the stream's expiry.
-    local at = string.format('%.0f', expires)
+    local left = string.format('%.0f', math.max(expires - now, 1))
     if waiting then
-      redis.call('PEXPIREAT', pend, at)
+      redis.call('PEXPIRE', pend, left)
     end
     if released_before == 0 and released > 0 then
-      redis.call('PEXPIREAT', log, at)
+      redis.call('PEXPIRE', log, left)
     end
   end
   if #out > 0 then

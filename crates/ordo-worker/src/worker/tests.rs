@@ -390,26 +390,36 @@ struct RedisServer {
 }
 
 impl RedisServer {
+    /// Another process may take the free port between our probe and
+    /// redis-server's bind (then redis-server exits): a few tries, each on a
+    /// new port.
     async fn start() -> Self {
-        let port = {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            listener.local_addr().expect("addr").port()
-        };
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server on PATH (scripts/install-deps.sh installs it)");
-        let server = Self { child, url: format!("redis://127.0.0.1:{port}") };
-        let conn = ordo_runtime::redis_conn::lazy(&server.url).expect("url");
-        for _ in 0..100 {
-            if ordo_runtime::redis_conn::ping(&conn, Duration::from_millis(200)).await.is_ok() {
-                return server;
+        let mut last = String::new();
+        for _ in 0..5 {
+            let port = {
+                let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+                listener.local_addr().expect("addr").port()
+            };
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server on PATH (scripts/install-deps.sh installs it)");
+            let mut server = Self { child, url: format!("redis://127.0.0.1:{port}") };
+            let conn = ordo_runtime::redis_conn::lazy(&server.url).expect("url");
+            for _ in 0..100 {
+                if ordo_runtime::redis_conn::ping(&conn, Duration::from_millis(200)).await.is_ok() {
+                    return server;
+                }
+                if matches!(server.child.try_wait(), Ok(Some(_))) {
+                    break; // it exited: the port was taken
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            last = server.url.clone();
         }
-        panic!("redis-server did not answer on {}", server.url);
+        panic!("redis-server did not answer on {last} (nor on 4 other free ports)");
     }
 }
 
