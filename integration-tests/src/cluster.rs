@@ -137,6 +137,13 @@ impl ClusterBuilder {
         self
     }
 
+    /// A Redis Cluster on which every release script call waits for one
+    /// replica (`--redis-wait-replicas 1`, 500 ms): a killed master then loses
+    /// nothing the reassembler acknowledged. For the failover tests.
+    pub fn redis_cluster_waiting_for_a_replica(self) -> Self {
+        self.redis_cluster().reassembler_args(["--redis-wait-replicas", "1", "--redis-wait-timeout", "500ms"])
+    }
+
     /// A redis-server that survives SIGKILL (append-only file, fsync always).
     pub fn durable_redis(mut self) -> Self {
         self.durable_redis = true;

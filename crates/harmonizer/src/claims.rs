@@ -16,7 +16,7 @@
 //! by another gap timeout, as a local in-flight event does.
 //!
 //! Claims are written in the background, batched (one pipeline per period;
-//! on a Redis Cluster one per slot, sent at once), never on the path of an
+//! on a Redis Cluster one per slot, sent at once: `redis_conn::query_each`), never on the path of an
 //! event, so events that settle within `--claim-after` (the common case)
 //! cost no Redis write at all. The price: an event accepted by one harmonizer less than `--claim-after` before
 //! another declares a gap over its sequence is treated like an event that
@@ -82,9 +82,6 @@ pub async fn run(pool: Pool, redis: RedisConn, claim_after: Duration) {
     }
 }
 
-/// `(stream, sequence)` pairs.
-type Pairs = Vec<(String, u64)>;
-
 /// Groups `(stream, sequence)` pairs by stream.
 fn by_stream(pairs: &[(String, u64)]) -> BTreeMap<&str, Vec<u64>> {
     let mut grouped: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
@@ -106,42 +103,32 @@ async fn write(redis: &RedisConn, claims: &[(String, u64)], settled: &[(String, 
         let now: RedisTime = redis::cmd("TIME").query_async(&mut conn).await?;
         redis_millis(now).saturating_add(millis(LEASE))
     };
-    if !redis.is_cluster() {
-        return pipeline(claims, settled, until).query_async::<()>(&mut conn).await;
-    }
-    // A cluster pipeline must keep to one slot: one per slot, sent at once
-    // (multiplexed per master), each failing on its own.
-    let mut slots: BTreeMap<u16, (Pairs, Pairs)> = BTreeMap::new();
-    for pair in claims {
-        slots.entry(ordo_core::keys::stream_slot(&pair.0)).or_default().0.push(pair.clone());
-    }
-    for pair in settled {
-        slots.entry(ordo_core::keys::stream_slot(&pair.0)).or_default().1.push(pair.clone());
-    }
-    let calls = slots.values().map(|(claims, settled)| {
-        let mut conn = redis.clone();
-        let pipe = pipeline(claims, settled, until);
-        async move { pipe.query_async::<()>(&mut conn).await }
-    });
-    let answers = futures::future::join_all(calls).await;
-    // Every slot was tried; the first error stands for all (logged once).
-    answers.into_iter().collect::<redis::RedisResult<Vec<()>>>().map(drop)
+    // One pipeline on a node; on a cluster one per slot, sent at once.
+    ordo_runtime::redis_conn::query_each::<redis::Value>(redis, &commands(claims, settled, until)).await.map(drop)
 }
 
-/// One pipeline that claims `claims` until `until` and removes `settled`.
-fn pipeline(claims: &[(String, u64)], settled: &[(String, u64)], until: u64) -> redis::Pipeline {
-    let mut pipe = redis::pipe();
+/// The commands that claim `claims` until `until` and remove `settled`,
+/// each with the slot of its stream.
+fn commands(claims: &[(String, u64)], settled: &[(String, u64)], until: u64) -> Vec<(u16, redis::Cmd)> {
+    let mut commands = Vec::new();
     for (stream, sequences) in by_stream(claims) {
+        let slot = ordo_core::keys::stream_slot(stream);
         let key = ordo_core::keys::claims(stream);
         // HSET with many fields (not HMSET: the documented ACL rule allows HSET only).
         let fields: Vec<(u64, u64)> = sequences.iter().map(|&sequence| (sequence, until)).collect();
-        pipe.cmd("HSET").arg(&key).arg(&fields).ignore();
-        pipe.pexpire(&key, i64::try_from(millis(LEASE)).unwrap_or(i64::MAX)).ignore();
+        let mut hset = redis::cmd("HSET");
+        hset.arg(&key).arg(&fields);
+        let mut pexpire = redis::cmd("PEXPIRE");
+        pexpire.arg(&key).arg(i64::try_from(millis(LEASE)).unwrap_or(i64::MAX));
+        commands.push((slot, hset));
+        commands.push((slot, pexpire));
     }
     for (stream, sequences) in by_stream(settled) {
-        pipe.hdel(ordo_core::keys::claims(stream), sequences).ignore();
+        let mut hdel = redis::cmd("HDEL");
+        hdel.arg(ordo_core::keys::claims(stream)).arg(sequences);
+        commands.push((ordo_core::keys::stream_slot(stream), hdel));
     }
-    pipe
+    commands
 }
 
 /// Whether another harmonizer (or this one) holds a live claim on any of

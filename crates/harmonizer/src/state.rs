@@ -33,15 +33,12 @@ fn meta_of((next, released, mode): Fields) -> StreamMeta {
     }
 }
 
+/// One stream's state (retried as [`ordo_runtime::redis_conn::call`] retries).
 pub async fn read(conn: &RedisConn, stream: &str) -> redis::RedisResult<StreamMeta> {
-    let command = query(stream);
-    let fields: Fields = ordo_runtime::redis_conn::call(|| {
-        let mut conn = conn.clone();
-        let command = &command;
-        async move { command.query_async(&mut conn).await }
-    })
-    .await?;
-    Ok(meta_of(fields))
+    let mut metas = read_many(conn, &[stream]).await?;
+    metas
+        .pop()
+        .ok_or_else(|| redis::RedisError::from((redis::ErrorKind::UnexpectedReturnType, "no reply for a stream")))
 }
 
 /// The state of many streams, in their order, in one round trip (on a

@@ -836,6 +836,19 @@ mod tests {
     use super::*;
 
     /// Two stream ids in different slots, and a second one in the first's slot.
+    /// Redis confirming the subscription of `slot`'s release channel.
+    fn confirmation(slot: u16) -> PushInfo {
+        PushInfo {
+            kind: PushKind::SSubscribe,
+            data: vec![Value::BulkString(keys::released_channel(slot).into_bytes()), Value::Int(1)],
+        }
+    }
+
+    /// Slots held 30 s after their last stream left.
+    fn held() -> Slots {
+        Slots { hold: Duration::from_secs(30), ..Slots::default() }
+    }
+
     fn streams() -> (String, String, String) {
         let a = "orders-1".to_owned();
         let slot_a = keys::stream_slot(&a);
@@ -877,7 +890,7 @@ mod tests {
     fn with_a_hold_an_idle_slot_stays_subscribed_until_the_hold_passes() {
         let (a, b, same) = streams();
         let slot_a = keys::stream_slot(&a);
-        let mut slots = Slots { hold: Duration::from_secs(30), ..Slots::default() };
+        let mut slots = held();
         let start = Instant::now();
         slots.follow(&a);
         slots.follow(&b);
@@ -903,7 +916,7 @@ mod tests {
     fn a_held_slot_dropped_by_redis_is_not_subscribed_again() {
         let (a, _, _) = streams();
         let slot = keys::stream_slot(&a);
-        let mut slots = Slots { hold: Duration::from_secs(30), ..Slots::default() };
+        let mut slots = held();
         slots.follow(&a);
         assert_eq!(slots.changes().len(), 1);
         slots.confirmed(slot);
@@ -1018,11 +1031,7 @@ mod tests {
         let second = hub.subscribe(&a);
         let twin = hub.subscribe(&same);
         assert_eq!(hub.lock().slots.changes(), [Change::Subscribe(slot)]);
-        let confirmation = PushInfo {
-            kind: PushKind::SSubscribe,
-            data: vec![Value::BulkString(keys::released_channel(slot).into_bytes()), Value::Int(1)],
-        };
-        hub.on_push(confirmation, None);
+        hub.on_push(confirmation(slot), None);
         assert!(first.signal.take() && second.signal.take() && twin.signal.take(), "all re-read the log");
         drop(first);
         drop(twin);
@@ -1058,13 +1067,7 @@ mod tests {
         hub.publish(batch(&a));
         assert_eq!(group.lag.take(), std::slice::from_ref(&a));
         // A confirmed slot names the group's streams in it.
-        hub.on_push(
-            PushInfo {
-                kind: PushKind::SSubscribe,
-                data: vec![Value::BulkString(keys::released_channel(slot).into_bytes()), Value::Int(1)],
-            },
-            None,
-        );
+        hub.on_push(confirmation(slot), None);
         let mut lagged = group.lag.take();
         lagged.sort();
         let mut expected = vec![a.clone()];

@@ -138,18 +138,12 @@ impl Log {
     }
 
     async fn fetch(&self, stream: &str, from: u64, count: usize) -> Result<Fetched, LogError> {
-        let commands = self.commands(stream, from, count);
-        // A Redis restart breaks the connection once: retried (bounded,
-        // jittered) so a reader sees a short delay, not an error.
-        let replies: Vec<redis::Value> = ordo_runtime::redis_conn::call(|| {
-            let mut conn = self.conn.clone();
-            let mut pipe = redis::pipe();
-            commands.iter().for_each(|command| {
-                pipe.add_command(command.clone());
-            });
-            async move { pipe.query_async(&mut conn).await }
-        })
-        .await?;
+        let slot = keys::stream_slot(stream);
+        let commands: Vec<(u16, redis::Cmd)> =
+            self.commands(stream, from, count).into_iter().map(|command| (slot, command)).collect();
+        // One round trip; a Redis restart breaks the connection once: retried
+        // (bounded, jittered) so a reader sees a short delay, not an error.
+        let replies = ordo_runtime::redis_conn::query_each::<redis::Value>(&self.conn, &commands).await?;
         parse(stream, replies)
     }
 

@@ -137,12 +137,7 @@ async fn master_of(cluster: &mut Cluster, stream: &str) -> usize {
 async fn cluster_ordered_and_unordered_streams_survive_a_failover_and_a_killed_master_with_duplicates() {
     const N: u64 = 240;
     // Every script call waits for one replica: a killed master loses nothing acknowledged.
-    let mut cluster = Cluster::builder()
-        .redis_cluster()
-        .workers(2)
-        .reassembler_args(["--redis-wait-replicas", "1", "--redis-wait-timeout", "500ms"])
-        .start()
-        .await;
+    let mut cluster = Cluster::builder().redis_cluster_waiting_for_a_replica().workers(2).start().await;
     let streams = streams_over_every_master("chaos", 2);
     let modes: BTreeMap<String, OrderingMode> = streams
         .iter()

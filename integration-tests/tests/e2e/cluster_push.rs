@@ -147,12 +147,7 @@ async fn a_slot_is_held_after_its_last_subscriber_leaves_and_serves_the_next_str
 #[tokio::test(flavor = "multi_thread")]
 async fn cluster_whole_suite_subscribe_sse_and_the_call_across_a_forced_failover() {
     const N: u64 = 60;
-    let mut cluster = Cluster::builder()
-        .redis_cluster()
-        .workers(2)
-        .reassembler_args(["--redis-wait-replicas", "1", "--redis-wait-timeout", "500ms"])
-        .start()
-        .await;
+    let mut cluster = Cluster::builder().redis_cluster_waiting_for_a_replica().workers(2).start().await;
     let urls: Vec<String> =
         (0..integration_tests::redis_cluster::NODES).map(|i| cluster.redis_cluster().node_url(i)).collect();
     wait_replicas_in_sync(&urls).await;
