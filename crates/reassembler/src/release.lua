@@ -55,6 +55,23 @@ local function varint(n)
   return s .. char(n)
 end
 
+-- Appends one released result to a stream's log and returns its framed
+-- record for the stream's published batch. Appending field 8 (position,
+-- varint) to an encoded message sets it: protobuf keeps the last value of a
+-- repeated scalar field.
+local function release(log, body, position)
+  local rec = body .. '\64' .. varint(position)
+  redis.call('XADD', log, 'MAXLEN', '~', retention, '0-' .. (position + 1), 'r', rec, 't', now_ms)
+  return '\26' .. varint(#rec) .. rec
+end
+
+-- Meta field 'p' counts the fields of pend (every write of pend is here), so
+-- a call needs no HLEN to know whether pend has any: one command less per
+-- stream per call, which is most of what a call carrying results of many
+-- different streams does. A meta written before 'p' existed (an older
+-- version) falls back to HLEN once, and 'p' is recounted with HLEN whenever
+-- the expiry is renewed (at most every ttl/16), so a count left stale by
+-- pend expiring before its tombstone is corrected then.
 local flags = {}
 local a = 5
 for k = 2, #KEYS, 3 do
@@ -62,7 +79,7 @@ for k = 2, #KEYS, 3 do
   local stream, channel, want_mode, n = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
   a = a + 4
 
-  local m = redis.call('HMGET', meta, 'next', 'released', 'mode', 'x')
+  local m = redis.call('HMGET', meta, 'next', 'released', 'mode', 'x', 'p')
   local nxt = tonumber(m[1]) or 0
   local released = tonumber(m[2]) or 0
   local released_before = released
@@ -73,24 +90,22 @@ for k = 2, #KEYS, 3 do
   if new_mode then
     mode = want_mode
   end
-
-  local out = {}
-  local function release(body)
-    -- Appending field 8 (position, varint) to an encoded message sets it:
-    -- protobuf keeps the last value of a repeated scalar field.
-    local rec = body .. '\64' .. varint(released)
-    redis.call('XADD', log, 'MAXLEN', '~', retention, '0-' .. (released + 1), 'r', rec, 't', now_ms)
-    out[#out + 1] = '\26' .. varint(#rec) .. rec
-    released = released + 1
+  local renew = ttl > 0 and (not expires or expires < now + ttl)
+  -- A stream without meta has no pend (pend's ttl is at most meta's).
+  local held = 0
+  if m[1] then
+    held = tonumber(m[5]) or -1
+    if held < 0 or (renew and held > 0) then
+      held = redis.call('HLEN', pend)
+    end
   end
+  local pending = held > 0
 
   -- Which of this batch's sequences are already pending: one HMGET for the
-  -- batch (nothing at all when pend is empty), not a lookup per result. A
-  -- stream without meta has no pend (pend's ttl is at most meta's and meta
-  -- is refreshed on every call): a new stream costs no HLEN.
-  local pending = m[1] and redis.call('HLEN', pend) > 0
-  local known = {}
+  -- batch (nothing at all when pend is empty), not a lookup per result.
+  local known
   if pending then
+    known = {}
     local ask = {}
     for j = 0, n - 1 do
       ask[#ask + 1] = ARGV[a + 3 * j]
@@ -105,11 +120,12 @@ for k = 2, #KEYS, 3 do
       end
     end
   end
+  local out = {}
   local fresh = {}
   for _ = 1, n do
     local seq, body, letter = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2]
     a = a + 3
-    local dup = seq < nxt or fresh[seq] ~= nil or known[seq] ~= nil
+    local dup = seq < nxt or fresh[seq] ~= nil or (pending and known[seq] ~= nil)
     if not dup then
       if letter ~= '' then
         redis.call('XADD', dlq, 'MAXLEN', '~', dlq_retention, '*',
@@ -117,7 +133,8 @@ for k = 2, #KEYS, 3 do
       end
       if mode == '2' then
         fresh[seq] = ''
-        release(body)
+        out[#out + 1] = release(log, body, released)
+        released = released + 1
       else
         fresh[seq] = body
       end
@@ -131,7 +148,10 @@ for k = 2, #KEYS, 3 do
     while true do
       if fresh[nxt] then
         fresh[nxt] = nil
-      elseif not (pending and redis.call('HDEL', pend, nxt) == 1) then
+      elseif pending and redis.call('HDEL', pend, nxt) == 1 then
+        held = held - 1
+        pending = held > 0
+      else
         break
       end
       nxt = nxt + 1
@@ -146,8 +166,11 @@ for k = 2, #KEYS, 3 do
         body = redis.call('HGET', pend, nxt)
         if not body then break end
         redis.call('HDEL', pend, nxt)
+        held = held - 1
+        pending = held > 0
       end
-      release(body)
+      out[#out + 1] = release(log, body, released)
+      released = released + 1
       nxt = nxt + 1
     end
   end
@@ -159,18 +182,17 @@ for k = 2, #KEYS, 3 do
     args[#args + 1] = seq
     args[#args + 1] = body
     if #args >= 1000 then
-      redis.call('HSET', pend, unpack(args))
+      held = held + redis.call('HSET', pend, unpack(args))
       args = {}
     end
   end
   if #args > 0 then
-    redis.call('HSET', pend, unpack(args))
+    held = held + redis.call('HSET', pend, unpack(args))
   end
 
-  -- One HSET of meta: next and released, the mode of a new stream, and the
-  -- expiry time when it is renewed.
-  local renew = ttl > 0 and (not expires or expires < now + ttl)
-  local fields = { 'next', nxt, 'released', released }
+  -- One HSET of meta: next, released and the pend count, the mode of a new
+  -- stream, and the expiry time when it is renewed.
+  local fields = { 'next', nxt, 'released', released, 'p', held }
   if new_mode then
     fields[#fields + 1] = 'mode'
     fields[#fields + 1] = mode
@@ -186,9 +208,11 @@ for k = 2, #KEYS, 3 do
   if renew then
     local left = string.format('%.0f', expires - now)
     redis.call('PEXPIRE', meta, string.format('%.0f', expires - now + meta_ttl - ttl))
-    redis.call('PEXPIRE', log, left)
+    if released > 0 then
+      redis.call('PEXPIRE', log, left)
+    end
     -- pend exists only if it had entries or got some now.
-    if pending or waiting then
+    if held > 0 or waiting then
       redis.call('PEXPIRE', pend, left)
     end
   elseif ttl > 0 then

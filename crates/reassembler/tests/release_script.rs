@@ -235,6 +235,17 @@ async fn read_log(conn: &mut impl redis::aio::ConnectionLike, stream: &str) -> V
         .collect()
 }
 
+/// Meta's count of `stream`'s pending hash (field `p`; 0 without meta).
+async fn pend_count(conn: &mut impl redis::aio::ConnectionLike, stream: &str) -> u64 {
+    let count: Option<u64> =
+        redis::cmd("HGET").arg(keys::meta(stream)).arg("p").query_async(conn).await.expect("hget p");
+    count.unwrap_or(0)
+}
+
+async fn pend_len(conn: &mut impl redis::aio::ConnectionLike, stream: &str) -> u64 {
+    redis::cmd("HLEN").arg(keys::pending(stream)).query_async(conn).await.expect("hlen")
+}
+
 static CASE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Runs one scenario: `arrivals` are (stream index, sequence) in arrival
@@ -253,10 +264,14 @@ fn run(backend: &Backend, arrivals: &[(usize, u64)], cuts: &[usize], modes: &[Or
         let mut bounds: Vec<usize> = cuts.iter().map(|c| c % (items.len() + 1)).collect();
         bounds.push(items.len());
         bounds.sort_unstable();
+        let mut conn = backend.conn();
         for end in bounds {
             if end > start {
                 store.apply(&items[start..end]).await.expect("script");
                 start = end;
+                for name in &names {
+                    assert_eq!(pend_count(&mut conn, name).await, pend_len(&mut conn, name).await, "meta's p counts pend");
+                }
             }
         }
         let mut published: BTreeMap<String, Vec<EventResult>> = BTreeMap::new();
@@ -266,7 +281,6 @@ fn run(backend: &Backend, arrivals: &[(usize, u64)], cuts: &[usize], modes: &[Or
                 published.entry(batch.stream_id).or_default().extend(batch.results);
             }
         }
-        let mut conn = backend.conn();
         let mut out = Vec::new();
         for name in &names {
             out.push((read_log(&mut conn, name).await, published.remove(name).unwrap_or_default()));
@@ -839,5 +853,58 @@ fn expiry_is_renewed_only_when_less_than_the_ttl_is_left_and_new_keys_get_it() {
         );
         let released: Vec<u64> = read_log(&mut conn, s).await.iter().map(|r| r.sequence).collect();
         assert_eq!(released, [0, 1, 2, 3]);
+    });
+}
+
+/// Meta's field `p` counts the pending hash, so a call needs no `HLEN`. A
+/// meta without it (written by a version before it) falls back to `HLEN`: the
+/// results such a version left waiting are still released. A count above
+/// the truth (pend expired before its tombstone) costs only lookups, and is
+/// recounted when the expiry is renewed.
+#[test]
+fn the_pend_count_falls_back_to_hlen_without_it_and_is_recounted_on_renewal() {
+    let redis = Redis::start();
+    runtime().block_on(async {
+        let client = redis::Client::open(redis.url.as_str()).expect("url");
+        let mut conn = redis::aio::ConnectionManager::new(client).await.expect("connect");
+        let store = Store::new(conn.clone(), config());
+        // An older version's state: 0 released, 2 and 3 waiting, no `p`.
+        let s = "legacy-count";
+        store.apply(&[item(s, 0, OrderingMode::Ordered)]).await.expect("script");
+        let mut pend_fields = Vec::new();
+        for seq in [2u64, 3] {
+            pend_fields.push((seq, item(s, seq, OrderingMode::Ordered).body));
+        }
+        let _: () = redis::pipe()
+            .hset_multiple(keys::pending(s), &pend_fields)
+            .hdel(keys::meta(s), "p")
+            .query_async(&mut conn)
+            .await
+            .expect("legacy state");
+        store.apply(&[item(s, 1, OrderingMode::Ordered)]).await.expect("script");
+        let released: Vec<u64> = read_log(&mut conn, s).await.iter().map(|r| r.sequence).collect();
+        assert_eq!(released, [0, 1, 2, 3], "what waited without a count is released");
+        assert_eq!((pend_count(&mut conn, s).await, pend_len(&mut conn, s).await), (0, 0));
+
+        // A count above the truth: results are still released, the count
+        // only falls as far as pend holds entries...
+        let s = "stale-count";
+        let ttl: i64 = 1_600;
+        let store = Store::new(conn.clone(), StoreConfig { ttl_ms: ttl as u64, tombstone_ms: 1_000, ..config() });
+        store.apply(&[item(s, 0, OrderingMode::Ordered), item(s, 2, OrderingMode::Ordered)]).await.expect("script");
+        assert_eq!(pend_count(&mut conn, s).await, 1);
+        let _: () = redis::cmd("HSET").arg(keys::meta(s)).arg("p").arg(5).query_async(&mut conn).await.expect("stale");
+        store.apply(&[item(s, 1, OrderingMode::Ordered)]).await.expect("script");
+        let released: Vec<u64> = read_log(&mut conn, s).await.iter().map(|r| r.sequence).collect();
+        assert_eq!(released, [0, 1, 2]);
+        assert_eq!((pend_count(&mut conn, s).await, pend_len(&mut conn, s).await), (4, 0), "stale, not renewed yet");
+        // ...until the expiry is renewed (less than the ttl left): recounted.
+        tokio::time::sleep(Duration::from_millis((ttl / 16 + 50) as u64)).await;
+        store.apply(&[item(s, 4, OrderingMode::Ordered)]).await.expect("script");
+        assert_eq!((pend_count(&mut conn, s).await, pend_len(&mut conn, s).await), (1, 1), "recounted on renewal");
+        store.apply(&[item(s, 3, OrderingMode::Ordered)]).await.expect("script");
+        let released: Vec<u64> = read_log(&mut conn, s).await.iter().map(|r| r.sequence).collect();
+        assert_eq!(released, [0, 1, 2, 3, 4]);
+        assert_eq!((pend_count(&mut conn, s).await, pend_len(&mut conn, s).await), (0, 0));
     });
 }
