@@ -3,7 +3,11 @@
 //!
 //! Per stream `s` (the `{s}` hash tag keeps a stream's keys in one cluster slot):
 //! - `ordo:{s}:meta` — hash: `next` (lowest unreleased sequence), `released`
-//!   (next release position), `mode` (1 ordered, 2 unordered);
+//!   (next release position), `mode` (1 ordered, 2 unordered), `x` (when
+//!   the stream's keys expire, Redis milliseconds; absent without
+//!   `--stream-ttl`), `p` (how many fields `pend` holds: the script skips
+//!   `pend` when 0; absent in metas of versions before it, which fall back
+//!   to `HLEN`);
 //! - `ordo:{s}:pend` — hash: sequence → encoded result, completed but waiting
 //!   for a predecessor (ORDERED), or sequence → "" marker (UNORDERED);
 //! - `ordo:{s}:log` — stream: the released results, entry id `0-(position+1)`,
@@ -73,7 +77,10 @@ pub fn dead_letters(slot: u16) -> String {
 /// the `{stream}` hash tag; an id with a `}` is cut there, for all three
 /// alike, and an empty id has no tag, so its keys spread).
 pub fn stream_slot(stream: &str) -> u16 {
-    key_slot(meta(stream).as_bytes())
+    // The tag of `ordo:{<stream>}:meta` without building the key (this runs
+    // per stream per batch): the id up to its first `}`, or all of it.
+    let tag = stream.split_once('}').map_or(stream, |(tag, _)| tag);
+    if tag.is_empty() { key_slot(meta(stream).as_bytes()) } else { crc16(tag.as_bytes()) % SLOTS }
 }
 
 /// The cluster slot of `key`, as Redis computes it.
@@ -204,10 +211,16 @@ mod tests {
         assert_eq!(key_slot(b"foo{}{bar}"), crc16(b"foo{}{bar}") % SLOTS);
         assert_eq!(key_slot(b"foo{{bar}}zap"), key_slot(b"{bar"));
         // A stream's three keys share its slot, whatever its id.
-        for stream in ["s1", "a}b", "x{y}", "dev-42"] {
+        for stream in ["s1", "a}b", "x{y}", "dev-42", "{", "{}", "a{b}c}d"] {
             let slot = stream_slot(stream);
+            assert_eq!(key_slot(meta(stream).as_bytes()), slot, "{stream}");
             assert_eq!(key_slot(pending(stream).as_bytes()), slot, "{stream}");
             assert_eq!(key_slot(log(stream).as_bytes()), slot, "{stream}");
+        }
+        // An empty tag (an id that is empty or starts with `}`): the slot of
+        // its meta key (its other keys spread).
+        for stream in ["", "}", "}x"] {
+            assert_eq!(key_slot(meta(stream).as_bytes()), stream_slot(stream), "{stream:?}");
         }
     }
 

@@ -7,6 +7,11 @@
 //! required dependencies ([`readiness`]), and the Prometheus endpoint
 //! ([`metrics`]).
 //!
+//! It also sets the global allocator of every process that links it:
+//! mimalloc. With glibc's malloc, allocation was a quarter to almost half of
+//! the services' CPU once calls carry many streams (per-stream maps, strings
+//! and batches; docs/benchmarks.md, "Issue 12 item 2").
+//!
 //! Service crates must not read env vars or bind sockets themselves: their
 //! `main.rs` hands a parsed config, a bound listener and a shutdown token to
 //! the library's `run`.
@@ -27,3 +32,6 @@ pub mod telemetry;
 pub mod tls;
 
 pub use shutdown::Shutdown;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

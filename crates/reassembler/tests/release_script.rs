@@ -270,7 +270,11 @@ fn run(backend: &Backend, arrivals: &[(usize, u64)], cuts: &[usize], modes: &[Or
                 store.apply(&items[start..end]).await.expect("script");
                 start = end;
                 for name in &names {
-                    assert_eq!(pend_count(&mut conn, name).await, pend_len(&mut conn, name).await, "meta's p counts pend");
+                    assert_eq!(
+                        pend_count(&mut conn, name).await,
+                        pend_len(&mut conn, name).await,
+                        "meta's p counts pend"
+                    );
                 }
             }
         }
