@@ -32,7 +32,7 @@
 -- batch leaves none twice. Entry fields: 'stream', 'sequence', 'letter'.
 
 local dlq = KEYS[1]
-local retention = ARGV[1]
+local retention = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
 local dlq_retention = ARGV[3]
 local meta_ttl = tonumber(ARGV[4])
@@ -59,9 +59,15 @@ end
 -- record for the stream's published batch. Appending field 8 (position,
 -- varint) to an encoded message sets it: protobuf keeps the last value of a
 -- repeated scalar field.
+-- A log holds at most `position` entries before this one, so below the
+-- retention there is nothing to trim and no MAXLEN to check.
 local function release(log, body, position)
   local rec = body .. '\64' .. varint(position)
-  redis.call('XADD', log, 'MAXLEN', '~', retention, '0-' .. (position + 1), 'r', rec, 't', now_ms)
+  if position < retention then
+    redis.call('XADD', log, '0-' .. (position + 1), 'r', rec, 't', now_ms)
+  else
+    redis.call('XADD', log, 'MAXLEN', '~', retention, '0-' .. (position + 1), 'r', rec, 't', now_ms)
+  end
   return '\26' .. varint(#rec) .. rec
 end
 
@@ -190,9 +196,14 @@ for k = 2, #KEYS, 3 do
     held = held + redis.call('HSET', pend, unpack(args))
   end
 
-  -- One HSET of meta: next, released and the pend count, the mode of a new
-  -- stream, and the expiry time when it is renewed.
-  local fields = { 'next', nxt, 'released', released, 'p', held }
+  -- One HSET of meta: next, released, the pend count when it changed (or
+  -- was not kept yet), the mode of a new stream, and the expiry time when it
+  -- is renewed.
+  local fields = { 'next', nxt, 'released', released }
+  if held ~= tonumber(m[5]) then
+    fields[#fields + 1] = 'p'
+    fields[#fields + 1] = held
+  end
   if new_mode then
     fields[#fields + 1] = 'mode'
     fields[#fields + 1] = mode

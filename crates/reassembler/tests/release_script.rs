@@ -912,3 +912,33 @@ fn the_pend_count_falls_back_to_hlen_without_it_and_is_recounted_on_renewal() {
         assert_eq!((pend_count(&mut conn, s).await, pend_len(&mut conn, s).await), (0, 0));
     });
 }
+
+/// Below the retention a release appends without a `MAXLEN` (nothing to
+/// trim); from it on, the log is trimmed (approximately: whole nodes of
+/// `stream-node-max-entries`, 100 by default) and keeps the newest results.
+#[test]
+fn the_log_is_trimmed_to_the_retention_once_it_reaches_it() {
+    let redis = Redis::start();
+    runtime().block_on(async {
+        let client = redis::Client::open(redis.url.as_str()).expect("url");
+        let mut conn = redis::aio::ConnectionManager::new(client).await.expect("connect");
+        let store = Store::new(conn.clone(), StoreConfig { retention: 150, ..config() });
+        let s = "trimmed-log";
+        for from in (0..1_000u64).step_by(50) {
+            let batch: Vec<Item> = (from..from + 50).map(|q| item(s, q, OrderingMode::Ordered)).collect();
+            store.apply(&batch).await.expect("script");
+        }
+        let log: Vec<u64> = read_log(&mut conn, s).await.iter().map(|r| r.sequence).collect();
+        assert!((150..=250).contains(&log.len()), "trimmed to about the retention: {} entries", log.len());
+        assert_eq!(log.last(), Some(&999), "the newest kept");
+        let first = log[0];
+        assert_eq!(log, (first..1_000).collect::<Vec<_>>(), "contiguous, oldest trimmed");
+        // A stream below the retention keeps everything.
+        let short = "short-log";
+        store
+            .apply(&(0..149).map(|q| item(short, q, OrderingMode::Ordered)).collect::<Vec<_>>())
+            .await
+            .expect("script");
+        assert_eq!(read_log(&mut conn, short).await.len(), 149);
+    });
+}
