@@ -36,7 +36,12 @@ pub struct Lingering {
 impl Lingering {
     /// `stream` is settled at `now` (again: the latest time counts).
     pub fn settled(&mut self, stream: &str, now: Instant) {
-        self.since.insert(stream.to_owned(), now);
+        match self.since.get_mut(stream) {
+            Some(at) => *at = now,
+            None => {
+                self.since.insert(stream.to_owned(), now);
+            }
+        }
         self.order.push_back((stream.to_owned(), now));
     }
 

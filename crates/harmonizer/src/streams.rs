@@ -112,9 +112,14 @@ struct Awaited {
     processing_sent: bool,
     /// Its answer, held while a lower sequence of the call still waits:
     /// a call answers each stream in sequence order (a resent event's
-    /// result, re-read from the log, may come after a later one's).
-    ready: Option<Outgoing>,
+    /// result, re-read from the log, may come after a later one's). Boxed:
+    /// an `Outgoing` is ~200 bytes, and B-tree nodes hold 11 values each,
+    /// allocated whole and shifted on every insert and removal.
+    ready: Option<Box<Outgoing>>,
 }
+
+// What a stream's `awaiting` node costs per event (the bound documents the box above).
+const _: () = assert!(std::mem::size_of::<Awaited>() <= 40);
 
 #[derive(Debug)]
 struct Stream {
@@ -271,11 +276,11 @@ impl Streams {
                 continue; // a repeat (re-served from the log): the first one counts
             }
             crate::metrics::latency(now.saturating_duration_since(awaited.since));
-            awaited.ready = Some(if result.status() == ResultStatus::Gap && awaited.why != Why::Gap {
+            awaited.ready = Some(Box::new(if result.status() == ResultStatus::Gap && awaited.why != Why::Gap {
                 Outgoing::GapSettled { stream: stream.to_owned(), sequence: result.sequence }
             } else {
                 Outgoing::Result(result)
-            });
+            }));
         }
         let out = if s.mode == OrderingMode::Unordered {
             // Completion order is the point of UNORDERED: answer as released.
@@ -295,7 +300,9 @@ impl Streams {
         std::mem::take(&mut s.awaiting)
             .into_iter()
             .map(|(sequence, awaited)| {
-                awaited.ready.unwrap_or_else(|| Outgoing::Unservable { stream: stream.to_owned(), sequence })
+                awaited
+                    .ready
+                    .map_or_else(|| Outgoing::Unservable { stream: stream.to_owned(), sequence }, |ready| *ready)
             })
             .collect()
     }
@@ -407,7 +414,7 @@ fn take_ready(s: &mut Stream) -> Vec<Outgoing> {
     while let Some(mut entry) = s.awaiting.first_entry() {
         let Some(ready) = entry.get_mut().ready.take() else { break };
         entry.remove();
-        out.push(ready);
+        out.push(*ready);
     }
     out
 }
@@ -415,7 +422,8 @@ fn take_ready(s: &mut Stream) -> Vec<Outgoing> {
 /// Takes every answer there is, in release order (UNORDERED streams).
 fn take_all_ready(s: &mut Stream) -> Vec<Outgoing> {
     let ready: Vec<u64> = s.awaiting.iter().filter(|(_, a)| a.ready.is_some()).map(|(&q, _)| q).collect();
-    let mut out: Vec<Outgoing> = ready.iter().filter_map(|q| s.awaiting.remove(q)).filter_map(|a| a.ready).collect();
+    let mut out: Vec<Outgoing> =
+        ready.iter().filter_map(|q| s.awaiting.remove(q)).filter_map(|a| a.ready.map(|r| *r)).collect();
     out.sort_by_key(|o| match o {
         Outgoing::Result(r) => r.position,
         Outgoing::GapSettled { .. } | Outgoing::Unservable { .. } => 0,
