@@ -206,6 +206,14 @@ impl Redis {
     }
 }
 
+impl Redis {
+    /// A reconnecting connection to the private server.
+    async fn manager(&self) -> redis::aio::ConnectionManager {
+        let client = redis::Client::open(self.url.as_str()).expect("url");
+        redis::aio::ConnectionManager::new(client).await.expect("connect")
+    }
+}
+
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     RT.get_or_init(|| tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime"))
@@ -525,8 +533,7 @@ fn dead_letter_once(backend: &Backend, cases: u32) {
 fn dead_letters_are_trimmed_to_the_retention() {
     let redis = Redis::start();
     runtime().block_on(async {
-        let client = redis::Client::open(redis.url.as_str()).expect("url");
-        let conn = redis::aio::ConnectionManager::new(client).await.expect("connect");
+        let conn = redis.manager().await;
         let store = Store::new(conn, StoreConfig { ttl_ms: 0, dead_letter_retention: 10, ..config() });
         for seq in 0..2_000 {
             store.apply(&[failed_item("trim", seq, OrderingMode::Ordered, 1)]).await.expect("script");
@@ -544,8 +551,7 @@ fn dead_letters_are_trimmed_to_the_retention() {
 fn pending_results_count_what_waits_for_a_predecessor() {
     let redis = Redis::start();
     runtime().block_on(async {
-        let client = redis::Client::open(redis.url.as_str()).expect("url");
-        let conn = redis::aio::ConnectionManager::new(client).await.expect("connect");
+        let conn = redis.manager().await;
         let store = Store::new(conn, config());
         assert_eq!(store.pending_results(1000).await.expect("scan"), (0, 0));
         // a: 0 released, 2 and 3 wait for 1; b: 5 waits for 0..5; c: all released.
@@ -741,8 +747,7 @@ async fn memory_usage(conn: &mut impl redis::aio::ConnectionLike, key: &str) -> 
 fn a_finished_stream_keeps_its_meta_as_a_tombstone_after_its_log_expired() {
     let redis = Redis::start();
     runtime().block_on(async {
-        let client = redis::Client::open(redis.url.as_str()).expect("url");
-        let mut conn = redis::aio::ConnectionManager::new(client).await.expect("connect");
+        let mut conn = redis.manager().await;
         let ttl = Duration::from_millis(300);
         let tombstone = Duration::from_millis(900);
         let config =
@@ -802,8 +807,7 @@ fn a_finished_stream_keeps_its_meta_as_a_tombstone_after_its_log_expired() {
 fn expiry_is_renewed_only_when_less_than_the_ttl_is_left_and_new_keys_get_it() {
     let redis = Redis::start();
     runtime().block_on(async {
-        let client = redis::Client::open(redis.url.as_str()).expect("url");
-        let mut conn = redis::aio::ConnectionManager::new(client).await.expect("connect");
+        let mut conn = redis.manager().await;
         let ttl: i64 = 1_600;
         let slack = ttl / 16;
         let config = StoreConfig { ttl_ms: ttl as u64, tombstone_ms: 1_000, ..config() };
@@ -869,8 +873,7 @@ fn expiry_is_renewed_only_when_less_than_the_ttl_is_left_and_new_keys_get_it() {
 fn the_pend_count_falls_back_to_hlen_without_it_and_is_recounted_on_renewal() {
     let redis = Redis::start();
     runtime().block_on(async {
-        let client = redis::Client::open(redis.url.as_str()).expect("url");
-        let mut conn = redis::aio::ConnectionManager::new(client).await.expect("connect");
+        let mut conn = redis.manager().await;
         let store = Store::new(conn.clone(), config());
         // An older version's state: 0 released, 2 and 3 waiting, no `p`.
         let s = "legacy-count";
@@ -920,8 +923,7 @@ fn the_pend_count_falls_back_to_hlen_without_it_and_is_recounted_on_renewal() {
 fn the_log_is_trimmed_to_the_retention_once_it_reaches_it() {
     let redis = Redis::start();
     runtime().block_on(async {
-        let client = redis::Client::open(redis.url.as_str()).expect("url");
-        let mut conn = redis::aio::ConnectionManager::new(client).await.expect("connect");
+        let mut conn = redis.manager().await;
         let store = Store::new(conn.clone(), StoreConfig { retention: 150, ..config() });
         let s = "trimmed-log";
         for from in (0..1_000u64).step_by(50) {
