@@ -77,7 +77,11 @@ async fn sonnets_through_the_python_operation_come_back_in_order_exactly_once() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn killing_the_python_server_mid_stream_fails_its_events_in_place_and_the_rest_stay_in_order() {
-    const N: u64 = 1500;
+    const N: u64 = 2500;
+    // The restarted server first works through the attempts retried during
+    // the outage, which takes longer on a loaded machine: events sent after
+    // this allowance must all be OK.
+    const RECOVERY: Duration = Duration::from_millis(1500);
     let cluster = Cluster::builder().harmonizer_args(["--event-timeout", "1s"]).start().await;
     let mut python = ExampleServer::python_operation("python-operation", cluster.log_dir(), &["--op", "fragile=shout"])
         .await
@@ -102,8 +106,12 @@ async fn killing_the_python_server_mid_stream_fails_its_events_in_place_and_the_
     tokio::time::sleep(Duration::from_secs(1)).await;
     python.restart().await.expect("the server restarts on its port");
     let at_restart = feeder.sent();
-    eprintln!("killed the Python server after {at_kill} events were sent, restarted it after {at_restart}");
-    assert!(at_restart + 200 < N, "the stream was (nearly) all sent before the restart; the test would prove nothing");
+    tokio::time::sleep(RECOVERY).await;
+    let recovered = feeder.sent();
+    eprintln!(
+        "killed the Python server after {at_kill} events were sent, restarted it after {at_restart}, {recovered} sent {RECOVERY:?} later"
+    );
+    assert!(recovered + 200 < N, "the stream was (nearly) all sent before the recovery; the test would prove nothing");
     call.wait_for_counts(&BTreeMap::from([(stream.to_owned(), N as usize)]), DEADLINE)
         .await
         .expect("the stream completes although the server was down");
@@ -126,7 +134,10 @@ async fn killing_the_python_server_mid_stream_fails_its_events_in_place_and_the_
     assert!(!failed.is_empty(), "no event failed while the server was down for a second");
     let (first, last) = (failed[0], failed[failed.len() - 1]);
     assert!(first >= 150, "events answered before the kill are OK; the first FAILED is {first}");
-    assert!(last < at_restart + 100, "events sent after the restart are OK again; the last FAILED is {last}");
+    assert!(
+        last < recovered,
+        "events sent {RECOVERY:?} after the restart are OK again; the last FAILED is {last}, {recovered} were sent by then"
+    );
     eprintln!("{} FAILED in place, sequences {first}..={last}", failed.len());
 
     let letters = cluster.dead_letters(stream).await.expect("ListDeadLetters answers");
