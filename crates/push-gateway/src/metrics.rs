@@ -61,7 +61,7 @@ pub fn describe() {
     describe_counter!(
         "ordo_results_released_total",
         Unit::Count,
-        "Released results heard on the release channels (by each gateway replica), by status."
+        "Released results heard on the release channels (by each gateway replica), by status; results a follower reads from the log on catch-up are not counted."
     );
     describe_counter!(
         "ordo_amqp_confirmed_total",
