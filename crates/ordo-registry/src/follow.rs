@@ -154,7 +154,9 @@ impl Follower {
         if let Some(hit) = lock(&self.inner.cache).get(&version) {
             return Ok(Some(hit.clone()));
         }
-        let Some(published) = self.inner.store.get(version).await? else { return Ok(None) };
+        // Boxed: rare (a version not cached), and a Redis read's future is
+        // large; a caller awaiting `version` per event carries only a box.
+        let Some(published) = Box::pin(self.inner.store.get(version)).await? else { return Ok(None) };
         let catalog = Arc::new(published.catalog);
         self.remember(catalog.clone());
         Ok(Some(catalog))

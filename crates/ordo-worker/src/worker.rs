@@ -368,7 +368,10 @@ impl Inner {
                         deadline: earliest(budget, timeout_at),
                         trace_context: telemetry::inject(span, &event.trace_context),
                     };
-                    self.remotes.invoke(&endpoint, &spec.name, call).await
+                    // Boxed: a remote call's future is large, and the native
+                    // path (most attempts) should not carry its size through
+                    // every attempt's task (each spawn copies the whole future).
+                    Box::pin(self.remotes.invoke(&endpoint, &spec.name, call)).await
                 }
             }
         };
@@ -418,7 +421,10 @@ impl Inner {
             biased;
             _ = token.cancelled() => Err("cancelled"),
             _ = expired => Err("deadline passed"),
-            outcome = self.execute(&item, event, budget, &span).instrument(span.clone()) => Ok(outcome),
+            // Boxed: the attempt's task stays small (spawning copies the
+            // whole future, several times; the operation's state is built
+            // in its box once, when the attempt starts).
+            outcome = Box::pin(self.execute(&item, event, budget, &span).instrument(span.clone())) => Ok(outcome),
         };
         drop(permit);
         drop(running);
@@ -454,7 +460,7 @@ impl Inner {
                 // deadline ends a delivery that cannot finish.
                 let delivered = tokio::select! {
                     _ = self.hard_stop.cancelled() => false,
-                    delivered = self.sink.deliver(*completed) => delivered.is_ok(),
+                    delivered = Box::pin(self.sink.deliver(*completed)) => delivered.is_ok(),
                 };
                 if !delivered {
                     return;
