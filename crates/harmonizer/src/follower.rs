@@ -10,7 +10,8 @@
 //! longer followed are dropped. `ordo_followed_streams` counts the cursors
 //! of every open call.
 
-use std::{collections::HashMap, time::Duration};
+use ordo_core::hash::Map;
+use std::time::Duration;
 
 use ordo_runtime::backoff::Backoff;
 
@@ -61,7 +62,7 @@ impl Follower {
 /// The cursor of every followed stream: the next release position wanted.
 /// Counted in `ordo_followed_streams` while it lives.
 #[derive(Default)]
-struct Cursors(HashMap<String, u64>);
+struct Cursors(Map<String, u64>);
 
 impl Cursors {
     /// Records a cursor; true if it changes what must be followed.

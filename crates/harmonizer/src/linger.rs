@@ -12,10 +12,8 @@
 //! linger at once (beyond it the longest-settled one goes at once), which is
 //! the memory bound.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    time::Duration,
-};
+use ordo_core::hash::Map;
+use std::{collections::VecDeque, time::Duration};
 
 use tokio::time::Instant;
 
@@ -28,7 +26,7 @@ pub const MAX_LINGERING: usize = 16_384;
 #[derive(Debug, Default)]
 pub struct Lingering {
     /// Stream → when it last settled (the only entry of `order` that counts).
-    since: HashMap<String, Instant>,
+    since: Map<String, Instant>,
     /// (stream, settled at), oldest first; entries older than `since` are stale.
     order: VecDeque<(String, Instant)>,
 }

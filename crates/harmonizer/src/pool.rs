@@ -45,6 +45,7 @@
 //! step with the in-flight tables by a ticket each event carries until it is
 //! settled.
 
+use ordo_core::hash::Map;
 use ordo_runtime::sync::{lock, read, write};
 use std::{
     collections::{HashMap, HashSet},
@@ -129,7 +130,7 @@ struct Held {
 /// back from Redis because their event settled.
 #[derive(Debug, Default)]
 struct Index {
-    held: Mutex<HashMap<String, HashMap<u64, Held>>>,
+    held: Mutex<Map<String, Map<u64, Held>>>,
     settled_claims: Mutex<Vec<(String, u64)>>,
 }
 
@@ -178,7 +179,9 @@ impl Ticket {
         match held.get_mut(&event.stream_id) {
             Some(stream) => stream.entry(event.sequence).or_insert_with(fresh).tickets += 1,
             None => {
-                held.insert(event.stream_id.clone(), HashMap::from([(event.sequence, Held { tickets: 1, ..fresh() })]));
+                let mut stream = Map::default();
+                stream.insert(event.sequence, Held { tickets: 1, ..fresh() });
+                held.insert(event.stream_id.clone(), stream);
             }
         }
         drop(held);
@@ -250,7 +253,7 @@ struct Served {
 struct Link {
     endpoint: String,
     sender: Mutex<Option<LinkTx>>,
-    in_flight: Mutex<HashMap<u64, InFlight>>,
+    in_flight: Mutex<Map<u64, InFlight>>,
     healthy: AtomicBool,
     /// `None` until the worker's capabilities arrive on the open call: a
     /// link serves nothing before.
@@ -267,7 +270,7 @@ impl Link {
         Self {
             endpoint: endpoint.to_owned(),
             sender: Mutex::new(None),
-            in_flight: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(Map::default()),
             healthy: AtomicBool::new(false),
             served: RwLock::new(None),
             retired: CancellationToken::new(),

@@ -46,8 +46,9 @@
 //! may not write is refused like any other bad event: its own REJECTED
 //! result (PERMISSION_DENIED), and the call goes on with the others.
 
+use ordo_core::hash::Map;
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashSet, VecDeque},
     sync::Arc,
 };
 
@@ -147,7 +148,7 @@ pub async fn run(
         grant,
         lingering: Lingering::default(),
         queue: VecDeque::new(),
-        opened: HashMap::new(),
+        opened: Map::default(),
     };
     let mut state = Inbound::Open;
     let mut blocked: Option<Blocked> = None;
@@ -283,7 +284,7 @@ struct Call {
     queue: VecDeque<Event>,
     /// The state of new streams of the queued events, read together
     /// ([`Self::open_new_streams`]); taken when their first event is handled.
-    opened: HashMap<String, state::StreamMeta>,
+    opened: Map<String, state::StreamMeta>,
 }
 
 impl Call {

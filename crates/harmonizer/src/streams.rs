@@ -27,9 +27,10 @@
 //! GAP results it declared, so its client sees every position; an event that
 //! arrives for a gap already settled is refused instead.
 
+use ordo_core::hash::Map;
 use std::{
     cmp::Reverse,
-    collections::{BTreeMap, BinaryHeap, HashMap},
+    collections::{BTreeMap, BinaryHeap},
     time::Duration,
 };
 
@@ -150,7 +151,7 @@ type Timer = (Instant, TimerKind, String, u64, u64);
 pub struct Streams {
     window: u64,
     processing_threshold: Option<Duration>,
-    streams: HashMap<String, Stream>,
+    streams: Map<String, Stream>,
     /// Min-heap; stale entries are skipped when due.
     timers: BinaryHeap<Reverse<Timer>>,
     /// Streams opened so far (the id of the next opening).
@@ -159,7 +160,7 @@ pub struct Streams {
 
 impl Streams {
     pub fn new(window: u64, processing_threshold: Option<Duration>) -> Self {
-        Self { window, processing_threshold, streams: HashMap::new(), timers: BinaryHeap::new(), openings: 0 }
+        Self { window, processing_threshold, streams: Map::default(), timers: BinaryHeap::new(), openings: 0 }
     }
 
     pub fn knows(&self, stream: &str) -> bool {

@@ -249,7 +249,8 @@ enum Outcome {
 /// An attempt read from the call, waiting for or holding a slot.
 struct Attempt {
     item: WorkItem,
-    /// Cancelled by a cancel item or at the drain deadline.
+    /// Cancelled by a cancel item (the drain deadline, `Inner::hard_stop`,
+    /// ends a running attempt as well).
     token: CancellationToken,
     /// When the harmonizer gives up on it (`None`: no limit).
     deadline: Option<Instant>,
@@ -258,17 +259,21 @@ struct Attempt {
 }
 
 impl Attempt {
-    fn new(item: WorkItem, hard_stop: &CancellationToken) -> Self {
+    fn new(item: WorkItem) -> Self {
         let now = Instant::now();
         let timeout = (item.timeout_ms > 0).then(|| Duration::from_millis(item.timeout_ms));
         // `checked_add`: an absurd timeout from the wire means no deadline, not a panic.
         let deadline = timeout.and_then(|t| now.checked_add(t));
         let budget = timeout.and_then(|t| now.checked_add(t - (t / 10).min(HAND_BACK_MARGIN)));
-        Self { item, token: hard_stop.child_token(), deadline, budget }
+        // A token of its own, not a child of the drain's: a child is linked
+        // into its parent under the parent's lock, on every attempt, by
+        // every runtime thread. The drain deadline is watched beside it.
+        Self { item, token: CancellationToken::new(), deadline, budget }
     }
 
-    fn is_over(&self, now: Instant) -> bool {
-        self.token.is_cancelled() || self.deadline.is_some_and(|d| d <= now)
+    /// Cancelled, past its deadline, or past the drain deadline (`hard_stop`).
+    fn is_over(&self, now: Instant, hard_stop: &CancellationToken) -> bool {
+        self.token.is_cancelled() || hard_stop.is_cancelled() || self.deadline.is_some_and(|d| d <= now)
     }
 }
 
@@ -420,6 +425,7 @@ impl Inner {
         let outcome = tokio::select! {
             biased;
             _ = token.cancelled() => Err("cancelled"),
+            _ = self.hard_stop.cancelled() => Err("cancelled"),
             _ = expired => Err("deadline passed"),
             // Boxed: the attempt's task stays small (spawning copies the
             // whole future, several times; the operation's state is built
@@ -459,6 +465,8 @@ impl Inner {
                 // harmonizer must be free to re-dispatch it. The drain
                 // deadline ends a delivery that cannot finish.
                 let delivered = tokio::select! {
+                    // Biased: no random branch order to draw per attempt.
+                    biased;
                     _ = self.hard_stop.cancelled() => false,
                     delivered = Box::pin(self.sink.deliver(*completed)) => delivered.is_ok(),
                 };
@@ -493,7 +501,7 @@ impl Inner {
             if queue.len() >= QUEUED_PER_CALL {
                 // Full: make room from what was cancelled or expired meanwhile.
                 let now = Instant::now();
-                queue.retain(|a| !a.is_over(now));
+                queue.retain(|a| !a.is_over(now, &self.hard_stop));
             }
             tokio::select! {
                 biased;
@@ -510,7 +518,7 @@ impl Inner {
                 permit = self.permits.clone().acquire_owned(), if !queue.is_empty() => {
                     let Ok(permit) = permit else { break };
                     let Some(attempt) = queue.pop_front() else { continue };
-                    if attempt.is_over(Instant::now()) {
+                    if attempt.is_over(Instant::now(), &self.hard_stop) {
                         lock(&cancels).remove(&attempt.item.dispatch_id);
                         continue;
                     }
@@ -526,7 +534,7 @@ impl Inner {
                         tracing::debug!(dispatch_id = item.dispatch_id, "attempt cancelled before it arrived");
                     }
                     Ok(Some(item)) => {
-                        let attempt = Attempt::new(item, &self.hard_stop);
+                        let attempt = Attempt::new(item);
                         lock(&cancels).insert(attempt.item.dispatch_id, attempt.token.clone());
                         queue.push_back(attempt);
                     }

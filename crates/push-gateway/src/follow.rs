@@ -14,12 +14,9 @@
 //! serve (older than retention) ends that stream only: its error batch is
 //! sent, and it is no longer followed.
 
-use std::{
-    collections::{HashMap, HashSet},
-    sync::Arc,
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
+use ordo_core::hash::{Map, Set};
 use ordo_proto::v1::{EventResult, FollowBatch, FollowRequest, ReleasedBatch, StreamCursor};
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
@@ -45,7 +42,7 @@ pub async fn run(hub: Arc<Hub>, log: Log, shutdown: Shutdown, mut inbound: Strea
     let mut call = Call {
         group: hub.group(GROUP_BUFFER),
         followed: Followed::default(),
-        to_read: HashSet::new(),
+        to_read: Set::default(),
         log,
         backoff: ordo_runtime::backoff::Backoff::new(Duration::from_millis(50), Duration::from_secs(1)),
     };
@@ -82,7 +79,7 @@ pub async fn run(hub: Arc<Hub>, log: Log, shutdown: Shutdown, mut inbound: Strea
 /// The next position to forward of every followed stream, counted in
 /// `ordo_push_followed_streams` while it lives.
 #[derive(Default)]
-struct Followed(HashMap<String, u64>);
+struct Followed(Map<String, u64>);
 
 impl Drop for Followed {
     fn drop(&mut self) {
@@ -95,7 +92,7 @@ struct Call {
     followed: Followed,
     /// Streams whose log must be read from their cursor: new ones, lagged
     /// ones, and those whose live batches skipped positions.
-    to_read: HashSet<String>,
+    to_read: Set<String>,
     log: Log,
     backoff: ordo_runtime::backoff::Backoff,
 }

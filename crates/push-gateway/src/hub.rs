@@ -32,6 +32,7 @@
 //! lagged flag is raised once every slot is heard (at first, and again after
 //! any reconnect or failover), so its owner scans for what it missed.
 
+use ordo_core::hash::{Map, Set};
 use std::{
     collections::{HashMap, HashSet},
     sync::{
@@ -95,7 +96,7 @@ impl Entry {
 /// The streams of a [`Group`] that missed live releases.
 #[derive(Default)]
 pub struct GroupLag {
-    streams: Mutex<HashSet<String>>,
+    streams: Mutex<Set<String>>,
     notify: Notify,
 }
 
@@ -148,7 +149,7 @@ impl Signal {
 /// bookkeeping (no I/O), so the reference counting is unit-tested alone.
 struct Slots {
     /// Followed streams per slot (only slots with some).
-    streams: HashMap<u16, HashSet<String>>,
+    streams: HashMap<u16, Set<String>>,
     /// Live firehoses: while there is one, every slot is wanted.
     firehoses: usize,
     /// Slots the listener asked Redis for (SSUBSCRIBE succeeded, no
@@ -378,7 +379,7 @@ impl Slots {
 
 #[derive(Default)]
 struct State {
-    subscribers: HashMap<String, Vec<Entry>>,
+    subscribers: Map<String, Vec<Entry>>,
     firehoses: Vec<FirehoseEntry>,
     slots: Slots,
 }
@@ -450,7 +451,7 @@ pub struct Group {
     tx: mpsc::Sender<Arc<ReleasedBatch>>,
     pub rx: mpsc::Receiver<Arc<ReleasedBatch>>,
     pub lag: Arc<GroupLag>,
-    streams: HashSet<String>,
+    streams: Set<String>,
 }
 
 impl Group {
@@ -568,7 +569,7 @@ impl Hub {
     pub fn group(self: &Arc<Self>, buffer: usize) -> Group {
         let (tx, rx) = mpsc::channel(buffer.max(1));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        Group { hub: self.clone(), id, tx, rx, lag: Arc::default(), streams: HashSet::new() }
+        Group { hub: self.clone(), id, tx, rx, lag: Arc::default(), streams: Set::default() }
     }
 
     /// Adds a subscriber of `stream`; its first makes the stream's slot wanted.

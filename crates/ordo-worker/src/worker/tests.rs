@@ -506,13 +506,13 @@ fn early_cancels_are_remembered_once_and_bounded() {
 #[test]
 fn an_absurd_timeout_means_no_deadline_not_a_panic() {
     let token = CancellationToken::new();
-    let attempt = Attempt::new(WorkItem { timeout_ms: u64::MAX, ..Default::default() }, &token);
+    let attempt = Attempt::new(WorkItem { timeout_ms: u64::MAX, ..Default::default() });
     assert!(attempt.deadline.is_none() || attempt.deadline.is_some_and(|d| d > Instant::now()));
-    let attempt = Attempt::new(WorkItem { timeout_ms: 0, ..Default::default() }, &token);
-    assert!(attempt.deadline.is_none() && attempt.budget.is_none() && !attempt.is_over(Instant::now()));
-    let attempt = Attempt::new(WorkItem { timeout_ms: 1000, ..Default::default() }, &token);
+    let attempt = Attempt::new(WorkItem { timeout_ms: 0, ..Default::default() });
+    assert!(attempt.deadline.is_none() && attempt.budget.is_none() && !attempt.is_over(Instant::now(), &token));
+    let attempt = Attempt::new(WorkItem { timeout_ms: 1000, ..Default::default() });
     let (Some(deadline), Some(budget)) = (attempt.deadline, attempt.budget) else { panic!("a deadline") };
     assert!(budget < deadline, "the budget leaves time to hand the attempt back");
     token.cancel();
-    assert!(attempt.is_over(Instant::now()), "the drain deadline ends queued attempts too");
+    assert!(attempt.is_over(Instant::now(), &token), "the drain deadline ends queued attempts too");
 }
