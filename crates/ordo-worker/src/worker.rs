@@ -76,6 +76,8 @@ use crate::{
 /// it the call is not read (back-pressure), so cancels wait too; an
 /// attempt's own deadline still ends it then.
 const QUEUED_PER_CALL: usize = 256;
+/// How often a full queue is swept for attempts past their deadline.
+const SWEEP_EVERY: Duration = Duration::from_millis(10);
 /// Part of an attempt's time kept for handing a failing attempt back before
 /// the harmonizer's own timeout fires (a tenth, at most this).
 const HAND_BACK_MARGIN: Duration = Duration::from_secs(2);
@@ -271,9 +273,10 @@ impl Attempt {
         Self { item, token: CancellationToken::new(), deadline, budget }
     }
 
-    /// Cancelled, past its deadline, or past the drain deadline (`hard_stop`).
-    fn is_over(&self, now: Instant, hard_stop: &CancellationToken) -> bool {
-        self.token.is_cancelled() || hard_stop.is_cancelled() || self.deadline.is_some_and(|d| d <= now)
+    /// Cancelled, past its deadline, or past the drain deadline (`stopped`:
+    /// `Inner::hard_stop` is cancelled).
+    fn is_over(&self, now: Instant, stopped: bool) -> bool {
+        stopped || self.token.is_cancelled() || self.deadline.is_some_and(|d| d <= now)
     }
 }
 
@@ -494,14 +497,28 @@ impl Inner {
         let mut early = EarlyCancels::default();
         let mut reading = true;
         let mut announcing = true;
+        let mut swept = Instant::now();
         loop {
             if !reading && queue.is_empty() {
                 break;
             }
-            if queue.len() >= QUEUED_PER_CALL {
-                // Full: make room from what was cancelled or expired meanwhile.
+            if queue.len() >= QUEUED_PER_CALL && swept.elapsed() >= SWEEP_EVERY {
+                // Full: make room from what expired meanwhile (a cancel
+                // removes its queued attempt itself). At most every
+                // SWEEP_EVERY: while the queue stays full at saturation,
+                // sweeping on every wake-up cost a pass over the whole queue
+                // per event.
                 let now = Instant::now();
-                queue.retain(|a| !a.is_over(now, &self.hard_stop));
+                swept = now;
+                let stopped = self.hard_stop.is_cancelled();
+                let mut cancels = lock(&cancels);
+                queue.retain(|a| {
+                    let over = a.is_over(now, stopped);
+                    if over {
+                        cancels.remove(&a.item.dispatch_id);
+                    }
+                    !over
+                });
             }
             tokio::select! {
                 biased;
@@ -518,7 +535,7 @@ impl Inner {
                 permit = self.permits.clone().acquire_owned(), if !queue.is_empty() => {
                     let Ok(permit) = permit else { break };
                     let Some(attempt) = queue.pop_front() else { continue };
-                    if attempt.is_over(Instant::now(), &self.hard_stop) {
+                    if attempt.is_over(Instant::now(), self.hard_stop.is_cancelled()) {
                         lock(&cancels).remove(&attempt.item.dispatch_id);
                         continue;
                     }
