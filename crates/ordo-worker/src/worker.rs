@@ -498,6 +498,10 @@ impl Inner {
         let mut reading = true;
         let mut announcing = true;
         let mut swept = Instant::now();
+        // Wakes the loop for the next sweep while the queue is full, so that
+        // room made by expiries is found even when nothing else happens.
+        let sweep = tokio::time::sleep_until(swept + SWEEP_EVERY);
+        tokio::pin!(sweep);
         loop {
             if !reading && queue.is_empty() {
                 break;
@@ -510,6 +514,7 @@ impl Inner {
                 // per event.
                 let now = Instant::now();
                 swept = now;
+                sweep.as_mut().reset(now + SWEEP_EVERY);
                 let stopped = self.hard_stop.is_cancelled();
                 let mut cancels = lock(&cancels);
                 queue.retain(|a| {
@@ -532,6 +537,7 @@ impl Inner {
                     }
                     Err(_) => announcing = false,
                 },
+                () = &mut sweep, if queue.len() >= QUEUED_PER_CALL => {}
                 permit = self.permits.clone().acquire_owned(), if !queue.is_empty() => {
                     let Ok(permit) = permit else { break };
                     let Some(attempt) = queue.pop_front() else { continue };

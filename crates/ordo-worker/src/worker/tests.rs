@@ -383,6 +383,53 @@ async fn a_cancel_drops_the_running_operation_and_nothing_is_acked() {
     harness.stop().await;
 }
 
+/// Every slot taken by an operation that never ends, and the queue behind
+/// it full of attempts whose deadline passed: the call is not read while the
+/// queue is full, so only a sweep of the queue makes room for the cancel
+/// behind it. The sweep runs on its own timer (nothing else wakes the call
+/// here), so the cancel is read long before the hung attempt's own deadline.
+#[tokio::test]
+async fn a_full_queue_of_expired_attempts_is_swept_so_the_cancel_behind_it_is_read() {
+    let started = Arc::new(tokio::sync::Notify::new());
+    let ops = {
+        let started = started.clone();
+        upper().with_fn("hang", "", move |_, _| {
+            let started = started.clone();
+            async move {
+                started.notify_one();
+                std::future::pending::<()>().await;
+                Ok(Bytes::new())
+            }
+        })
+    };
+    let flags = ["--redis-url", NO_REDIS, "--registry-pin", "0", "--concurrency", "1"];
+    let harness = Harness::start(ops, None, &flags).await;
+    let (tx, mut acks) = harness.call().await;
+    next_ack(&mut acks).await;
+    // Its own deadline (60 s) is far beyond next_ack's 10 s.
+    tx.send(WorkItem { timeout_ms: 60_000, ..item(1, "hang", "", 0) }).await.expect("send");
+    tokio::time::timeout(Duration::from_secs(5), started.notified()).await.expect("started");
+    let queued = 1000..1000 + QUEUED_PER_CALL as u64;
+    for id in queued.clone() {
+        tx.send(WorkItem { timeout_ms: 200, ..item(id, "upper", "expires", 0) }).await.expect("send");
+    }
+    tx.send(WorkItem { dispatch_id: 1, cancel: true, ..Default::default() }).await.expect("cancel");
+    tx.send(item(2, "upper", "after", 0)).await.expect("send");
+    // Queued attempts that had not expired yet when room was made may run
+    // first (they arrived over some milliseconds); the hung one never acks.
+    loop {
+        let ack = next_ack(&mut acks).await;
+        if ack.dispatch_id == 2 {
+            assert!(ack.delivered, "{ack:?}");
+            break;
+        }
+        assert!(queued.contains(&ack.dispatch_id), "only queued attempts or the last item are acked: {ack:?}");
+    }
+    assert!(harness.result(1).is_none(), "the cancelled operation delivered nothing");
+    drop(tx);
+    harness.stop().await;
+}
+
 /// A private redis-server on a free port, stopped when dropped.
 struct RedisServer {
     child: Child,
