@@ -10,11 +10,11 @@
 //! longer followed are dropped. `ordo_followed_streams` counts the cursors
 //! of every open call.
 
-use ordo_core::hash::Map;
 use std::time::Duration;
 
 use ordo_runtime::backoff::Backoff;
 
+use ordo_core::hash::Map;
 use ordo_proto::v1::{FollowBatch, FollowRequest, StreamCursor, push_gateway_client::PushGatewayClient};
 use ordo_runtime::client::TracedChannel;
 use tokio::sync::mpsc;

@@ -12,9 +12,9 @@
 //! linger at once (beyond it the longest-settled one goes at once), which is
 //! the memory bound.
 
-use ordo_core::hash::Map;
 use std::{collections::VecDeque, time::Duration};
 
+use ordo_core::hash::Map;
 use tokio::time::Instant;
 
 /// How long a settled stream stays followed before the call forgets it.

@@ -45,7 +45,6 @@
 //! step with the in-flight tables by a ticket each event carries until it is
 //! settled.
 
-use ordo_core::hash::Map;
 use ordo_runtime::sync::{lock, read, write};
 use std::{
     collections::{HashMap, HashSet},
@@ -57,6 +56,7 @@ use std::{
 };
 
 use futures::Stream;
+use ordo_core::hash::Map;
 use ordo_proto::v1::{
     Capabilities, Completed, DeadLetter, Event, EventResult, ResultStatus, WorkItem,
     stateful_worker_client::StatefulWorkerClient, stateless_client::StatelessClient,

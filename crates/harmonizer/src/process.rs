@@ -46,7 +46,6 @@
 //! may not write is refused like any other bad event: its own REJECTED
 //! result (PERMISSION_DENIED), and the call goes on with the others.
 
-use ordo_core::hash::Map;
 use std::{
     collections::{HashSet, VecDeque},
     sync::Arc,
@@ -54,7 +53,7 @@ use std::{
 
 use futures::FutureExt as _;
 
-use ordo_core::limits;
+use ordo_core::{hash::Map, limits};
 use ordo_proto::v1::{Completed, Event, EventResult, FollowBatch, OrderingMode};
 use ordo_runtime::telemetry;
 use tokio::{sync::mpsc, time::Instant};

@@ -27,14 +27,13 @@
 //! GAP results it declared, so its client sees every position; an event that
 //! arrives for a gap already settled is refused instead.
 
-use ordo_core::hash::Map;
 use std::{
     cmp::Reverse,
     collections::{BTreeMap, BinaryHeap},
     time::Duration,
 };
 
-use ordo_core::ranges::RangeSet;
+use ordo_core::{hash::Map, ranges::RangeSet};
 use ordo_proto::v1::{EventResult, OrderingMode, ResultStatus};
 use tokio::time::Instant;
 

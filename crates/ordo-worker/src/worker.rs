@@ -516,11 +516,11 @@ impl Inner {
                 swept = now;
                 sweep.as_mut().reset(now + SWEEP_EVERY);
                 let stopped = self.hard_stop.is_cancelled();
-                let mut cancels = lock(&cancels);
+                let mut handles = lock(&cancels);
                 queue.retain(|a| {
                     let over = a.is_over(now, stopped);
                     if over {
-                        cancels.remove(&a.item.dispatch_id);
+                        handles.remove(&a.item.dispatch_id);
                     }
                     !over
                 });

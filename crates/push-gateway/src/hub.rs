@@ -32,7 +32,6 @@
 //! lagged flag is raised once every slot is heard (at first, and again after
 //! any reconnect or failover), so its owner scans for what it missed.
 
-use ordo_core::hash::{Map, Set};
 use std::{
     collections::{HashMap, HashSet},
     sync::{
@@ -43,7 +42,10 @@ use std::{
 };
 
 use futures::StreamExt as _;
-use ordo_core::keys;
+use ordo_core::{
+    hash::{Map, Set},
+    keys,
+};
 use ordo_proto::v1::ReleasedBatch;
 use prost::Message;
 use redis::{
