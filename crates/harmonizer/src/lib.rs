@@ -57,6 +57,9 @@ pub struct Shared {
     pub sink: ResultSink,
     pub push_gateway: PushGatewayClient<TracedChannel>,
     pub redis: ordo_runtime::redis_conn::RedisConn,
+    /// The other harmonizers on this Redis, as far as the claims know
+    /// (`None`: `--claim-after off`, no claims at all).
+    pub presence: Option<Arc<claims::Presence>>,
     /// Whether Redis answers: events that need it are refused at once while
     /// it has been down a while, instead of each waiting out the retries.
     pub readiness: Readiness,
@@ -88,9 +91,11 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     auth.log_startup("harmonizer");
     let drain = config.common.drain_timeout;
     tokio::spawn(sample_window(pool.clone(), config.window, shutdown.clone()));
-    if let Some(claim_after) = config.claim_after {
-        tokio::spawn(claims::run(pool.clone(), redis.clone(), claim_after));
-    }
+    let presence = config.claim_after.map(|claim_after| {
+        let presence = Arc::new(claims::Presence::new());
+        tokio::spawn(claims::run(pool.clone(), redis.clone(), claim_after, presence.clone()));
+        presence
+    });
     let shared = Arc::new(Shared {
         config,
         registry,
@@ -98,18 +103,26 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
         sink,
         push_gateway,
         redis,
+        presence,
         readiness: readiness.clone(),
         shutdown: shutdown.clone(),
         auth,
     });
+    let leaving = shared.presence.clone().map(|presence| (presence, shared.redis.clone()));
     let server = HarmonizerServer::new(HarmonizerService { shared })
         .max_decoding_message_size(ordo_runtime::server::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(ordo_runtime::server::MAX_MESSAGE_BYTES);
-    GrpcServer::new()
+    let served = GrpcServer::new()
         .with_readiness(readiness)
         .with_service(size_limit::SizeLimitStatus::new(server, ordo_runtime::server::MAX_MESSAGE_BYTES))
         .serve(listener, shutdown, drain)
-        .await
+        .await;
+    // Drained: the others need not wait a lease for this one (a process
+    // that is killed instead lapses after it).
+    if let Some((presence, redis)) = leaving {
+        presence.leave(&redis).await;
+    }
+    served
 }
 
 impl Shared {

@@ -591,8 +591,12 @@ impl Call {
                 }
                 Due::Gap { stream, from, to } => {
                     if (from..to).any(|sequence| self.shared.pool.in_flight(&stream, sequence))
-                        || (self.shared.config.claim_after.is_some()
-                            && crate::claims::claimed(&self.shared.redis, &stream, from, to).await)
+                        || match &self.shared.presence {
+                            // Just joined other harmonizers, or not sure who is there: wait.
+                            Some(presence) if presence.wary(now.into_std()) => true,
+                            Some(_) => crate::claims::claimed(&self.shared.redis, &stream, from, to).await,
+                            None => false,
+                        }
                     {
                         // Accepted elsewhere (another call, a Submit, another
                         // harmonizer) and still running: not a gap.

@@ -177,6 +177,13 @@ pub fn claims(stream: &str) -> String {
     format!("ordo:{{{stream}}}:claims")
 }
 
+/// `ordo:{harmonizers}:presence` — hash: harmonizer instance id → Unix ms
+/// (Redis time) until which that harmonizer is present. Every harmonizer
+/// writing claims renews its field on each claim period and counts the
+/// others' live fields; while none is live it writes no claims
+/// (`harmonizer/src/claims.rs`).
+pub const HARMONIZERS: &str = "ordo:{harmonizers}:presence";
+
 /// Stream entry id of release position `position`.
 pub fn log_id(position: u64) -> String {
     format!("0-{}", position + 1)

@@ -155,6 +155,66 @@ async fn a_stream_moved_between_harmonizers_mid_flight_keeps_order_and_exactly_o
     .await;
 }
 
+/// The harmonizers present on the cluster's Redis (harmonizer `claims.rs`).
+const PRESENCE: &str = "ordo:{harmonizers}:presence";
+
+/// Claims cost nothing while a harmonizer is alone: with H2 stopped
+/// (drained, so its presence is gone), H1 holds slow events well past
+/// `--claim-after` and writes no claim. H2 comes back: H1 claims what it
+/// holds within a claim period, and H2's call, with a hole over H1's
+/// events that outlasts its gap timeout, waits for them (no GAP): the
+/// release log holds 0..30 once each, in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_harmonizer_alone_writes_no_claims_until_another_joins() {
+    let stream = "moved";
+    let mut cluster = Cluster::builder().harmonizers(2).workers(2).start().await;
+    let mut admin = cluster.redis_conn().expect("Redis connection");
+    let present = |admin: &ordo_runtime::redis_conn::RedisConn, n: u64| {
+        let admin = admin.clone();
+        integration_tests::eventually(Duration::from_secs(5), move || {
+            let mut admin = admin.clone();
+            async move {
+                let got: u64 = redis::cmd("HLEN").arg(PRESENCE).query_async(&mut admin).await?;
+                if got == n { Ok(()) } else { Err(anyhow::anyhow!("{got} harmonizers present, want {n}")) }
+            }
+        })
+    };
+    present(&admin, 2).await;
+    cluster.harmonizer_process_at(1).terminate(DEADLINE).await.expect("H2 drains and stops");
+    present(&admin, 1).await;
+
+    let mut h1 = ProcessCall::open(&cluster.harmonizer_at(0));
+    h1.feed((0..10).map(|q| numbered(stream, q, "fixed:4s", "1s")).collect(), None);
+    // Well past --claim-after (200 ms) and a claim period (100 ms): alone, nothing is claimed.
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let claims: u64 = redis::cmd("HLEN").arg(CLAIMS).query_async(&mut admin).await.expect("HLEN");
+        assert_eq!(claims, 0, "a harmonizer alone on its Redis writes no claims");
+    }
+    assert!(h1.fed() && h1.received().is_empty(), "H1's events are still in flight");
+
+    cluster.harmonizer_process_at(1).restart(DEADLINE).await.expect("H2 restarts on its port");
+    integration_tests::eventually(Duration::from_secs(2), || {
+        let mut admin = admin.clone();
+        async move {
+            let claims: u64 = redis::cmd("HLEN").arg(CLAIMS).query_async(&mut admin).await?;
+            if claims == 10 { Ok(()) } else { Err(anyhow::anyhow!("{claims} of H1's 10 events claimed")) }
+        }
+    })
+    .await;
+    let mut h2 = ProcessCall::open(&cluster.harmonizer_at(1));
+    h2.feed((10..30).map(|q| numbered(stream, q, "fixed:20ms", "1s")).collect(), None);
+    let answers = |n: usize| BTreeMap::from([(stream.to_owned(), n)]);
+    h1.wait_for_counts(&answers(10), DEADLINE).await.expect("H1's call answers what it accepted");
+    h2.wait_for_counts(&answers(20), DEADLINE).await.expect("H2's call answers what it accepted");
+    let on_h1 = h1.finish(LINGER).await.expect("H1's call ends cleanly");
+    let on_h2 = h2.finish(LINGER).await.expect("H2's call ends cleanly");
+    assert_ok(check_call(&on_h1, &BTreeMap::from([(stream.to_owned(), (0..10).collect())])), "H1's call");
+    assert_ok(check_call(&on_h2, &BTreeMap::from([(stream.to_owned(), (10..30).collect())])), "H2's call");
+    assert_ok(check_all_ok(&on_h1).and_then(|()| check_all_ok(&on_h2)), "no GAP over H1's events");
+    check_release_log(&cluster, stream, 30).await;
+}
+
 /// The limit `--claim-after off` documents, shown: without claims H2 cannot
 /// see H1's events, declares 10..20 a gap after 1 s and releases GAP in
 /// their place while H1 still runs them; H1's call then refuses its own
