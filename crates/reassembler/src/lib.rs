@@ -68,23 +68,27 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
 
 /// How often the results pending in Redis are sampled.
 const PENDING_SAMPLE: std::time::Duration = std::time::Duration::from_secs(10);
-/// Keys scanned per sample at most (a bound on its cost).
+/// Keys visited per sample at most (a bound on its cost): a keyspace larger
+/// than this is covered over several samples, and the gauges are set once
+/// per whole pass.
 const PENDING_SCAN_KEYS: usize = 100_000;
 
 /// Samples the results pending in Redis (every replica sees the same Redis:
 /// aggregate with `max`, not `sum`).
 async fn sample_pending(store: store::Store, shutdown: Shutdown) {
     let mut ticker = tokio::time::interval(PENDING_SAMPLE);
+    let mut scan = store::PendingScan::default();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        match store.pending_results(PENDING_SCAN_KEYS).await {
-            Ok((streams, results)) => {
+        match scan.step(&store, PENDING_SCAN_KEYS).await {
+            Ok(Some((streams, results))) => {
                 metrics::PENDING_STREAMS.set(streams as f64);
                 metrics::PENDING_RESULTS.set(results as f64);
             }
+            Ok(None) => {}
             Err(error) => {
                 metrics::SAMPLE_ERRORS.increment(1);
                 tracing::debug!(%error, "cannot sample the pending results");

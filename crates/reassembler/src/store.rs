@@ -239,37 +239,18 @@ impl Store {
 
     /// Sums the pending hashes of every stream (results stored and waiting
     /// for a predecessor; in UNORDERED streams, released markers above the
-    /// contiguous floor), scanning at most `max_keys` keys in all:
+    /// contiguous floor) in one whole pass over the keyspace:
     /// `(streams, results)`. On a cluster every master is scanned (each
-    /// pending hash lives on the master of its stream's slot), the masters
-    /// one after the other, so the bound holds for the whole sample.
-    pub async fn pending_results(&self, max_keys: usize) -> redis::RedisResult<(u64, u64)> {
-        let (mut streams, mut results) = (0u64, 0u64);
-        let mut scanned = 0usize;
-        for master in self.conn.masters().await? {
-            let mut cursor = 0u64;
-            loop {
-                let (next, keys): (u64, Vec<String>) = self
-                    .conn
-                    .query_on(
-                        &master,
-                        redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(PENDING_PATTERN).arg("COUNT").arg(1000),
-                    )
-                    .await?;
-                let lengths = self.hash_lengths(&keys).await?;
-                streams += lengths.iter().filter(|&&n| n > 0).count() as u64;
-                results += lengths.iter().sum::<u64>();
-                scanned += keys.len();
-                cursor = next;
-                if scanned >= max_keys {
-                    return Ok((streams, results));
-                }
-                if cursor == 0 {
-                    break;
-                }
+    /// pending hash lives on the master of its stream's slot), one after the
+    /// other. Its cost grows with the keyspace; the metrics sampler uses
+    /// [`PendingScan`] instead, which spreads a pass over several samples.
+    pub async fn pending_results(&self) -> redis::RedisResult<(u64, u64)> {
+        let mut scan = PendingScan::default();
+        loop {
+            if let Some(counted) = scan.step(self, usize::MAX).await? {
+                return Ok(counted);
             }
         }
-        Ok((streams, results))
     }
 
     /// HLEN of each of `keys`: one pipeline on a single node; on a cluster
@@ -397,4 +378,63 @@ fn entry(log: &str, raw: &redis::streams::StreamId) -> Option<DeadLetterEntry> {
         tracing::warn!(id = %raw.id, key = log, "skipping a malformed dead-letter entry");
     }
     parsed
+}
+
+/// One pass of the pending-results sample over the keyspace, resumable: each
+/// [`PendingScan::step`] visits a bounded number of keys (SCAN's `COUNT` per
+/// call, the calls until the bound), so a Redis holding millions of streams'
+/// keys costs each sample the same, and a pass spans as many samples as it
+/// needs. On a cluster the masters are scanned one after the other.
+#[derive(Debug, Default)]
+pub struct PendingScan {
+    /// The masters of this pass (read at its start), and the one being scanned.
+    masters: Vec<redis_conn::Master>,
+    master: usize,
+    cursor: u64,
+    streams: u64,
+    results: u64,
+}
+
+/// SCAN's `COUNT` per call: about how many keys one call visits.
+const SCAN_COUNT: usize = 1000;
+
+impl PendingScan {
+    /// Scans on for about `max_keys` keys visited; `Some((streams, results))`
+    /// once the pass has covered the whole keyspace (the next step starts a
+    /// new pass). An error ends the pass: the next step starts over.
+    pub async fn step(&mut self, store: &Store, max_keys: usize) -> redis::RedisResult<Option<(u64, u64)>> {
+        let stepped = self.scan(store, max_keys).await;
+        if !matches!(stepped, Ok(None)) {
+            *self = Self::default();
+        }
+        stepped
+    }
+
+    async fn scan(&mut self, store: &Store, max_keys: usize) -> redis::RedisResult<Option<(u64, u64)>> {
+        if self.masters.is_empty() {
+            self.masters = store.conn.masters().await?;
+        }
+        let mut visited = 0usize;
+        while let Some(master) = self.masters.get(self.master) {
+            let (next, keys): (u64, Vec<String>) = store
+                .conn
+                .query_on(
+                    master,
+                    redis::cmd("SCAN").arg(self.cursor).arg("MATCH").arg(PENDING_PATTERN).arg("COUNT").arg(SCAN_COUNT),
+                )
+                .await?;
+            let lengths = store.hash_lengths(&keys).await?;
+            self.streams += lengths.iter().filter(|&&n| n > 0).count() as u64;
+            self.results += lengths.iter().sum::<u64>();
+            self.cursor = next;
+            if next == 0 {
+                self.master += 1;
+            }
+            visited = visited.saturating_add(SCAN_COUNT);
+            if visited >= max_keys && self.master < self.masters.len() {
+                return Ok(None);
+            }
+        }
+        Ok(Some((self.streams, self.results)))
+    }
 }

@@ -162,17 +162,17 @@ async fn cluster_dead_letters_of_every_slot_are_listed_once_in_id_order_and_foun
 async fn cluster_pending_results_are_summed_over_every_master() {
     let cluster = RedisCluster::start().await.expect("a private redis cluster");
     let store = Store::new(ordo_runtime::redis_conn::connect(&cluster.url()).expect("url"), config());
-    assert_eq!(store.pending_results(100_000).await.expect("a sample"), (0, 0));
+    assert_eq!(store.pending_results().await.expect("a sample"), (0, 0));
     // 30 streams, each with 2 results waiting for sequence 0.
     let streams: Vec<String> = (0..30).map(|i| format!("pend-{i}")).collect();
     let slots: BTreeSet<u16> = streams.iter().map(|s| keys::stream_slot(s)).collect();
     assert!(slots.len() > 10, "many slots");
     let batch: Vec<Item> = streams.iter().flat_map(|s| [item(s, 1, false), item(s, 2, false)]).collect();
     store.apply(&batch).await.expect("script calls");
-    assert_eq!(store.pending_results(100_000).await.expect("a sample"), (30, 60));
+    assert_eq!(store.pending_results().await.expect("a sample"), (30, 60));
     let firsts: Vec<Item> = streams.iter().take(10).map(|s| item(s, 0, false)).collect();
     store.apply(&firsts).await.expect("script calls");
-    assert_eq!(store.pending_results(100_000).await.expect("a sample"), (20, 40));
+    assert_eq!(store.pending_results().await.expect("a sample"), (20, 40));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,7 +189,7 @@ async fn single_node_dead_letters_keep_the_global_logs_plain_ids() {
     assert!(dead_letters::get(&store, GetDeadLetterRequest { id: id.clone() }).await.is_ok());
     let refused = dead_letters::get(&store, GetDeadLetterRequest { id: format!("{id}@5") }).await;
     assert!(matches!(refused, Err(Error::Invalid(_))), "a slot on a single node: {refused:?}");
-    assert_eq!(store.pending_results(1000).await.expect("a sample"), (0, 0));
+    assert_eq!(store.pending_results().await.expect("a sample"), (0, 0));
     let conn = ordo_runtime::redis_conn::connect(&redis.url()).expect("url");
     assert_eq!(redis_conn::scan_keys(&conn, "ordo:dlq*", 100).await.expect("SCAN"), ["ordo:dlq"]);
     let sizes: Vec<(Master, u64)> = redis_conn::for_each_master(&conn, &redis::cmd("DBSIZE")).await.expect("DBSIZE");

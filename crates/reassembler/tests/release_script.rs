@@ -553,7 +553,7 @@ fn pending_results_count_what_waits_for_a_predecessor() {
     runtime().block_on(async {
         let conn = redis.manager().await;
         let store = Store::new(conn, config());
-        assert_eq!(store.pending_results(1000).await.expect("scan"), (0, 0));
+        assert_eq!(store.pending_results().await.expect("scan"), (0, 0));
         // a: 0 released, 2 and 3 wait for 1; b: 5 waits for 0..5; c: all released.
         let items = [
             item("pend-a", 0, OrderingMode::Ordered),
@@ -563,9 +563,47 @@ fn pending_results_count_what_waits_for_a_predecessor() {
             item("pend-c", 0, OrderingMode::Ordered),
         ];
         store.apply(&items).await.expect("script");
-        assert_eq!(store.pending_results(1000).await.expect("scan"), (2, 3));
+        assert_eq!(store.pending_results().await.expect("scan"), (2, 3));
         store.apply(&[item("pend-a", 1, OrderingMode::Ordered)]).await.expect("script");
-        assert_eq!(store.pending_results(1000).await.expect("scan"), (1, 1));
+        assert_eq!(store.pending_results().await.expect("scan"), (1, 1));
+    });
+}
+
+/// The metrics sampler's scan visits a bounded number of keys per sample:
+/// on a keyspace of 20,000 other keys and three pending hashes, a step of
+/// 5,000 keys ends before the pass does, and the pass, spread over several
+/// steps, counts what one whole scan counts; then a new pass starts.
+#[test]
+fn the_pending_sample_spreads_a_large_keyspace_over_several_steps() {
+    let redis = Redis::start();
+    runtime().block_on(async {
+        let mut conn = redis.manager().await;
+        let store = Store::new(conn.clone(), config());
+        let mut filler = redis::pipe();
+        for i in 0..20_000 {
+            filler.set(format!("ordo:{{other-{i}}}:meta"), 1).ignore();
+        }
+        let () = filler.query_async(&mut conn).await.expect("filler keys");
+        let items = [
+            item("pend-a", 2, OrderingMode::Ordered),
+            item("pend-a", 3, OrderingMode::Ordered),
+            item("pend-b", 5, OrderingMode::Ordered),
+            item("pend-c", 1, OrderingMode::Ordered),
+        ];
+        store.apply(&items).await.expect("script");
+        assert_eq!(store.pending_results().await.expect("whole scan"), (3, 4));
+        let mut scan = reassembler::store::PendingScan::default();
+        for pass in 0..2 {
+            let mut steps = 1;
+            let counted = loop {
+                match scan.step(&store, 5_000).await.expect("step") {
+                    Some(counted) => break counted,
+                    None => steps += 1,
+                }
+            };
+            assert_eq!(counted, (3, 4), "pass {pass}");
+            assert!(steps >= 4, "pass {pass}: 20,000 keys in steps of 5,000 took {steps} step(s)");
+        }
     });
 }
 
