@@ -145,11 +145,19 @@ async fn a_stream_moved_between_harmonizers_mid_flight_keeps_order_and_exactly_o
     let denials: Vec<redis::Value> = redis::cmd("ACL").arg("LOG").query_async(&mut admin).await.expect("ACL LOG");
     assert!(denials.is_empty(), "Redis denied a harmonizer something: {denials:?}");
     // Settled events' claims are removed (within a claim period).
-    integration_tests::eventually(Duration::from_secs(5), || {
-        let mut admin = admin.clone();
+    hash_fields_become(&admin, CLAIMS, 0, Duration::from_secs(5)).await;
+}
+
+/// Waits until hash `key` has `n` fields, for at most `within`.
+async fn hash_fields_become<C>(conn: &C, key: &str, n: u64, within: Duration)
+where
+    C: redis::aio::ConnectionLike + Clone + Send + Sync,
+{
+    integration_tests::eventually(within, || {
+        let mut conn = conn.clone();
         async move {
-            let left: u64 = redis::cmd("HLEN").arg(CLAIMS).query_async(&mut admin).await?;
-            if left == 0 { Ok(()) } else { Err(anyhow::anyhow!("{left} claims left")) }
+            let got: u64 = redis::cmd("HLEN").arg(key).query_async(&mut conn).await?;
+            if got == n { Ok(()) } else { Err(anyhow::anyhow!("{key}: {got} fields, want {n}")) }
         }
     })
     .await;
@@ -169,19 +177,9 @@ async fn a_harmonizer_alone_writes_no_claims_until_another_joins() {
     let stream = "moved";
     let mut cluster = Cluster::builder().harmonizers(2).workers(2).start().await;
     let mut admin = cluster.redis_conn().expect("Redis connection");
-    let present = |admin: &ordo_runtime::redis_conn::RedisConn, n: u64| {
-        let admin = admin.clone();
-        integration_tests::eventually(Duration::from_secs(5), move || {
-            let mut admin = admin.clone();
-            async move {
-                let got: u64 = redis::cmd("HLEN").arg(PRESENCE).query_async(&mut admin).await?;
-                if got == n { Ok(()) } else { Err(anyhow::anyhow!("{got} harmonizers present, want {n}")) }
-            }
-        })
-    };
-    present(&admin, 2).await;
+    hash_fields_become(&admin, PRESENCE, 2, Duration::from_secs(5)).await;
     cluster.harmonizer_process_at(1).terminate(DEADLINE).await.expect("H2 drains and stops");
-    present(&admin, 1).await;
+    hash_fields_become(&admin, PRESENCE, 1, Duration::from_secs(5)).await;
 
     let mut h1 = ProcessCall::open(&cluster.harmonizer_at(0));
     h1.feed((0..10).map(|q| numbered(stream, q, "fixed:4s", "1s")).collect(), None);
@@ -194,14 +192,8 @@ async fn a_harmonizer_alone_writes_no_claims_until_another_joins() {
     assert!(h1.fed() && h1.received().is_empty(), "H1's events are still in flight");
 
     cluster.harmonizer_process_at(1).restart(DEADLINE).await.expect("H2 restarts on its port");
-    integration_tests::eventually(Duration::from_secs(2), || {
-        let mut admin = admin.clone();
-        async move {
-            let claims: u64 = redis::cmd("HLEN").arg(CLAIMS).query_async(&mut admin).await?;
-            if claims == 10 { Ok(()) } else { Err(anyhow::anyhow!("{claims} of H1's 10 events claimed")) }
-        }
-    })
-    .await;
+    // H1 sees H2 within a claim period and claims the 10 events it holds.
+    hash_fields_become(&admin, CLAIMS, 10, Duration::from_secs(2)).await;
     let mut h2 = ProcessCall::open(&cluster.harmonizer_at(1));
     h2.feed((10..30).map(|q| numbered(stream, q, "fixed:20ms", "1s")).collect(), None);
     let answers = |n: usize| BTreeMap::from([(stream.to_owned(), n)]);
