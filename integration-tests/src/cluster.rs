@@ -39,6 +39,8 @@ pub const REGISTRY_DEADLINE: Duration = Duration::from_secs(15);
 const REDIS_CONNECT: Duration = Duration::from_secs(5);
 /// Lines of each log printed on failure or with `TEST_LOG`.
 const LOG_LINES: usize = 40;
+/// How long [`Cluster::dead_letters`] asks a page again while it is answered UNAVAILABLE.
+pub const UNAVAILABLE_RETRY: Duration = Duration::from_secs(15);
 
 /// One worker of a heterogeneous pool: its binary (in the bin directory) and
 /// its own flags, on top of the testkit's (`--listen`, `--reassemblers`,
@@ -540,13 +542,26 @@ impl Cluster {
         ReassemblerClient::new(self.reassembler_channels[i].clone())
     }
 
-    /// Every dead letter of `stream` (oldest first), following `next` to the end.
+    /// Every dead letter of `stream` (oldest first), following `next` to the
+    /// end. A page answered UNAVAILABLE (Redis still recovering from a fault
+    /// the test injected) is asked again, as the contract says, for up to
+    /// [`UNAVAILABLE_RETRY`]; any other error is returned.
     pub async fn dead_letters(&self, stream: &str) -> anyhow::Result<Vec<ordo_proto::v1::DeadLetter>> {
         let mut all = Vec::new();
         let mut after = String::new();
         loop {
             let request = ordo_proto::v1::ListDeadLettersRequest { stream_id: stream.to_owned(), after, limit: 0 };
-            let page = self.reassembler(0).list_dead_letters(request).await?.into_inner();
+            let started = std::time::Instant::now();
+            let page = loop {
+                match self.reassembler(0).list_dead_letters(request.clone()).await {
+                    Err(status)
+                        if status.code() == tonic::Code::Unavailable && started.elapsed() < UNAVAILABLE_RETRY =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    answer => break answer?.into_inner(),
+                }
+            };
             all.extend(page.dead_letters);
             if page.next.is_empty() {
                 return Ok(all);
