@@ -53,7 +53,10 @@
 
 use std::{
     collections::BTreeMap,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -93,7 +96,12 @@ pub async fn run(pool: Pool, redis: RedisConn, claim_after: Duration, presence: 
     let mut alone_before = None;
     loop {
         ticker.tick().await;
+        let renewing = presence.renewing.lock().await;
+        if presence.left.load(Ordering::Acquire) {
+            return; // Drained and gone: nothing more to claim or renew.
+        }
         let others = renew_presence(&redis, &script, &presence.id).await;
+        drop(renewing);
         let now = std::time::Instant::now();
         presence.renewed(now, others.as_ref().ok().copied());
         match others {
@@ -160,6 +168,11 @@ pub struct Presence {
     /// This process's field in [`ordo_core::keys::HARMONIZERS`].
     id: String,
     state: Mutex<PresenceState>,
+    /// Held while a renewal is under way, so that [`Self::leave`] removes
+    /// the presence after it, never before it (which would write it again).
+    renewing: tokio::sync::Mutex<()>,
+    /// Set by [`Self::leave`]: no renewal after it.
+    left: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -173,7 +186,12 @@ struct PresenceState {
 impl Presence {
     pub fn new() -> Self {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        Self { id: format!("{}-{nanos:x}", std::process::id()), state: Mutex::default() }
+        Self {
+            id: format!("{}-{nanos:x}", std::process::id()),
+            state: Mutex::default(),
+            renewing: tokio::sync::Mutex::new(()),
+            left: AtomicBool::new(false),
+        }
     }
 
     /// Records a renewal at `now` (`others`: the live others it counted) or
@@ -193,6 +211,8 @@ impl Presence {
     /// Removes this harmonizer's presence (at the end of a drain), within
     /// a second; if Redis does not answer, it lapses after a [`LEASE`].
     pub async fn leave(&self, redis: &RedisConn) {
+        self.left.store(true, Ordering::Release);
+        let _renewed = self.renewing.lock().await;
         let mut conn = redis.clone();
         let mut hdel = redis::cmd("HDEL");
         hdel.arg(ordo_core::keys::HARMONIZERS).arg(&self.id);
