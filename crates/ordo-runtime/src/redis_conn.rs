@@ -24,7 +24,7 @@
 use std::{future::Future, time::Duration};
 
 use redis::{
-    Cmd, FromRedisValue, Pipeline, RedisError, RedisFuture, RetryMethod, Value,
+    Cmd, FromRedisValue, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, RetryMethod, Value,
     aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
     cluster::{ClusterClient, ClusterConfig},
     cluster_async::ClusterConnection,
@@ -352,7 +352,8 @@ fn cluster_builder_with(
         .min_retry_wait(50)
         .max_retry_wait(500)
         .connection_timeout(CONNECTION_TIMEOUT)
-        .response_timeout(RESPONSE_TIMEOUT);
+        .response_timeout(RESPONSE_TIMEOUT)
+        .tcp_settings(tcp_settings());
     if url.starts_with("rediss+cluster://") {
         crate::tls::ensure_crypto_provider();
         let root_cert = tls.redis_ca_pem().map(<[u8]>::to_vec);
@@ -401,8 +402,9 @@ pub fn client(url: &str) -> anyhow::Result<redis::Client> {
 /// [`client`] with explicit TLS settings instead of the process's.
 pub fn client_with(url: &str, tls: &crate::tls::TlsSettings) -> anyhow::Result<redis::Client> {
     let invalid = |e: RedisError| anyhow::anyhow!("invalid redis url {:?}: {e}", redact(url));
+    let info = url.into_connection_info().map_err(invalid)?.set_tcp_settings(tcp_settings());
     if !url.starts_with("rediss://") {
-        return redis::Client::open(url).map_err(invalid);
+        return redis::Client::open(info).map_err(invalid);
     }
     // redis builds its rustls config from the process's default provider.
     crate::tls::ensure_crypto_provider();
@@ -412,9 +414,18 @@ pub fn client_with(url: &str, tls: &crate::tls::TlsSettings) -> anyhow::Result<r
         .map(|id| redis::ClientTlsConfig { client_cert: id.cert_pem().to_vec(), client_key: id.key_pem().to_vec() });
     if root_cert.is_none() && client_tls.is_none() {
         // The system roots (a managed Redis with a public certificate).
-        return redis::Client::open(url).map_err(invalid);
+        return redis::Client::open(info).map_err(invalid);
     }
-    redis::Client::build_with_tls(url, redis::TlsCertificates { client_tls, root_cert }).map_err(invalid)
+    redis::Client::build_with_tls(info, redis::TlsCertificates { client_tls, root_cert }).map_err(invalid)
+}
+
+/// The TCP options of every Redis connection: `TCP_NODELAY`, which redis-rs
+/// leaves off. With Nagle's algorithm on, a command written while an
+/// earlier one on the same connection is unanswered waits for that answer's
+/// ACK, so pipelined script calls (the reassembler keeps several in flight)
+/// and the reads behind them were serialized behind each other's execution.
+pub fn tcp_settings() -> redis::io::tcp::TcpSettings {
+    redis::io::tcp::TcpSettings::default().set_nodelay(true)
 }
 
 /// `url` without its password, for messages.
@@ -466,6 +477,15 @@ pub async fn ping<C: ConnectionLike + Clone + Send>(conn: &C, timeout: Duration)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_single_node_client_turns_nagle_off() {
+        for url in ["redis://127.0.0.1:6390/", "redis://u:p@127.0.0.1:6390/2", "rediss://127.0.0.1:6390/"] {
+            let client = client_with(url, &crate::tls::TlsSettings::default()).expect("valid url");
+            assert!(client.get_connection_info().tcp_settings().nodelay(), "{url}");
+        }
+        assert!(client_with("redis://", &crate::tls::TlsSettings::default()).is_err());
+    }
 
     #[test]
     fn broken_connections_are_transient_timeouts_are_not() {

@@ -55,20 +55,24 @@ local function varint(n)
   return s .. char(n)
 end
 
--- Appends one released result to a stream's log and returns its framed
--- record for the stream's published batch. Appending field 8 (position,
--- varint) to an encoded message sets it: protobuf keeps the last value of a
--- repeated scalar field.
+-- Appends one released result to a stream's log, and its framed record to
+-- `out`, the pieces of the stream's published batch. Appending field 8
+-- (position, varint) to an encoded message sets it: protobuf keeps the last
+-- value of a repeated scalar field.
 -- A log holds at most `position` entries before this one, so below the
 -- retention there is nothing to trim and no MAXLEN to check.
-local function release(log, body, position)
+-- The frame header and the record stay separate pieces: every string Lua
+-- makes here is hashed over all its bytes, so the record is built once and
+-- the batch once (table.concat), not once more per record.
+local function release(log, body, position, out)
   local rec = body .. '\64' .. varint(position)
   if position < retention then
     redis.call('XADD', log, '0-' .. (position + 1), 'r', rec, 't', now_ms)
   else
     redis.call('XADD', log, 'MAXLEN', '~', retention, '0-' .. (position + 1), 'r', rec, 't', now_ms)
   end
-  return '\26' .. varint(#rec) .. rec
+  out[#out + 1] = '\26' .. varint(#rec)
+  out[#out + 1] = rec
 end
 
 -- Meta field 'p' counts the fields of pend (every write of pend is here), so
@@ -126,7 +130,8 @@ for k = 2, #KEYS, 3 do
       end
     end
   end
-  local out = {}
+  -- out[1] is the batch's header (stream, next), set once `next` is known.
+  local out = { '' }
   local fresh = {}
   for _ = 1, n do
     local seq, body, letter = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2]
@@ -139,7 +144,7 @@ for k = 2, #KEYS, 3 do
       end
       if mode == '2' then
         fresh[seq] = ''
-        out[#out + 1] = release(log, body, released)
+        release(log, body, released, out)
         released = released + 1
       else
         fresh[seq] = body
@@ -175,7 +180,7 @@ for k = 2, #KEYS, 3 do
         held = held - 1
         pending = held > 0
       end
-      out[#out + 1] = release(log, body, released)
+      release(log, body, released, out)
       released = released + 1
       nxt = nxt + 1
     end
@@ -236,9 +241,9 @@ for k = 2, #KEYS, 3 do
       redis.call('PEXPIRE', log, left)
     end
   end
-  if #out > 0 then
-    redis.call('SPUBLISH', channel,
-      '\10' .. varint(#stream) .. stream .. '\16' .. varint(nxt) .. table.concat(out))
+  if #out > 1 then
+    out[1] = '\10' .. varint(#stream) .. stream .. '\16' .. varint(nxt)
+    redis.call('SPUBLISH', channel, table.concat(out))
   end
 end
 return table.concat(flags)
