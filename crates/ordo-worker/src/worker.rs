@@ -425,15 +425,20 @@ impl Inner {
         };
         // Dropping the operation's future is the cancellation: it frees the
         // slot at once, whatever the operation was waiting for.
+        // The operation is polled first: one that is ready at once (most
+        // are, at saturation) never polls the cancel futures, each of which
+        // takes its token's lock to register and again to deregister. A
+        // cancel that arrived before the start was seen by `is_over`; one
+        // that arrives later ends the attempt at its next wake-up.
         let outcome = tokio::select! {
             biased;
-            _ = token.cancelled() => Err("cancelled"),
-            _ = self.hard_stop.cancelled() => Err("cancelled"),
-            _ = expired => Err("deadline passed"),
             // Boxed: the attempt's task stays small (spawning copies the
             // whole future, several times; the operation's state is built
             // in its box once, when the attempt starts).
             outcome = Box::pin(self.execute(&item, event, budget, &span).instrument(span.clone())) => Ok(outcome),
+            _ = token.cancelled() => Err("cancelled"),
+            _ = self.hard_stop.cancelled() => Err("cancelled"),
+            _ = expired => Err("deadline passed"),
         };
         drop(permit);
         drop(running);
@@ -502,6 +507,10 @@ impl Inner {
         // room made by expiries is found even when nothing else happens.
         let sweep = tokio::time::sleep_until(swept + SWEEP_EVERY);
         tokio::pin!(sweep);
+        // Made once, not per turn of the loop (two turns per event): each new
+        // one takes the drain token's lock to register and to deregister.
+        let stopping = self.shutdown.cancelled();
+        tokio::pin!(stopping);
         loop {
             if !reading && queue.is_empty() {
                 break;
@@ -527,7 +536,7 @@ impl Inner {
             }
             tokio::select! {
                 biased;
-                _ = self.shutdown.cancelled() => break,
+                () = &mut stopping => break,
                 changed = capabilities.changed(), if announcing && reading => match changed {
                     Ok(()) => {
                         let next = capabilities.borrow_and_update().clone();
