@@ -23,9 +23,10 @@ pub struct CommonArgs {
     #[arg(long, env = "ORDO_DRAIN_TIMEOUT", default_value = "10s", value_parser = ordo_core::duration::parse)]
     pub drain_timeout: Duration,
     /// Worker threads of the process's async runtime; `0`: one per CPU the
-    /// process may use (a cgroup CPU limit counts). Several services sharing
-    /// few cores (one box running everything) spend less CPU per event and
-    /// answer sooner with 1 each: fewer threads waking each other.
+    /// process may use (a cgroup CPU limit counts). For where that count is
+    /// not what the process may use, as when several services share few
+    /// cores (docs/benchmarks.md measured 1 per service there both ahead and
+    /// level).
     #[arg(long, env = "ORDO_RUNTIME_THREADS", default_value_t = 0)]
     pub runtime_threads: usize,
     #[command(flatten)]

@@ -420,10 +420,10 @@ pub fn client_with(url: &str, tls: &crate::tls::TlsSettings) -> anyhow::Result<r
 }
 
 /// The TCP options of every Redis connection: `TCP_NODELAY`, which redis-rs
-/// leaves off. With Nagle's algorithm on, a command written while an
-/// earlier one on the same connection is unanswered waits for that answer's
-/// ACK, so pipelined script calls (the reassembler keeps several in flight)
-/// and the reads behind them were serialized behind each other's execution.
+/// leaves off. With Nagle's algorithm on, a small command written while an
+/// earlier one on the same connection is unacknowledged may wait for that
+/// ACK; the reassembler keeps several script calls in flight on one
+/// connection, and every service pipelines.
 pub fn tcp_settings() -> redis::io::tcp::TcpSettings {
     redis::io::tcp::TcpSettings::default().set_nodelay(true)
 }
