@@ -32,9 +32,24 @@ pub struct Config {
     /// (stateless results, FAILED placeholders).
     #[arg(long, env = "ORDO_REASSEMBLERS", default_value = "127.0.0.1:50054", value_delimiter = ',')]
     pub reassemblers: Vec<String>,
-    /// The push gateway, from which released results are followed.
+    /// The push gateway, from which released results are followed (with
+    /// the default `--follow-releases push-gateway`).
     #[arg(long, env = "ORDO_PUSH_GATEWAY", default_value = "127.0.0.1:50055")]
     pub push_gateway: String,
+    /// Where released results are followed from: `push-gateway` (default:
+    /// its `Follow` call at --push-gateway, so a result's trace passes
+    /// through every service) or `redis` (this harmonizer tails the release
+    /// channels and reads the release logs itself, with the push gateway's
+    /// rules and code: one process hop less per result, less CPU, and the
+    /// push gateway serves only subscribers; the delivery span is then the
+    /// harmonizer's).
+    #[arg(long, env = "HARMONIZER_FOLLOW_RELEASES", value_enum, default_value = "push-gateway")]
+    pub follow_releases: FollowReleases,
+    /// With `--follow-releases redis`: how long a release-channel slot stays
+    /// subscribed after the last stream followed in it left (as the push
+    /// gateway's --hub-slot-hold).
+    #[arg(long, env = "HARMONIZER_HUB_SLOT_HOLD", default_value = "30s", value_parser = duration::parse)]
+    pub hub_slot_hold: Duration,
     /// Redis holding the reorder state (read: a stream's next sequence and
     /// stored results; written: only the in-flight claims, see --claim-after).
     #[arg(long, env = "ORDO_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
@@ -123,6 +138,15 @@ pub struct Config {
     pub common: CommonArgs,
 }
 
+/// Where a harmonizer follows released results from (`--follow-releases`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FollowReleases {
+    /// The push gateway's `Follow` call.
+    PushGateway,
+    /// Redis directly: the release channels and logs.
+    Redis,
+}
+
 ordo_runtime::service_config!(Config, validate = Config::check);
 
 impl Config {
@@ -187,6 +211,15 @@ mod tests {
         assert_eq!(config.stream_processing_threshold, Some(Duration::from_millis(250)));
         let config = Config::try_parse_from(["harmonizer", "--stream-processing-threshold", "0"]).expect("flag parses");
         assert_eq!(config.stream_processing_threshold, None);
+    }
+
+    #[test]
+    fn releases_are_followed_through_the_push_gateway_unless_redis_is_asked_for() {
+        let config = Config::try_parse_from(["harmonizer"]).expect("defaults parse");
+        assert_eq!(config.follow_releases, FollowReleases::PushGateway);
+        let config = Config::try_parse_from(["harmonizer", "--follow-releases", "redis"]).expect("flag parses");
+        assert_eq!(config.follow_releases, FollowReleases::Redis);
+        assert!(Config::try_parse_from(["harmonizer", "--follow-releases", "amqp"]).is_err(), "unknown source");
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Follows the released results of a call's streams through the push
-//! gateway's `Follow` stream, in its own task so that a slow reconnect never
+//! Follows the released results of a call's streams through a `Follow`
+//! stream ([`Releases`]: the push gateway's, or one served in this process
+//! from Redis), in its own task so that a slow reconnect never
 //! competes with reading client events. Reconnects resume each stream from the
 //! position after the last result received, so nothing is missed.
 //!
@@ -14,11 +15,48 @@ use std::time::Duration;
 
 use ordo_runtime::backoff::Backoff;
 
+use futures::{StreamExt as _, stream::BoxStream};
 use ordo_core::hash::Map;
 use ordo_proto::v1::{FollowBatch, FollowRequest, StreamCursor, push_gateway_client::PushGatewayClient};
 use ordo_runtime::client::TracedChannel;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+
+/// Where released results are followed from (`--follow-releases`). Cheap to clone.
+#[derive(Clone)]
+pub enum Releases {
+    /// The push gateway's `Follow` call: one more process hop per result.
+    Gateway(PushGatewayClient<TracedChannel>),
+    /// The same rules served here, on this process's own tail of the
+    /// release channels and reads of the release logs.
+    Redis(push_gateway::follow::Local),
+}
+
+impl Releases {
+    /// One `Follow` stream: released batches of the streams `requests`
+    /// add, until `requests` ends or the returned stream is dropped.
+    pub async fn follow(
+        &self,
+        requests: mpsc::Receiver<FollowRequest>,
+    ) -> Result<BoxStream<'static, Result<FollowBatch, Status>>, Status> {
+        match self {
+            Self::Gateway(client) => {
+                let mut client = client.clone();
+                Ok(client.follow(ReceiverStream::new(requests)).await?.into_inner().boxed())
+            }
+            Self::Redis(local) => Ok(local.follow(ReceiverStream::new(requests)).boxed()),
+        }
+    }
+
+    /// What is followed through, for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Gateway(_) => "push gateway",
+            Self::Redis(_) => "release logs",
+        }
+    }
+}
 
 /// What the call asks of its follower, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,10 +78,10 @@ impl Drop for Follower {
 }
 
 impl Follower {
-    pub fn start(client: PushGatewayClient<TracedChannel>) -> Self {
+    pub fn start(releases: Releases) -> Self {
         let (changes, change_rx) = mpsc::unbounded_channel();
         let (batch_tx, batches) = mpsc::channel(256);
-        let task = tokio::spawn(run(client, change_rx, batch_tx));
+        let task = tokio::spawn(run(releases, change_rx, batch_tx));
         Self { changes, batches, task }
     }
 
@@ -153,11 +191,7 @@ fn coalesce(cursors: &mut Cursors, changes: impl Iterator<Item = Change>) -> Vec
     requests
 }
 
-async fn run(
-    client: PushGatewayClient<TracedChannel>,
-    mut changes: mpsc::UnboundedReceiver<Change>,
-    batches: mpsc::Sender<FollowBatch>,
-) {
+async fn run(releases: Releases, mut changes: mpsc::UnboundedReceiver<Change>, batches: mpsc::Sender<FollowBatch>) {
     let mut cursors = Cursors::default();
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
     loop {
@@ -172,10 +206,8 @@ async fn run(
         }
         let (tx, rx) = mpsc::channel(64);
         let _ = tx.try_send(FollowRequest { add: cursors.all(), remove: Vec::new() });
-        let mut client = client.clone();
-        match client.follow(ReceiverStream::new(rx)).await {
-            Ok(response) => {
-                let mut incoming = response.into_inner();
+        match releases.follow(rx).await {
+            Ok(mut incoming) => {
                 backoff.reset();
                 loop {
                     tokio::select! {
@@ -198,15 +230,15 @@ async fn run(
                                 break;
                             }
                         }
-                        batch = incoming.message() => match batch {
-                            Ok(Some(batch)) => {
+                        batch = incoming.next() => match batch {
+                            Some(Ok(batch)) => {
                                 if cursors.received(&batch) && batches.send(batch).await.is_err() {
                                     return;
                                 }
                             }
-                            Ok(None) => break,
-                            Err(status) => {
-                                tracing::warn!(%status, "follow stream from push-gateway broke; resuming");
+                            None => break,
+                            Some(Err(status)) => {
+                                tracing::warn!(%status, from = releases.name(), "follow stream broke; resuming");
                                 break;
                             }
                         }

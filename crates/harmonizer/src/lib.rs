@@ -35,7 +35,6 @@ use ordo_proto::v1::{
 use ordo_runtime::discovery;
 use ordo_runtime::{
     Shutdown,
-    client::TracedChannel,
     readiness::{Dependency, Readiness},
     server::GrpcServer,
 };
@@ -55,7 +54,8 @@ pub struct Shared {
     pub pool: pool::Pool,
     /// Where results the harmonizer produces itself (GAP) are recorded.
     pub sink: ResultSink,
-    pub push_gateway: PushGatewayClient<TracedChannel>,
+    /// Where released results are followed from.
+    pub releases: follower::Releases,
     pub redis: ordo_runtime::redis_conn::RedisConn,
     /// The other harmonizers on this Redis, as far as the claims know
     /// (`None`: `--claim-after off`, no claims at all).
@@ -85,8 +85,17 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     let builtin = registry::builtin(&config::clean(&config.stateless_ops), &config::clean(&config.stateful_ops));
     let follower = ordo_registry::Follower::start(redis.clone(), builtin, config.registry_pin, shutdown.clone()).await;
     let registry = registry::Registry::new(follower, config.max_payload_bytes, config.gap_timeout);
-    let push_gateway = PushGatewayClient::new(ordo_runtime::client::traced(&config.push_gateway)?)
-        .max_decoding_message_size(ordo_runtime::server::MAX_MESSAGE_BYTES);
+    let releases = match config.follow_releases {
+        config::FollowReleases::PushGateway => follower::Releases::Gateway(
+            PushGatewayClient::new(ordo_runtime::client::traced(&config.push_gateway)?)
+                .max_decoding_message_size(ordo_runtime::server::MAX_MESSAGE_BYTES),
+        ),
+        config::FollowReleases::Redis => follower::Releases::Redis(push_gateway::follow::Local::start(
+            &config.redis_url,
+            redis.clone(),
+            config.hub_slot_hold,
+        )?),
+    };
     let auth = ordo_runtime::auth::Auth::from_args(&config.auth).map_err(anyhow::Error::msg)?;
     auth.log_startup("harmonizer");
     let drain = config.common.drain_timeout;
@@ -101,7 +110,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
         registry,
         pool,
         sink,
-        push_gateway,
+        releases,
         redis,
         presence,
         readiness: readiness.clone(),

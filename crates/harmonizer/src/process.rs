@@ -140,7 +140,7 @@ pub async fn run(
 ) {
     let mut call = Call {
         streams: Streams::new(shared.config.window, shared.config.stream_processing_threshold),
-        follower: Follower::start(shared.push_gateway.clone()),
+        follower: Follower::start(shared.releases.clone()),
         shared: shared.clone(),
         out,
         call_span,

@@ -14,6 +14,7 @@
 //! refused with UNAVAILABLE. With authorization on, the token must allow
 //! writing the event's stream (UNAUTHENTICATED / PERMISSION_DENIED).
 
+use futures::StreamExt as _;
 use ordo_proto::v1::{Event, EventResult, FollowRequest, OrderingMode, StreamCursor};
 use ordo_runtime::telemetry;
 
@@ -98,21 +99,16 @@ pub async fn submit(
     let (keep_open, requests) = tokio::sync::mpsc::channel(1);
     let cursor = StreamCursor { stream_id: event.stream_id.clone(), from_sequence: from };
     let _ = keep_open.try_send(FollowRequest { add: vec![cursor], remove: Vec::new() });
-    let mut push = shared.push_gateway.clone();
-    let mut batches = push
-        .follow(tokio_stream::wrappers::ReceiverStream::new(requests))
-        .await
-        .map_err(|status| {
-            tracing::warn!(%status, "cannot follow the stream on the push gateway");
-            Error::Unavailable("push gateway")
-        })?
-        .into_inner();
+    let mut batches = shared.releases.follow(requests).await.map_err(|status| {
+        tracing::warn!(%status, from = shared.releases.name(), "cannot follow the stream");
+        Error::Unavailable(shared.releases.name())
+    })?;
     if dispatch {
         crate::metrics::accepted(&checked.spec.name);
         shared.pool.dispatch(event.clone(), checked.spec, checked.version).await;
     }
     let wait = async {
-        while let Ok(Some(batch)) = batches.message().await {
+        while let Some(Ok(batch)) = batches.next().await {
             if !batch.error.is_empty() {
                 // The cursor cannot be served (older than retention, or the
                 // log expired): a released sequence is not processed again.
@@ -120,8 +116,8 @@ pub async fn submit(
                     let (stream, sequence) = (event.stream_id.clone(), event.sequence);
                     return Err(Error::ResultExpired { stream, sequence, reason: batch.error });
                 }
-                tracing::warn!(error = batch.error, "cannot follow the stream on the push gateway");
-                return Err(Error::Unavailable("push gateway"));
+                tracing::warn!(error = batch.error, from = shared.releases.name(), "cannot follow the stream");
+                return Err(Error::Unavailable(shared.releases.name()));
             }
             if let Some(result) = batch.results.into_iter().find(|result| result.sequence == event.sequence) {
                 return Ok(Some(result));

@@ -16,10 +16,12 @@
 
 use std::{sync::Arc, time::Duration};
 
+use futures::{Stream, StreamExt as _};
 use ordo_core::hash::{Map, Set};
 use ordo_proto::v1::{EventResult, FollowBatch, FollowRequest, ReleasedBatch, StreamCursor};
 use tokio::sync::mpsc;
-use tonic::{Status, Streaming};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
 
 use crate::{
     Shutdown,
@@ -37,8 +39,12 @@ pub type Out = mpsc::Sender<Result<FollowBatch, Status>>;
 
 /// Serves one Follow call until the harmonizer ends it (half-close, reset),
 /// the receiver goes away, or shutdown (UNAVAILABLE: the follower resumes
-/// from what it received).
-pub async fn run(hub: Arc<Hub>, log: Log, shutdown: Shutdown, mut inbound: Streaming<FollowRequest>, out: Out) {
+/// from what it received). `inbound` is the call's requests: a gRPC
+/// `Streaming`, or a channel of a [`Local`] follow.
+pub async fn run<S>(hub: Arc<Hub>, log: Log, shutdown: Shutdown, mut inbound: S, out: Out)
+where
+    S: Stream<Item = Result<FollowRequest, Status>> + Unpin,
+{
     let mut call = Call {
         group: hub.group(GROUP_BUFFER),
         followed: Followed::default(),
@@ -59,9 +65,9 @@ pub async fn run(hub: Arc<Hub>, log: Log, shutdown: Shutdown, mut inbound: Strea
                 let _ = out.send(Err(crate::service::shutting_down())).await;
                 return;
             }
-            request = inbound.message() => match request {
-                Ok(Some(request)) => call.apply(request),
-                Ok(None) | Err(_) => return,
+            request = inbound.next() => match request {
+                Some(Ok(request)) => call.apply(request),
+                None | Some(Err(_)) => return,
             },
             batch = call.group.rx.recv() => {
                 let Some(batch) = batch else { return };
@@ -251,6 +257,56 @@ impl Call {
             _ = shutdown.cancelled() => Caught::Up,
             _ = out.closed() => Caught::Gone,
         }
+    }
+}
+
+/// Batches buffered between a [`Local`] follow's task and its reader.
+const LOCAL_BUFFER: usize = 256;
+
+/// `Follow` served in the caller's own process (the harmonizer's
+/// `--follow-releases redis`): the same rules as a gateway's `Follow` call,
+/// on a hub and log of its own, without the hop through a push gateway.
+/// Cheap to clone; the live tail stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct Local {
+    hub: Arc<Hub>,
+    log: Log,
+    /// Never cancelled while a clone lives: a follow served here ends only
+    /// when its requests end or its reader goes (the owner's drain still
+    /// needs its releases).
+    stop: Shutdown,
+    _tail: Arc<(ordo_runtime::task::Owned<()>, tokio_util::sync::DropGuard)>,
+}
+
+impl Local {
+    /// Tails the release channels of `redis_url` (one node or a cluster)
+    /// and reads release logs through `conn`. `slot_hold` as the gateway's
+    /// `--hub-slot-hold`.
+    pub fn start(
+        redis_url: &str,
+        conn: ordo_runtime::redis_conn::RedisConn,
+        slot_hold: Duration,
+    ) -> anyhow::Result<Self> {
+        crate::metrics::describe_tail();
+        let hub = Hub::with_slot_hold(LOCAL_BUFFER, slot_hold);
+        let stop = Shutdown::new();
+        let tail =
+            ordo_runtime::task::Owned::spawn(hub.clone().listen(crate::hub::Source::new(redis_url)?, stop.clone()));
+        let guard = stop.clone().drop_guard();
+        Ok(Self { hub, log: Log::new(conn, None), stop, _tail: Arc::new((tail, guard)) })
+    }
+
+    /// One follow: `requests` as a `Follow` call's, the batches (or the
+    /// error of a stream that cannot be served, in its batch) as its
+    /// responses. It ends when `requests` ends or the returned stream is dropped.
+    pub fn follow<S>(&self, requests: S) -> ReceiverStream<Result<FollowBatch, Status>>
+    where
+        S: Stream<Item = FollowRequest> + Send + Unpin + 'static,
+    {
+        let (out, batches) = mpsc::channel(LOCAL_BUFFER);
+        let inbound = requests.map(Ok::<_, Status>);
+        tokio::spawn(run(self.hub.clone(), self.log.clone(), self.stop.clone(), inbound, out));
+        ReceiverStream::new(batches)
     }
 }
 

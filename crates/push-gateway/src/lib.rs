@@ -17,12 +17,12 @@
 //! node or a Redis Cluster (`--redis-url redis+cluster://…`) alike.
 
 pub mod amqp;
-mod follow;
+pub mod follow;
 mod https;
 pub mod hub;
 pub mod json;
 pub mod log;
-mod metrics;
+pub mod metrics;
 pub mod service;
 pub mod session;
 pub mod sse;

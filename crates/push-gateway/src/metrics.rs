@@ -28,20 +28,45 @@ pub static AMQP_LAG_ERRORS: LazyLock<Counter> =
 /// [`describe_amqp`]). Called once at start, after `ordo_runtime::app::run`
 /// installed the recorder (a description given before that would be lost).
 pub fn describe() {
-    for gauge in [&SUBSCRIBERS_GRPC, &SUBSCRIBERS_SSE, &SUBSCRIBERS_AMQP, &FOLLOWED_STREAMS, &HUB_STREAMS, &HUB_SLOTS] {
+    for gauge in [&SUBSCRIBERS_GRPC, &SUBSCRIBERS_SSE, &SUBSCRIBERS_AMQP] {
         LazyLock::force(gauge);
     }
-    LazyLock::force(&RELEASED);
-    LazyLock::force(&REORDER_WAIT);
     describe_gauge!(
         "ordo_subscribers",
         Unit::Count,
         "Open subscribers by channel: Subscribe calls (grpc), SSE streams (sse), and 1 while this replica holds the AMQP publishing lease (amqp)."
     );
+    describe_tail();
+    describe_counter!(
+        "ordo_amqp_confirmed_total",
+        Unit::Count,
+        "Results the AMQP broker confirmed (the exchange's publish cursor moved past them)."
+    );
+    describe_gauge!(
+        "ordo_amqp_outbox_lag_results",
+        Unit::Count,
+        "AMQP outbox lag: results released but not yet confirmed by the broker, summed over every stream in Redis (sampled; every replica sees the same Redis: aggregate with max)."
+    );
+    describe_counter!(
+        "ordo_redis_errors_total",
+        Unit::Count,
+        "Failed Redis calls of the push-gateway's own samplers, by operation (sample_amqp_lag)."
+    );
+}
+
+/// The live tail's metrics (hub, follows, releases heard): the gateway's,
+/// and a harmonizer's that follows Redis itself (`--follow-releases redis`,
+/// [`crate::follow::Local`]).
+pub fn describe_tail() {
+    for gauge in [&FOLLOWED_STREAMS, &HUB_STREAMS, &HUB_SLOTS] {
+        LazyLock::force(gauge);
+    }
+    LazyLock::force(&RELEASED);
+    LazyLock::force(&REORDER_WAIT);
     describe_gauge!(
         "ordo_push_followed_streams",
         Unit::Count,
-        "Per-stream follow entries of the harmonizers' Follow calls (one per call and stream; an entry goes when the harmonizer stops following the stream)."
+        "Per-stream follow entries of the harmonizers' Follow calls (one per call and stream; an entry goes when the harmonizer stops following the stream). On a harmonizer with --follow-releases redis: its own calls' entries."
     );
     describe_gauge!(
         "ordo_push_hub_streams",
@@ -61,22 +86,7 @@ pub fn describe() {
     describe_counter!(
         "ordo_results_released_total",
         Unit::Count,
-        "Released results heard on the release channels (by each gateway replica), by status; results a follower reads from the log on catch-up are not counted."
-    );
-    describe_counter!(
-        "ordo_amqp_confirmed_total",
-        Unit::Count,
-        "Results the AMQP broker confirmed (the exchange's publish cursor moved past them)."
-    );
-    describe_gauge!(
-        "ordo_amqp_outbox_lag_results",
-        Unit::Count,
-        "AMQP outbox lag: results released but not yet confirmed by the broker, summed over every stream in Redis (sampled; every replica sees the same Redis: aggregate with max)."
-    );
-    describe_counter!(
-        "ordo_redis_errors_total",
-        Unit::Count,
-        "Failed Redis calls of the push-gateway's own samplers, by operation (sample_amqp_lag)."
+        "Released results heard on the release channels (by each gateway replica, or harmonizer following Redis itself), by status; results a follower reads from the log on catch-up are not counted."
     );
 }
 

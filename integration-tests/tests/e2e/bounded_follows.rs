@@ -1,8 +1,10 @@
 //! Bounded follows (issue 12, item 3): a `Process` call follows a stream
 //! only while it owes results there. One call over many distinct short
 //! streams leaves nothing followed once they are answered, while the call
-//! is still open, on the harmonizer (`ordo_followed_streams`) and on the
-//! push-gateway (`ordo_push_followed_streams`, `ordo_push_hub_streams`); a
+//! is still open, on the harmonizer (`ordo_followed_streams`) and in the
+//! release tail that serves its follows (`ordo_push_followed_streams`,
+//! `ordo_push_hub_streams`: the push-gateway's by default, the harmonizer's
+//! own with `--follow-releases redis`); a
 //! stream used again on the same call is followed again and answered.
 
 use std::{
@@ -32,14 +34,17 @@ fn stream(i: u64) -> String {
     format!("short-{i}")
 }
 
-/// (harmonizer followed, push-gateway followed, push-gateway hub streams).
+/// (harmonizer followed, release-tail followed, release-tail hub streams):
+/// the tail's gauges summed over the harmonizer and the push-gateway,
+/// whichever of them serves the follows.
 async fn followed(cluster: &Cluster) -> anyhow::Result<(f64, f64, f64)> {
     let harmonizer = cluster.scrape("harmonizer").await?;
     let gateway = cluster.scrape("push-gateway").await?;
+    let tail = |name: &str| harmonizer.sum(name, &[]) + gateway.sum(name, &[]);
     Ok((
         harmonizer.sum("ordo_followed_streams", &[]),
-        gateway.sum("ordo_push_followed_streams", &[]),
-        gateway.sum("ordo_push_hub_streams", &[]),
+        tail("ordo_push_followed_streams"),
+        tail("ordo_push_hub_streams"),
     ))
 }
 
@@ -93,7 +98,8 @@ async fn one_call_over_many_short_streams_follows_only_what_is_in_flight() {
                     integration_tests::metrics::scrape(&harmonizer).await,
                     integration_tests::metrics::scrape(&gateway).await,
                 ) {
-                    let seen = h.sum("ordo_followed_streams", &[]).max(g.sum("ordo_push_followed_streams", &[]));
+                    let tail = h.sum("ordo_push_followed_streams", &[]) + g.sum("ordo_push_followed_streams", &[]);
+                    let seen = h.sum("ordo_followed_streams", &[]).max(tail);
                     peak.fetch_max(seen as u64, Ordering::Relaxed);
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;

@@ -135,9 +135,26 @@ async fn master_of(cluster: &mut Cluster, stream: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cluster_ordered_and_unordered_streams_survive_a_failover_and_a_killed_master_with_duplicates() {
+    failover_and_killed_master(&["--follow-releases", "push-gateway"]).await;
+}
+
+/// The same faults with the harmonizer tailing the cluster's release
+/// channels itself (`--follow-releases redis`): its own hub re-subscribes
+/// the moved slots and catches up from the logs.
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_failover_and_a_killed_master_while_the_harmonizer_follows_redis_itself() {
+    failover_and_killed_master(&["--follow-releases", "redis"]).await;
+}
+
+async fn failover_and_killed_master(harmonizer_args: &[&str]) {
     const N: u64 = 240;
     // Every script call waits for one replica: a killed master loses nothing acknowledged.
-    let mut cluster = Cluster::builder().redis_cluster_waiting_for_a_replica().workers(2).start().await;
+    let mut cluster = Cluster::builder()
+        .redis_cluster_waiting_for_a_replica()
+        .workers(2)
+        .harmonizer_args(harmonizer_args.iter().copied())
+        .start()
+        .await;
     let streams = streams_over_every_master("chaos", 2);
     let modes: BTreeMap<String, OrderingMode> = streams
         .iter()

@@ -160,8 +160,19 @@ async fn worker_sigkill() {
 /// still completes in order with every result exactly once.
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_sigkill_restart() {
+    redis_sigkill_restart_with(&["--follow-releases", "push-gateway"]).await;
+}
+
+/// The same, with the harmonizer following the release channels and logs
+/// itself (`--follow-releases redis`): its own tail reconnects and catches up.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_sigkill_restart_while_the_harmonizer_follows_redis_itself() {
+    redis_sigkill_restart_with(&["--follow-releases", "redis"]).await;
+}
+
+async fn redis_sigkill_restart_with(harmonizer_args: &[&str]) {
     const N: u64 = 1500;
-    let mut cluster = Cluster::builder().durable_redis().start().await;
+    let mut cluster = Cluster::builder().durable_redis().harmonizer_args(harmonizer_args.iter().copied()).start().await;
     let stream = "redis-restart".to_owned();
     let mut call = ProcessCall::open(&cluster.harmonizer());
     call.feed(numbered_events(&stream, N, "async-echo", "exp:5ms"), Some(Duration::from_millis(1)));

@@ -101,7 +101,11 @@ async fn push_gateway_exits_on_sigterm_while_a_harmonizer_follows_it() {
     const N: u64 = 400;
     // A long drain: the gateway must end its Follow and Subscribe calls at
     // once on SIGTERM, not hold them open until the deadline.
-    let mut cluster = cluster().push_gateway_args(["--drain-timeout", "20s"]).start().await;
+    let mut cluster = cluster()
+        .push_gateway_args(["--drain-timeout", "20s"])
+        .harmonizer_args(["--follow-releases", "push-gateway"])
+        .start()
+        .await;
     let (mut call, streams) = paced_call(&cluster, "push-term", 2, N, "async-echo");
     // A plain subscriber too: it must be told to resubscribe, not left hanging.
     let mut subscriber = cluster
@@ -131,6 +135,29 @@ async fn push_gateway_exits_on_sigterm_while_a_harmonizer_follows_it() {
     // The harmonizer's follower resumes from its last position + 1.
     cluster.push_gateway_process().restart(Duration::from_secs(30)).await.expect("the push-gateway restarts");
     all_results_arrive(call, &streams, N).await;
+}
+
+/// With `--follow-releases redis` the harmonizer follows the release
+/// channels and logs itself: `Process` and `Submit` get their results with
+/// the push gateway gone (killed, not restarted). Through the push gateway
+/// (the default) a call waits for the gateway to return (the test above).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_harmonizer_that_follows_redis_itself_needs_no_push_gateway() {
+    const N: u64 = 300;
+    let mut cluster = cluster().harmonizer_args(["--follow-releases", "redis"]).start().await;
+    cluster.push_gateway_process().kill();
+    let (call, streams) = paced_call(&cluster, "no-gateway", 2, N, "async-echo");
+    all_results_arrive(call, &streams, N).await;
+    let mut harmonizer = cluster.harmonizer();
+    for (sequence, operation) in [(0, "async-upper"), (1, "upper"), (2, "async-upper")] {
+        let submitted = event("no-gateway-submit", sequence, operation, format!("s{sequence}").into_bytes());
+        let result = harmonizer.submit(submitted).await.expect("Submit is answered").into_inner();
+        assert_eq!(result.status(), ResultStatus::Ok, "#{sequence} ({operation}): {result:?}");
+        assert_eq!(result.payload.as_ref(), format!("S{sequence}").as_bytes(), "#{sequence}: the operation's result");
+    }
+    // A repeat is answered from the release log, not processed again.
+    let again = harmonizer.submit(event("no-gateway-submit", 0, "async-upper", b"other".to_vec())).await;
+    assert_eq!(again.expect("a repeat is answered").into_inner().payload.as_ref(), b"S0");
 }
 
 #[tokio::test(flavor = "multi_thread")]
