@@ -131,6 +131,16 @@ const EVENT_PATH: [(&str, &str); 5] = [
     ("harmonizer", "harmonizer.respond"),
 ];
 
+/// The same with `--follow-releases redis`: the harmonizer follows the
+/// release channels itself, so the delivery span is its own.
+const EVENT_PATH_FOLLOWING_REDIS: [(&str, &str); 5] = [
+    ("harmonizer", "harmonizer.dispatch"),
+    ("stateful-worker", "worker.process"),
+    ("reassembler", "reassembler.store"),
+    ("harmonizer", "push.deliver"),
+    ("harmonizer", "harmonizer.respond"),
+];
+
 /// A client-chosen trace for one event: its trace id and parent span id.
 const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CLIENT_SPAN: &str = "00f067aa0ba902b7";
@@ -146,6 +156,7 @@ fn process_traces(
     streams: &[&str],
     per_stream: u64,
     worker: &str,
+    path: &[(&str, &str)],
 ) -> Result<ProcessTraces, String> {
     let call = spans
         .iter()
@@ -180,7 +191,7 @@ fn process_traces(
                 .find(|s| s.name == "harmonizer.dispatch")
                 .ok_or_else(|| format!("no harmonizer.dispatch span for {key:?} yet"))?;
             let trace = &by_trace[dispatch.trace_id.as_str()];
-            for (service, name) in EVENT_PATH {
+            for &(service, name) in path {
                 if !trace.iter().filter(|s| of_event(s)).any(|s| s.service_name == service && s.name == name) {
                     return Err(format!(
                         "the trace of {key:?} ({}) has no {name} span of {service} with its stream and sequence yet: {:?}",
@@ -260,8 +271,10 @@ async fn process_call_is_one_trace_per_event_with_stream_sequence_attempt_and_wo
     }
 
     let worker = cluster.worker_name(0);
-    let traces =
-        once_exported(&collector, &mut cluster, |spans| process_traces(spans, &STREAMS, PER_STREAM, &worker)).await;
+    let traces = once_exported(&collector, &mut cluster, |spans| {
+        process_traces(spans, &STREAMS, PER_STREAM, &worker, &EVENT_PATH)
+    })
+    .await;
     let distinct: BTreeSet<&String> = traces.events.values().map(|(trace, _)| trace).collect();
     eprintln!("{} events, {} traces: {:?}", total, distinct.len(), traces.events);
     assert_eq!(distinct.len(), total, "one trace per event: {:?}", traces.events);
@@ -286,6 +299,42 @@ async fn process_call_is_one_trace_per_event_with_stream_sequence_attempt_and_wo
         seen += 1;
     }
     assert_eq!(seen, total, "one 'dispatching' line per event in the harmonizer's JSON log:\n{log}");
+}
+
+/// With `--follow-releases redis` an event's trace still runs from its
+/// dispatch through the worker and the reassembler to its delivery and
+/// response, with the delivery span on the harmonizer.
+#[tokio::test(flavor = "multi_thread")]
+async fn following_redis_itself_an_events_trace_has_its_delivery_on_the_harmonizer() {
+    const STREAMS: [&str; 2] = ["redis-tail-a", "redis-tail-b"];
+    const PER_STREAM: u64 = 5;
+    let collector = OtlpCollector::start().await.expect("the collector starts");
+    let mut cluster = Cluster::builder()
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint())
+        .env("OTEL_BSP_SCHEDULE_DELAY", "200")
+        .env("ORDO_DRAIN_TIMEOUT", "2s")
+        .harmonizer_args(["--follow-releases", "redis"])
+        .start()
+        .await;
+    let mut call = ProcessCall::open(&cluster.harmonizer());
+    for sequence in 0..PER_STREAM {
+        for stream in STREAMS {
+            call.send(event(stream, sequence, "async-echo", format!("{stream}/{sequence}"))).await.expect("send");
+        }
+    }
+    call.wait_for_total(STREAMS.len() * PER_STREAM as usize, DEADLINE).await.expect("every result arrives");
+    let results = call.finish(LINGER).await.expect("the call ends cleanly");
+    assert_ok(check_all_ok(&results), "results");
+    let worker = cluster.worker_name(0);
+    let traces = once_exported(&collector, &mut cluster, |spans| {
+        process_traces(spans, &STREAMS, PER_STREAM, &worker, &EVENT_PATH_FOLLOWING_REDIS)
+    })
+    .await;
+    assert_eq!(traces.events.len(), STREAMS.len() * PER_STREAM as usize, "every event traced");
+    assert!(
+        !collector.spans().iter().any(|s| s.service_name == "push-gateway" && s.name == "push.deliver"),
+        "no delivery passes through the push-gateway"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
