@@ -141,9 +141,11 @@ impl ClusterBuilder {
 
     /// A Redis Cluster on which every release script call waits for one
     /// replica (`--redis-wait-replicas 1`, 500 ms): a killed master then loses
-    /// nothing the reassembler acknowledged. For the failover tests.
+    /// nothing the reassembler acknowledged. Set in the environment of every
+    /// service, so that one storing its results itself (`--store-results
+    /// redis`) waits too. For the failover tests.
     pub fn redis_cluster_waiting_for_a_replica(self) -> Self {
-        self.redis_cluster().reassembler_args(["--redis-wait-replicas", "1", "--redis-wait-timeout", "500ms"])
+        self.redis_cluster().env("REASSEMBLER_REDIS_WAIT_REPLICAS", "1").env("REASSEMBLER_REDIS_WAIT_TIMEOUT", "500ms")
     }
 
     /// A redis-server that survives SIGKILL (append-only file, fsync always).

@@ -5,6 +5,7 @@ use std::{net::SocketAddr, time::Duration};
 use ordo_core::duration;
 use ordo_registry::Pin;
 use ordo_runtime::{app::CommonArgs, discovery::DiscoveryArgs};
+use result_sink::StoreResults;
 
 /// Ordo harmonizer: the front door. Validates events, routes them by
 /// operation (stateless → stateless service, stateful → workers), keeps a
@@ -32,6 +33,14 @@ pub struct Config {
     /// (stateless results, FAILED placeholders).
     #[arg(long, env = "ORDO_REASSEMBLERS", default_value = "127.0.0.1:50054", value_delimiter = ',')]
     pub reassemblers: Vec<String>,
+    /// Where the results the harmonizer records itself go: `reassembler`
+    /// (over `Deliver` to --reassemblers) or `redis` (this harmonizer runs
+    /// the release script itself, on --redis-url, with the storing flags:
+    /// one hop less per result, as a worker's --store-results).
+    #[arg(long, env = "HARMONIZER_STORE_RESULTS", value_enum, default_value = "reassembler")]
+    pub store_results: StoreResults,
+    #[command(flatten)]
+    pub store: reassembler::StoreArgs,
     /// The push gateway, from which released results are followed (with
     /// the default `--follow-releases push-gateway`).
     #[arg(long, env = "ORDO_PUSH_GATEWAY", default_value = "127.0.0.1:50055")]
@@ -51,7 +60,8 @@ pub struct Config {
     #[arg(long, env = "HARMONIZER_HUB_SLOT_HOLD", default_value = "30s", value_parser = duration::parse)]
     pub hub_slot_hold: Duration,
     /// Redis holding the reorder state (read: a stream's next sequence and
-    /// stored results; written: only the in-flight claims, see --claim-after).
+    /// stored results; written: the in-flight claims, see --claim-after,
+    /// and with --store-results redis the results it records).
     #[arg(long, env = "ORDO_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
     /// A stream accepts sequences below its lowest unreleased sequence + window.
@@ -166,7 +176,8 @@ impl Config {
         if clean(&self.workers).is_empty() {
             return Err("--workers needs at least one address".into());
         }
-        if clean(&self.reassemblers).is_empty() {
+        self.store.check()?;
+        if self.store_results == StoreResults::Reassembler && clean(&self.reassemblers).is_empty() {
             return Err("--reassemblers needs at least one address".into());
         }
         ordo_runtime::discovery::parse_list(&self.workers).map_err(|error| format!("--workers: {error}"))?;
@@ -220,6 +231,23 @@ mod tests {
         let config = Config::try_parse_from(["harmonizer", "--follow-releases", "redis"]).expect("flag parses");
         assert_eq!(config.follow_releases, FollowReleases::Redis);
         assert!(Config::try_parse_from(["harmonizer", "--follow-releases", "amqp"]).is_err(), "unknown source");
+    }
+
+    #[test]
+    fn results_go_to_the_reassemblers_unless_redis_is_asked_for() {
+        let config = Config::try_parse_from(["harmonizer"]).expect("defaults parse");
+        assert_eq!(config.store_results, StoreResults::Reassembler);
+        assert_eq!((config.store.retention, config.store.max_batch), (100_000, 512), "the reassembler's defaults");
+        let config = Config::try_parse_from(["harmonizer", "--store-results", "redis", "--reassemblers", ""])
+            .expect("flags parse");
+        assert_eq!(config.store_results, StoreResults::Redis);
+        assert_eq!(config.check(), Ok(()), "storing itself, it needs no reassembler");
+        let config = Config::try_parse_from(["harmonizer", "--reassemblers", ""]).expect("flags parse");
+        assert!(config.check().expect_err("no reassembler").contains("--reassemblers"));
+        let config = Config::try_parse_from(["harmonizer", "--store-results", "redis", "--retention", "0"])
+            .expect("flags parse");
+        assert!(config.check().expect_err("retention 0").contains("--retention"), "the storing flags are checked");
+        assert!(Config::try_parse_from(["harmonizer", "--store-results", "postgres"]).is_err(), "unknown target");
     }
 
     #[test]

@@ -73,7 +73,13 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     // Lazy: health is served (NOT_SERVING) at once, even while Redis is down.
     let redis = ordo_runtime::redis_conn::connect(&config.redis_url)?;
     let (readiness, _watcher) = Readiness::watch(vec![Dependency::redis(redis.clone())], shutdown.clone());
-    let sink = ResultSink::start(discovery::watch(&config.reassemblers, &config.discovery)?)?;
+    let sink = ResultSink::for_setting(
+        config.store_results,
+        &config::clean(&config.reassemblers),
+        &config.discovery,
+        &config.redis_url,
+        &config.store,
+    )?;
     let stateless = StatelessClient::new(ordo_runtime::client::traced(&config.stateless)?);
     let pool = pool::Pool::start(
         discovery::watch(&config.workers, &config.discovery)?,

@@ -8,6 +8,7 @@ use ordo_runtime::{
     app::{CommonArgs, ServiceConfig},
     discovery::DiscoveryArgs,
 };
+use result_sink::StoreResults;
 
 /// Flags of every Ordo worker. Flatten them into your own config
 /// (`#[command(flatten)] worker: WorkerArgs`) to add flags of your own.
@@ -26,11 +27,21 @@ pub struct WorkerArgs {
     /// redelivered elsewhere if one dies.
     #[arg(long, env = "ORDO_REASSEMBLERS", default_value = "127.0.0.1:50054", value_delimiter = ',')]
     pub reassemblers: Vec<String>,
+    /// Where results go: `reassembler` (over `Deliver` to `--reassemblers`)
+    /// or `redis` (this worker runs the release script itself, on
+    /// `--redis-url`, with the storing flags below: one hop less per result;
+    /// the reassembler is then needed only for its read calls and for the
+    /// harmonizer's results).
+    #[arg(long, env = "WORKER_STORE_RESULTS", value_enum, default_value = "reassembler")]
+    pub store_results: StoreResults,
+    #[command(flatten)]
+    pub store: reassembler::StoreArgs,
     /// Operations run at once by this worker; further events wait (back-pressure).
     #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 1024)]
     pub concurrency: usize,
     /// Redis holding the operation registry (read only; the worker starts
-    /// and serves its built-in operations while it is unreachable).
+    /// and serves its built-in operations while it is unreachable), and,
+    /// with `--store-results redis`, the reorder state it writes.
     #[arg(long, env = "ORDO_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
     /// Operations this worker serves (comma-separated names; `*` or empty:
@@ -57,7 +68,8 @@ impl WorkerArgs {
         if self.concurrency == 0 {
             return Err("--concurrency must be at least 1".into());
         }
-        if self.reassembler_list().is_empty() {
+        self.store.check()?;
+        if self.store_results == StoreResults::Reassembler && self.reassembler_list().is_empty() {
             return Err("--reassemblers needs at least one address".into());
         }
         ordo_runtime::discovery::parse_list(&self.reassemblers).map_err(|error| format!("--reassemblers: {error}"))?;
@@ -209,5 +221,21 @@ mod tests {
         assert!(MainConfig::try_parse_from(["w", "--registry-pin", "latest"]).is_err());
         let help = <MainConfig as clap::CommandFactory>::command().render_help().to_string();
         assert!(help.starts_with("An Ordo stateful worker"), "{help}");
+    }
+
+    #[test]
+    fn results_go_to_the_reassemblers_unless_redis_is_asked_for() {
+        let config = MainConfig::try_parse_from(["w"]).expect("defaults");
+        assert_eq!(config.0.store_results, StoreResults::Reassembler);
+        let config = MainConfig::try_parse_from(["w", "--reassemblers", ""]).expect("flags");
+        assert!(config.validate().expect_err("no reassembler").contains("--reassemblers"));
+        let config =
+            MainConfig::try_parse_from(["w", "--store-results", "redis", "--reassemblers", "", "--stream-ttl", "2h"])
+                .expect("flags");
+        assert_eq!(config.0.store_results, StoreResults::Redis);
+        assert_eq!(config.0.store.stream_ttl, std::time::Duration::from_secs(7200));
+        assert!(config.validate().is_ok(), "storing itself, it needs no reassembler");
+        let config = MainConfig::try_parse_from(["w", "--store-results", "redis", "--max-batch", "0"]).expect("flags");
+        assert!(config.validate().expect_err("max batch 0").contains("--max-batch"), "the storing flags are checked");
     }
 }

@@ -124,7 +124,13 @@ impl Worker {
             Some(name) => name.trim().to_owned(),
             None => format!("{}:{}", hostname(), listener.local_addr()?.port()),
         };
-        let sink = ResultSink::start(ordo_runtime::discovery::watch(&args.reassembler_list(), &args.discovery)?)?;
+        let sink = ResultSink::for_setting(
+            args.store_results,
+            &args.reassembler_list(),
+            &args.discovery,
+            &args.redis_url,
+            &args.store,
+        )?;
         let tasks = TaskTracker::new();
         let hard_stop = CancellationToken::new();
         let drain = args.common.drain_timeout;

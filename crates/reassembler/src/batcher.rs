@@ -20,8 +20,16 @@ use crate::store::{Item, Store};
 /// cluster each batch is one script call per slot, sent at once).
 const MAX_CALLS_IN_FLIGHT: usize = 4;
 
-/// Per item, whether it was new; or why Redis failed.
-pub type Outcome = Result<Vec<bool>, Arc<redis::RedisError>>;
+/// Per item, whether it was new; or why Redis failed, with the items back
+/// (so that a caller can submit them again without having kept a copy).
+pub type Outcome = Result<Vec<bool>, Failed>;
+
+/// A script call that finally failed, and the items it carried of this submit.
+#[derive(Debug)]
+pub struct Failed {
+    pub error: Arc<redis::RedisError>,
+    pub items: Vec<Item>,
+}
 
 type Reply = oneshot::Sender<Outcome>;
 
@@ -98,10 +106,11 @@ async fn run(store: Store, mut rx: mpsc::Receiver<(Vec<Item>, Reply)>, max_batch
                 tracing::warn!(%error, results = items.len(), "release script failed; senders will redeliver");
             }
             let mut offset = 0;
+            let mut items = items.into_iter();
             for (len, reply) in replies {
                 let _ = reply.send(match &result {
                     Ok(flags) => Ok(flags[offset..offset + len].to_vec()),
-                    Err(error) => Err(error.clone()),
+                    Err(error) => Err(Failed { error: error.clone(), items: items.by_ref().take(len).collect() }),
                 });
                 offset += len;
             }

@@ -4,6 +4,8 @@ use std::{net::SocketAddr, time::Duration};
 
 use ordo_runtime::app::CommonArgs;
 
+use crate::store::StoreConfig;
+
 /// Ordo reassembler: stores worker results in Redis and releases each
 /// stream's results strictly in sequence order.
 #[derive(Debug, Clone, clap::Parser)]
@@ -22,6 +24,35 @@ pub struct Config {
     /// state must survive a Redis restart.
     #[arg(long, env = "ORDO_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+fn parse_ttl(text: &str) -> Result<Duration, String> {
+    match text.strip_suffix('h') {
+        Some(hours) => hours.parse::<u64>().map(|h| Duration::from_secs(h * 3600)).map_err(|e| e.to_string()),
+        None => ordo_core::duration::parse(text),
+    }
+}
+
+ordo_runtime::service_config!(Config, validate = Config::check);
+
+impl Config {
+    /// Cross-field checks clap cannot express.
+    fn check(&self) -> Result<(), String> {
+        self.store.check()
+    }
+}
+
+/// How results are stored and released in Redis: the reassembler's flags,
+/// and those of a worker or harmonizer that stores its results itself
+/// (`--store-results redis`). Every process that writes a stream's release
+/// log should use the same values, hence the same variables everywhere.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Storing results")]
+pub struct StoreArgs {
     /// Replicas that must acknowledge every script call (Redis `WAIT`)
     /// before its results are acked to their senders; 0 = do not wait. With
     /// 1 or more, a failover to an acknowledging replica loses no acked result.
@@ -55,22 +86,11 @@ pub struct Config {
     /// Most results per Redis script call.
     #[arg(long, env = "REASSEMBLER_MAX_BATCH", default_value_t = 512)]
     pub max_batch: usize,
-    #[command(flatten)]
-    pub common: CommonArgs,
 }
 
-fn parse_ttl(text: &str) -> Result<Duration, String> {
-    match text.strip_suffix('h') {
-        Some(hours) => hours.parse::<u64>().map(|h| Duration::from_secs(h * 3600)).map_err(|e| e.to_string()),
-        None => ordo_core::duration::parse(text),
-    }
-}
-
-ordo_runtime::service_config!(Config, validate = Config::check);
-
-impl Config {
+impl StoreArgs {
     /// Cross-field checks clap cannot express.
-    fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), String> {
         if self.retention == 0 {
             return Err("--retention must be at least 1".into());
         }
@@ -84,5 +104,17 @@ impl Config {
             return Err("--max-batch must be at least 1".into());
         }
         Ok(())
+    }
+
+    /// The store's settings.
+    pub fn store_config(&self) -> StoreConfig {
+        StoreConfig {
+            retention: self.retention,
+            ttl_ms: self.stream_ttl.as_millis() as u64,
+            tombstone_ms: self.tombstone_ttl.as_millis() as u64,
+            dead_letter_retention: self.dead_letter_retention,
+            wait_replicas: self.redis_wait_replicas,
+            wait_timeout_ms: self.redis_wait_timeout.as_millis() as u64,
+        }
     }
 }

@@ -10,13 +10,14 @@
 pub mod batcher;
 pub mod config;
 pub mod dead_letters;
+pub mod local;
 mod metrics;
 pub mod service;
 pub mod store;
 
 use tokio::net::TcpListener;
 
-pub use config::Config;
+pub use config::{Config, StoreArgs};
 use ordo_runtime::{
     Shutdown,
     readiness::{Dependency, Readiness},
@@ -31,19 +32,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> a
     let (readiness, _watcher) = Readiness::watch(vec![Dependency::redis(conn.clone())], shutdown.clone());
     // The hard end of draining, counted from the signal.
     let deadline = tokio::spawn(ordo_runtime::shutdown::drain_deadline(shutdown.clone(), config.common.drain_timeout));
-    let store = store::Store::new(
-        conn,
-        store::StoreConfig {
-            retention: config.retention,
-            ttl_ms: config.stream_ttl.as_millis() as u64,
-            tombstone_ms: config.tombstone_ttl.as_millis() as u64,
-            dead_letter_retention: config.dead_letter_retention,
-            wait_replicas: config.redis_wait_replicas,
-            wait_timeout_ms: config.redis_wait_timeout.as_millis() as u64,
-        },
-    );
+    let store = store::Store::new(conn, config.store.store_config());
     tokio::spawn(sample_pending(store.clone(), shutdown.clone()));
-    let (batcher, batch_loop) = batcher::Batcher::start(store.clone(), config.max_batch, shutdown.clone());
+    let (batcher, batch_loop) = batcher::Batcher::start(store.clone(), config.store.max_batch, shutdown.clone());
     let service = service::ReassemblerService::new(batcher, store, readiness.clone(), shutdown.clone());
     let served = GrpcServer::new()
         .with_readiness(readiness)

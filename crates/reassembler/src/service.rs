@@ -4,7 +4,7 @@ use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
 use ordo_proto::v1::{
-    DeadLetter, DeliverAck, DeliverBatch, GetDeadLetterRequest, GetStreamRequest, ListDeadLettersRequest,
+    Completed, DeadLetter, DeliverAck, DeliverBatch, GetDeadLetterRequest, GetStreamRequest, ListDeadLettersRequest,
     ListDeadLettersResponse, OrderingMode, StreamState,
     reassembler_server::{Reassembler, ReassemblerServer},
 };
@@ -86,34 +86,60 @@ impl ReassemblerService {
 /// make the sender redeliver the same poison forever.
 /// Each item's result status, in order, goes to `statuses` (for metrics).
 fn to_items(batch: DeliverBatch, statuses: &mut Vec<ordo_proto::ResultStatus>) -> Vec<Item> {
+    let batch_id = batch.batch_id;
     batch
         .results
         .into_iter()
         .filter_map(|completed| {
-            let mode = completed.mode();
-            let Some(mut result) = completed.result.filter(|r| !r.stream_id.is_empty()) else {
-                tracing::warn!(batch_id = batch.batch_id, "dropping a delivered result without stream id");
-                return None;
-            };
-            let span = ordo_runtime::telemetry::event_span(
-                "reassembler.store",
-                &result.stream_id,
-                result.sequence,
-                &result.trace_context,
-            );
-            // Continue the trace: whoever serves the released result is a child of this span.
-            result.trace_context = ordo_runtime::telemetry::inject(&span, &result.trace_context);
-            let dead_letter = dead_letters::letter_for(&result, completed.dead_letter);
-            statuses.push(result.status());
-            Some(Item {
-                stream_id: result.stream_id.clone(),
-                sequence: result.sequence,
-                mode: if mode == OrderingMode::Unordered { mode } else { OrderingMode::Ordered },
-                body: result.encode_to_vec(),
-                dead_letter: dead_letter.map(|letter| letter.encode_to_vec()).unwrap_or_default(),
-            })
+            let item = item_of(completed);
+            if item.is_none() {
+                tracing::warn!(batch_id, "dropping a delivered result without stream id");
+            }
+            item
+        })
+        .map(|(item, status)| {
+            statuses.push(status);
+            item
         })
         .collect()
+}
+
+/// One completed result as a store item, with its status; `None` without
+/// a result or a stream id. Opens the result's `reassembler.store` span and
+/// puts its context into the stored result, so that whoever serves the
+/// released result continues the event's trace.
+pub(crate) fn item_of(completed: Completed) -> Option<(Item, ordo_proto::ResultStatus)> {
+    let mode = completed.mode();
+    let mut result = completed.result.filter(|r| !r.stream_id.is_empty())?;
+    let span = ordo_runtime::telemetry::event_span(
+        "reassembler.store",
+        &result.stream_id,
+        result.sequence,
+        &result.trace_context,
+    );
+    result.trace_context = ordo_runtime::telemetry::inject(&span, &result.trace_context);
+    let dead_letter = dead_letters::letter_for(&result, completed.dead_letter);
+    let status = result.status();
+    let item = Item {
+        stream_id: result.stream_id.clone(),
+        sequence: result.sequence,
+        mode: if mode == OrderingMode::Unordered { mode } else { OrderingMode::Ordered },
+        body: result.encode_to_vec(),
+        dead_letter: dead_letter.map(|letter| letter.encode_to_vec()).unwrap_or_default(),
+    };
+    Some((item, status))
+}
+
+/// Counts what a script call did with items of these statuses (and dead
+/// letters): stored for the first time, or duplicates.
+pub(crate) fn count(flags: &[bool], statuses: &[ordo_proto::ResultStatus], letters: &[bool]) {
+    for ((&new, &status), &letter) in flags.iter().zip(statuses).zip(letters) {
+        if new {
+            crate::metrics::stored(status, letter);
+        } else {
+            crate::metrics::DUPLICATES.increment(1);
+        }
+    }
 }
 
 type AckStream = Pin<Box<dyn Stream<Item = Result<DeliverAck, Status>> + Send>>;
@@ -149,15 +175,9 @@ impl Reassembler for ReassemblerService {
                     let flags = if items.is_empty() {
                         Vec::new()
                     } else {
-                        batcher.submit(items).await.map_err(Error::from)?.map_err(Error::from)?
+                        batcher.submit(items).await.map_err(Error::from)?.map_err(|failed| Error::from(failed.error))?
                     };
-                    for ((&new, &status), &letter) in flags.iter().zip(&statuses).zip(&letters) {
-                        if new {
-                            crate::metrics::stored(status, letter);
-                        } else {
-                            crate::metrics::DUPLICATES.increment(1);
-                        }
-                    }
+                    count(&flags, &statuses, &letters);
                     let accepted = flags.iter().filter(|&&new| new).count() as u32;
                     Ok(DeliverAck { batch_id, accepted, duplicates: total - accepted })
                 }

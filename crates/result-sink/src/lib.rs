@@ -1,6 +1,7 @@
-//! [`ResultSink`], the client side of the reassembler (its own crate, so
-//! services never link the reassembler's server): how workers and the
-//! harmonizer hand results to the reassemblers. `deliver` resolves only once a reassembler acknowledged the
+//! [`ResultSink`], the client side of the reassembler: how workers and the
+//! harmonizer hand results to the reassemblers, or, with `--store-results
+//! redis` ([`StoreResults`]), store them into Redis themselves with the
+//! reassembler's batching and script (`reassembler::local`). `deliver` resolves only once a reassembler acknowledged the
 //! result as durably stored, which is what lets a worker ack its dispatch.
 //!
 //! One driver task per reassembler endpoint keeps a `Deliver` stream open,
@@ -73,10 +74,28 @@ struct Inner {
 #[error("result sink closed before the reassembler acknowledged the result")]
 pub struct SinkClosed;
 
-/// Delivers results to a set of reassembler replicas. Cheap to clone.
+/// Where a process's results go (`--store-results`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreResults {
+    /// Over `Deliver` to the reassembler replicas (`--reassemblers`).
+    #[default]
+    Reassembler,
+    /// Into Redis from this process, with the reassembler's batching and
+    /// release script (`reassembler::local::Local`): one hop less per result.
+    Redis,
+}
+
+/// Delivers results to a set of reassembler replicas, or stores them in
+/// Redis from this process ([`ResultSink::local`]). Cheap to clone.
 #[derive(Clone)]
 pub struct ResultSink {
-    inner: Arc<Inner>,
+    target: Target,
+}
+
+#[derive(Clone)]
+enum Target {
+    Reassemblers(Arc<Inner>),
+    Redis(reassembler::local::Local),
 }
 
 impl ResultSink {
@@ -96,19 +115,53 @@ impl ResultSink {
         let now = endpoints.borrow_and_update().clone();
         connect(&inner, &now)?;
         tokio::spawn(follow(Arc::downgrade(&inner), endpoints, following));
-        Ok(Self { inner })
+        Ok(Self { target: Target::Reassemblers(inner) })
     }
 
-    /// The endpoints of the live (not retired) drivers.
+    /// A sink that stores results in Redis from this process
+    /// (`--store-results redis`).
+    pub fn local(local: reassembler::local::Local) -> Self {
+        Self { target: Target::Redis(local) }
+    }
+
+    /// The sink `--store-results` asks for: the reassemblers `endpoints`
+    /// name (followed with `discovery`), or Redis at `redis_url` with the
+    /// `store` settings.
+    pub fn for_setting(
+        setting: StoreResults,
+        endpoints: &[String],
+        discovery: &ordo_runtime::discovery::DiscoveryArgs,
+        redis_url: &str,
+        store: &reassembler::StoreArgs,
+    ) -> anyhow::Result<Self> {
+        Ok(match setting {
+            StoreResults::Reassembler => Self::start(ordo_runtime::discovery::watch(endpoints, discovery)?)?,
+            StoreResults::Redis => {
+                Self::local(reassembler::local::Local::start(ordo_runtime::redis_conn::connect(redis_url)?, store))
+            }
+        })
+    }
+
+    /// The endpoints of the live (not retired) drivers; none when storing
+    /// into Redis from this process.
     pub fn endpoints(&self) -> Vec<String> {
-        read(&self.inner.drivers).iter().map(|driver| driver.endpoint.clone()).collect()
+        match &self.target {
+            Target::Reassemblers(inner) => read(&inner.drivers).iter().map(|driver| driver.endpoint.clone()).collect(),
+            Target::Redis(_) => Vec::new(),
+        }
     }
 
-    /// Hands `completed` to a reassembler; resolves once it is durably stored.
+    /// Hands `completed` to a reassembler (or stores it in Redis); resolves
+    /// once it is durably stored.
     pub async fn deliver(&self, completed: Completed) -> Result<(), SinkClosed> {
-        let (done, acked) = oneshot::channel();
-        route(&self.inner, Pending { completed, done }).await?;
-        acked.await.map_err(|_| SinkClosed)
+        match &self.target {
+            Target::Reassemblers(inner) => {
+                let (done, acked) = oneshot::channel();
+                route(inner, Pending { completed, done }).await?;
+                acked.await.map_err(|_| SinkClosed)
+            }
+            Target::Redis(local) => local.store(completed).await.map_err(|_| SinkClosed),
+        }
     }
 }
 

@@ -135,7 +135,7 @@ async fn master_of(cluster: &mut Cluster, stream: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cluster_ordered_and_unordered_streams_survive_a_failover_and_a_killed_master_with_duplicates() {
-    failover_and_killed_master(&["--follow-releases", "push-gateway"]).await;
+    failover_and_killed_master(&["--follow-releases", "push-gateway"], &[]).await;
 }
 
 /// The same faults with the harmonizer tailing the cluster's release
@@ -143,16 +143,30 @@ async fn cluster_ordered_and_unordered_streams_survive_a_failover_and_a_killed_m
 /// the moved slots and catches up from the logs.
 #[tokio::test(flavor = "multi_thread")]
 async fn cluster_failover_and_a_killed_master_while_the_harmonizer_follows_redis_itself() {
-    failover_and_killed_master(&["--follow-releases", "redis"]).await;
+    failover_and_killed_master(&["--follow-releases", "redis"], &[]).await;
 }
 
-async fn failover_and_killed_master(harmonizer_args: &[&str]) {
+/// The same faults with the workers and the harmonizer storing their
+/// results themselves (`--store-results redis`, each script call waiting for
+/// a replica as the reassembler's does) and the harmonizer following the
+/// releases itself: no reassembler or push gateway in the results' path.
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_failover_and_a_killed_master_while_the_services_store_and_follow_redis_themselves() {
+    failover_and_killed_master(
+        &["--follow-releases", "redis", "--store-results", "redis"],
+        &["--store-results", "redis"],
+    )
+    .await;
+}
+
+async fn failover_and_killed_master(harmonizer_args: &[&str], worker_args: &[&str]) {
     const N: u64 = 240;
     // Every script call waits for one replica: a killed master loses nothing acknowledged.
     let mut cluster = Cluster::builder()
         .redis_cluster_waiting_for_a_replica()
         .workers(2)
         .harmonizer_args(harmonizer_args.iter().copied())
+        .worker_args(worker_args.iter().copied())
         .start()
         .await;
     let streams = streams_over_every_master("chaos", 2);

@@ -160,19 +160,38 @@ async fn worker_sigkill() {
 /// still completes in order with every result exactly once.
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_sigkill_restart() {
-    redis_sigkill_restart_with(&["--follow-releases", "push-gateway"]).await;
+    redis_sigkill_restart_with(&["--follow-releases", "push-gateway"], &[]).await;
 }
 
 /// The same, with the harmonizer following the release channels and logs
 /// itself (`--follow-releases redis`): its own tail reconnects and catches up.
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_sigkill_restart_while_the_harmonizer_follows_redis_itself() {
-    redis_sigkill_restart_with(&["--follow-releases", "redis"]).await;
+    redis_sigkill_restart_with(&["--follow-releases", "redis"], &[]).await;
 }
 
-async fn redis_sigkill_restart_with(harmonizer_args: &[&str]) {
+/// The same with no reassembler or push gateway in the results' path: the
+/// worker and the harmonizer store their results (`--store-results redis`)
+/// and the harmonizer follows the releases (`--follow-releases redis`)
+/// themselves; a script call that fails while Redis is down is stored again
+/// once it is back, and nothing is lost or repeated.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_sigkill_restart_while_the_services_store_and_follow_redis_themselves() {
+    redis_sigkill_restart_with(
+        &["--follow-releases", "redis", "--store-results", "redis"],
+        &["--store-results", "redis"],
+    )
+    .await;
+}
+
+async fn redis_sigkill_restart_with(harmonizer_args: &[&str], worker_args: &[&str]) {
     const N: u64 = 1500;
-    let mut cluster = Cluster::builder().durable_redis().harmonizer_args(harmonizer_args.iter().copied()).start().await;
+    let mut cluster = Cluster::builder()
+        .durable_redis()
+        .harmonizer_args(harmonizer_args.iter().copied())
+        .worker_args(worker_args.iter().copied())
+        .start()
+        .await;
     let stream = "redis-restart".to_owned();
     let mut call = ProcessCall::open(&cluster.harmonizer());
     call.feed(numbered_events(&stream, N, "async-echo", "exp:5ms"), Some(Duration::from_millis(1)));

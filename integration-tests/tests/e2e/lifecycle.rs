@@ -160,6 +160,62 @@ async fn a_harmonizer_that_follows_redis_itself_needs_no_push_gateway() {
     assert_eq!(again.expect("a repeat is answered").into_inner().payload.as_ref(), b"S0");
 }
 
+/// With `--store-results redis` the workers and the harmonizer run the
+/// release script themselves: with the reassembler gone (killed; started
+/// again only at the end, to read the dead letters through it) a worker's
+/// results, the stateless results and the FAILED ones the harmonizer
+/// records are all stored and released, a worker stopped by SIGTERM
+/// mid-stream stores everything it accepted, and the storing shows in their
+/// own metrics. Delivering to a reassembler (the default), the same calls
+/// wait for it to return (the SIGTERM test above).
+#[tokio::test(flavor = "multi_thread")]
+async fn services_that_store_results_themselves_need_no_reassembler() {
+    const N: u64 = 300;
+    let mut cluster =
+        cluster().harmonizer_args(["--store-results", "redis"]).worker_args(["--store-results", "redis"]).start().await;
+    cluster.reassembler_process(0).kill();
+    let (mut call, streams) = paced_call(&cluster, "no-reassembler", 2, N, "async-echo");
+    mid_stream(&mut call, 100).await;
+    sigterm_exits_cleanly(cluster.worker_process(0)).await;
+    cluster.worker_process(0).restart(Duration::from_secs(30)).await.expect("the worker restarts");
+    all_results_arrive(call, &streams, N).await;
+
+    let mut harmonizer = cluster.harmonizer();
+    let stream = "no-reassembler-submit";
+    for (sequence, operation, payload, want) in [
+        (0, "async-upper", "a", Some("A")),
+        (1, "upper", "b", Some("B")),
+        (2, "json-validate", "{not json", None),
+        (3, "async-upper", "d", Some("D")),
+    ] {
+        let submitted = event(stream, sequence, operation, payload.as_bytes().to_vec());
+        let result = harmonizer.submit(submitted).await.expect("Submit is answered").into_inner();
+        match want {
+            Some(want) => {
+                assert_eq!(result.status(), ResultStatus::Ok, "#{sequence} ({operation}): {result:?}");
+                assert_eq!(result.payload.as_ref(), want.as_bytes(), "#{sequence}: the operation's result");
+            }
+            None => assert_eq!(result.status(), ResultStatus::Failed, "#{sequence} ({operation}): {result:?}"),
+        }
+    }
+    // A repeat is answered from the release log, not processed again.
+    let again = harmonizer.submit(event(stream, 0, "async-upper", b"other".to_vec())).await;
+    assert_eq!(again.expect("a repeat is answered").into_inner().payload.as_ref(), b"A");
+
+    let worker = cluster.scrape("worker-0").await.expect("the worker's metrics");
+    assert!(
+        worker.sum("ordo_results_stored_total", &[("status", "ok")]) >= 2.0,
+        "the restarted worker stored the stateful results itself"
+    );
+    let front = cluster.scrape("harmonizer").await.expect("the harmonizer's metrics");
+    assert_eq!(front.sum("ordo_results_stored_total", &[("status", "ok")]), 1.0, "the stateless result");
+    assert_eq!(front.sum("ordo_dead_letters_total", &[("status", "failed")]), 1.0, "the FAILED one's dead letter");
+    cluster.reassembler_process(0).restart(Duration::from_secs(30)).await.expect("the reassembler restarts");
+    let letters = cluster.dead_letters(stream).await.expect("dead letters listed");
+    let sequences: Vec<u64> = letters.iter().filter_map(|l| l.event.as_ref().map(|e| e.sequence)).collect();
+    assert_eq!(sequences, [2], "one dead letter, the FAILED event's: {letters:?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn stateless_exits_on_sigterm_under_load_and_nothing_is_lost() {
     const N: u64 = 300;
