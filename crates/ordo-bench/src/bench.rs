@@ -118,6 +118,16 @@ pub struct Config {
     pub out_dir: PathBuf,
     /// Seed of the skewed workload's choice of slow events.
     pub seed: u64,
+    /// Extra flags of every harmonizer and every worker the benchmark
+    /// starts (`--harmonizer-arg`, `--worker-arg`), e.g. the direct results
+    /// path `--follow-releases redis --store-results redis`.
+    pub harmonizer_args: Vec<String>,
+    pub worker_args: Vec<String>,
+}
+
+/// A cluster with the configuration's extra service flags.
+pub fn cluster(config: &Config) -> integration_tests::ClusterBuilder {
+    Cluster::builder().harmonizer_args(config.harmonizer_args.clone()).worker_args(config.worker_args.clone())
 }
 
 impl Default for Config {
@@ -144,6 +154,8 @@ impl Default for Config {
             deadline: Duration::from_secs(300),
             out_dir: PathBuf::from("results/bench"),
             seed: 42,
+            harmonizer_args: Vec::new(),
+            worker_args: Vec::new(),
         }
     }
 }
@@ -238,6 +250,8 @@ pub struct Target {
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub machine: Machine,
+    /// The extra flags the services ran with (`harmonizer --follow-releases redis`, …).
+    pub service_args: Vec<String>,
     pub workloads: Vec<Workload>,
     pub targets: Vec<Target>,
 }
@@ -563,7 +577,7 @@ pub async fn run(config: &Config) -> anyhow::Result<Report> {
     {
         // (d) starts a cluster per point; the others share this one.
         let shared = if config.workloads.iter().any(|&w| !matches!(w, WorkloadId::D | WorkloadId::E)) {
-            let cluster = Cluster::builder().try_start().await.context("cannot start the Ordo cluster")?;
+            let cluster = cluster(config).try_start().await.context("cannot start the Ordo cluster")?;
             warm_up(&cluster, nonce).await?;
             Some(cluster)
         } else {
@@ -589,7 +603,7 @@ pub async fn run(config: &Config) -> anyhow::Result<Report> {
     let one_stream = |id: WorkloadId| matches!(id, WorkloadId::A | WorkloadId::C);
     if config.worker_concurrency_variants && config.workloads.iter().any(|&w| one_stream(w)) {
         let n = config.concurrency;
-        let cluster = Cluster::builder()
+        let cluster = cluster(config)
             .worker_args(["--concurrency", &n.to_string()])
             .try_start()
             .await
@@ -621,7 +635,12 @@ pub async fn run(config: &Config) -> anyhow::Result<Report> {
         }
     }
     let targets = targets(&workloads);
-    Ok(Report { machine: Machine::detect(), workloads, targets })
+    let service_args = [("harmonizer", &config.harmonizer_args), ("worker", &config.worker_args)]
+        .iter()
+        .filter(|(_, args)| !args.is_empty())
+        .map(|(service, args)| format!("{service} {}", args.join(" ")))
+        .collect();
+    Ok(Report { machine: Machine::detect(), service_args, workloads, targets })
 }
 
 fn find<'a>(workloads: &'a [Workload], id: WorkloadId, prefix: &str) -> Option<&'a Variant> {
@@ -712,6 +731,9 @@ impl Report {
             "Machine: {} CPUs ({}), kernel {}, CLK_TCK {}\n",
             m.cpus, m.cpu_model, m.kernel, m.clock_ticks
         );
+        if !self.service_args.is_empty() {
+            let _ = writeln!(out, "Service flags: {}\n", self.service_args.join("; "));
+        }
         for w in &self.workloads {
             let _ = writeln!(out, "### {}\n", w.title);
             if let Some(d) = &w.many_streams {

@@ -97,13 +97,33 @@ pub struct BenchArgs {
     /// Skip the variants on a cluster whose worker runs --concurrency operations at once.
     #[arg(long)]
     pub no_worker_concurrency: bool,
+    /// An extra flag of every harmonizer started (repeatable; a value that
+    /// starts with `-` is given as `--harmonizer-arg=--follow-releases`).
+    /// `--direct` adds the direct results path.
+    #[arg(long = "harmonizer-arg", allow_hyphen_values = true)]
+    pub harmonizer_args: Vec<String>,
+    /// An extra flag of every worker started (repeatable, as --harmonizer-arg).
+    #[arg(long = "worker-arg", allow_hyphen_values = true)]
+    pub worker_args: Vec<String>,
+    /// The direct results path: workers and harmonizers store their results
+    /// (`--store-results redis`) and the harmonizers follow the releases
+    /// (`--follow-releases redis`) themselves, so no reassembler or push
+    /// gateway is in a result's path.
+    #[arg(long)]
+    pub direct: bool,
     /// Where the JSON and Markdown go.
     #[arg(long, default_value = "results/bench")]
     pub out: PathBuf,
 }
 
+/// The harmonizer's and the worker's flags of `--direct`.
+pub const DIRECT_HARMONIZER: [&str; 4] = ["--follow-releases", "redis", "--store-results", "redis"];
+pub const DIRECT_WORKER: [&str; 2] = ["--store-results", "redis"];
+
 impl From<BenchArgs> for bench::Config {
     fn from(a: BenchArgs) -> Self {
+        let on = a.direct;
+        let direct = |flags: &[&str]| if on { flags.iter().map(|f| f.to_string()).collect() } else { Vec::new() };
         Self {
             workloads: a.workloads,
             events: a.events,
@@ -121,6 +141,8 @@ impl From<BenchArgs> for bench::Config {
             full_sequential: a.full_sequential,
             worker_concurrency_variants: !a.no_worker_concurrency,
             out_dir: a.out,
+            harmonizer_args: [direct(&DIRECT_HARMONIZER), a.harmonizer_args].concat(),
+            worker_args: [direct(&DIRECT_WORKER), a.worker_args].concat(),
             ..Self::default()
         }
     }
@@ -169,4 +191,34 @@ pub async fn bench_main(args: BenchArgs) -> ExitCode {
         report.check()
     };
     outcome(run.await, "ordo-bench")
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[test]
+    fn direct_and_extra_service_flags_reach_the_config() {
+        let config = bench::Config::from(BenchArgs::try_parse_from(["ordo-bench"]).expect("defaults"));
+        assert!(config.harmonizer_args.is_empty() && config.worker_args.is_empty(), "no extra flags by default");
+        let args = BenchArgs::try_parse_from([
+            "ordo-bench",
+            "--direct",
+            "--harmonizer-arg=--window",
+            "--harmonizer-arg",
+            "2048",
+            "--worker-arg",
+            "--concurrency=64",
+        ])
+        .expect("flags parse");
+        let config = bench::Config::from(args);
+        assert_eq!(
+            config.harmonizer_args,
+            ["--follow-releases", "redis", "--store-results", "redis", "--window", "2048"],
+            "--direct first, then the extra flags in order"
+        );
+        assert_eq!(config.worker_args, ["--store-results", "redis", "--concurrency=64"]);
+    }
 }

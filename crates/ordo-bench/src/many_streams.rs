@@ -20,7 +20,6 @@
 use std::fmt::Write as _;
 
 use anyhow::{Context as _, bail};
-use integration_tests::Cluster;
 use ordo_proto::{Event, OrderingMode};
 use serde::Serialize;
 
@@ -181,7 +180,7 @@ pub async fn run(config: &Config, nonce: u64) -> anyhow::Result<Workload> {
             "Ordo ORDERED, {streams} streams × {per_stream} events, {calls} calls, ≤{in_flight} outstanding per call"
         );
         eprintln!("ordo-bench: (d) {name}");
-        let cluster = Cluster::builder().try_start().await.context("cannot start the Ordo cluster for (d)")?;
+        let cluster = bench::cluster(config).try_start().await.context("cannot start the Ordo cluster for (d)")?;
         bench::warm_up(&cluster, nonce).await?;
         let (mut probe, mut redis) = redis_before(&cluster.redis_url()).await;
         let calls_events = plan(&prefix, streams, calls, per_stream);

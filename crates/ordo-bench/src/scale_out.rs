@@ -16,7 +16,6 @@
 //! links), not the speed-up more machines would give.
 
 use anyhow::Context as _;
-use integration_tests::Cluster;
 use ordo_proto::v1::{Event, OrderingMode};
 
 use crate::{
@@ -49,7 +48,7 @@ pub async fn run(config: &Config, nonce: u64) -> anyhow::Result<Workload> {
     let total = per_stream * calls * streams;
     let mut variants = Vec::new();
     for (index, (label, topology)) in POINTS.iter().enumerate() {
-        let mut builder = Cluster::builder().workers(topology.workers).reassemblers(topology.reassemblers);
+        let mut builder = crate::bench::cluster(config).workers(topology.workers).reassemblers(topology.reassemblers);
         if topology.redis_cluster {
             builder = builder.redis_cluster();
         }
