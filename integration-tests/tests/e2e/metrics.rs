@@ -71,6 +71,22 @@ pub async fn known_workload(cluster: &Cluster, stream: &str) -> Subscribers {
         .into_inner();
     let mut sse =
         sse::open_stream(&sse::events_url(&cluster.sse_url(), stream, None), None).await.expect("the SSE stream opens");
+    // The gateway counts the results it hears live, not those it reads from
+    // the log while its subscription to the stream's slot is not confirmed
+    // yet: so the workload starts once Redis has that subscription (on a
+    // loaded machine it took longer than the first releases).
+    let channel = ordo_core::keys::released_channel(ordo_core::keys::stream_slot(stream));
+    let admin = cluster.redis_conn().expect("the cluster's Redis");
+    eventually(DEADLINE, || {
+        let (channel, mut admin) = (channel.clone(), admin.clone());
+        async move {
+            let (_, subscribers): (String, u64) =
+                redis::cmd("PUBSUB").arg("SHARDNUMSUB").arg(&channel).query_async(&mut admin).await?;
+            anyhow::ensure!(subscribers >= 1, "{channel} has no subscriber in Redis yet");
+            Ok(())
+        }
+    })
+    .await;
 
     let mut call = ProcessCall::open(&cluster.harmonizer());
     call.feed(events, None);
