@@ -126,7 +126,10 @@ impl ResultSink {
 
     /// The sink `--store-results` asks for: the reassemblers `endpoints`
     /// name (followed with `discovery`), or Redis at `redis_url` with the
-    /// `store` settings.
+    /// `store` settings, on a connection of its own: at saturation a script
+    /// call waits for up to three others on its connection (tens of ms), and
+    /// the owner's other Redis traffic (registry polls, stream-state reads)
+    /// must not queue behind them.
     pub fn for_setting(
         setting: StoreResults,
         endpoints: &[String],

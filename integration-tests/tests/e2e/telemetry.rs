@@ -24,6 +24,15 @@ use crate::{DEADLINE, assert_ok};
 
 const SERVICES: [&str; 5] = ["harmonizer", "stateless", "stateful-worker", "reassembler", "push-gateway"];
 
+/// A cluster whose services export their spans to `endpoint` (batches every
+/// 200 ms) and drain for 2 s, so that the spans are flushed at SIGTERM.
+fn traced(endpoint: &str) -> integration_tests::ClusterBuilder {
+    Cluster::builder()
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+        .env("OTEL_BSP_SCHEDULE_DELAY", "200")
+        .env("ORDO_DRAIN_TIMEOUT", "2s")
+}
+
 /// A trace id whose spans come from every service, or what each trace covers.
 fn complete_trace(collector: &OtlpCollector) -> Result<String, BTreeMap<String, BTreeSet<String>>> {
     let wanted: BTreeSet<String> = SERVICES.iter().map(|s| s.to_string()).collect();
@@ -34,12 +43,7 @@ fn complete_trace(collector: &OtlpCollector) -> Result<String, BTreeMap<String, 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_event_is_one_trace_across_all_services() {
     let collector = OtlpCollector::start().await.expect("the collector starts");
-    let mut cluster = Cluster::builder()
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint())
-        .env("OTEL_BSP_SCHEDULE_DELAY", "200")
-        .env("ORDO_DRAIN_TIMEOUT", "2s")
-        .start()
-        .await;
+    let mut cluster = traced(&collector.endpoint()).start().await;
 
     let mut call = ProcessCall::open(&cluster.harmonizer());
     call.send(with_attr(event("traced", 0, "callback", "ping"), "latency", "fixed:1ms")).await.expect("send");
@@ -79,11 +83,7 @@ async fn one_event_is_one_trace_in_fake_opentelemetry_collector() {
         ["harmonizer.dispatch", "worker.process", "stateless.execute", "reassembler.store", "push.deliver"];
     let mut collector =
         fake_opentelemetry_collector::FakeCollectorServer::start().await.expect("the fake collector starts");
-    let cluster = Cluster::builder()
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint())
-        .env("OTEL_BSP_SCHEDULE_DELAY", "200")
-        .start()
-        .await;
+    let cluster = traced(&collector.endpoint()).start().await;
     let mut call = ProcessCall::open(&cluster.harmonizer());
     call.send(with_attr(event("fake-traced", 0, "callback", "ping"), "latency", "fixed:1ms")).await.expect("send");
     call.wait_for_total(1, DEADLINE).await.expect("the callback's result arrives");
@@ -240,10 +240,7 @@ async fn process_call_is_one_trace_per_event_with_stream_sequence_attempt_and_wo
     const STREAMS: [&str; 2] = ["per-event-a", "per-event-b"];
     const PER_STREAM: u64 = 10;
     let collector = OtlpCollector::start().await.expect("the collector starts");
-    let mut cluster = Cluster::builder()
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint())
-        .env("OTEL_BSP_SCHEDULE_DELAY", "200")
-        .env("ORDO_DRAIN_TIMEOUT", "2s")
+    let mut cluster = traced(&collector.endpoint())
         // The harmonizer logs "dispatching" at debug, inside each event's root span.
         .env("RUST_LOG", "info,harmonizer=debug")
         .harmonizer_args(["--log-format", "json"])
@@ -309,13 +306,7 @@ async fn following_redis_itself_an_events_trace_has_its_delivery_on_the_harmoniz
     const STREAMS: [&str; 2] = ["redis-tail-a", "redis-tail-b"];
     const PER_STREAM: u64 = 5;
     let collector = OtlpCollector::start().await.expect("the collector starts");
-    let mut cluster = Cluster::builder()
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint())
-        .env("OTEL_BSP_SCHEDULE_DELAY", "200")
-        .env("ORDO_DRAIN_TIMEOUT", "2s")
-        .harmonizer_args(["--follow-releases", "redis"])
-        .start()
-        .await;
+    let mut cluster = traced(&collector.endpoint()).harmonizer_args(["--follow-releases", "redis"]).start().await;
     let mut call = ProcessCall::open(&cluster.harmonizer());
     for sequence in 0..PER_STREAM {
         for stream in STREAMS {
@@ -340,10 +331,7 @@ async fn following_redis_itself_an_events_trace_has_its_delivery_on_the_harmoniz
 #[tokio::test(flavor = "multi_thread")]
 async fn submit_is_one_trace_across_all_five_services() {
     let collector = OtlpCollector::start().await.expect("the collector starts");
-    let mut cluster = Cluster::builder()
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint())
-        .env("OTEL_BSP_SCHEDULE_DELAY", "200")
-        .env("ORDO_DRAIN_TIMEOUT", "2s")
+    let mut cluster = traced(&collector.endpoint())
         // A long unary threshold: the answer is the released result itself.
         .harmonizer_args(["--unary-threshold", "20s"])
         .start()
@@ -376,11 +364,8 @@ async fn submit_is_one_trace_across_all_five_services() {
 #[tokio::test(flavor = "multi_thread")]
 async fn every_attempt_is_a_span_of_the_events_trace_with_its_number_and_worker() {
     let collector = OtlpCollector::start().await.expect("the collector starts");
-    let mut cluster = Cluster::builder()
+    let mut cluster = traced(&collector.endpoint())
         .workers(2)
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint())
-        .env("OTEL_BSP_SCHEDULE_DELAY", "200")
-        .env("ORDO_DRAIN_TIMEOUT", "2s")
         .harmonizer_args(["--event-timeout", "300ms", "--max-attempts", "2"])
         .start()
         .await;
@@ -428,12 +413,7 @@ async fn every_attempt_is_a_span_of_the_events_trace_with_its_number_and_worker(
 async fn a_stateless_event_of_a_process_call_is_one_trace_and_makes_no_other() {
     const N: u64 = 5;
     let collector = OtlpCollector::start().await.expect("the collector starts");
-    let mut cluster = Cluster::builder()
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint())
-        .env("OTEL_BSP_SCHEDULE_DELAY", "200")
-        .env("ORDO_DRAIN_TIMEOUT", "2s")
-        .start()
-        .await;
+    let mut cluster = traced(&collector.endpoint()).start().await;
     let stream = "traced-stateless";
     let mut call = ProcessCall::open(&cluster.harmonizer());
     for sequence in 0..N {
