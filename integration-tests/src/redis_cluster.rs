@@ -165,7 +165,13 @@ impl RedisCluster {
     /// `CLUSTER NODES` as seen by the first running node.
     pub async fn nodes(&mut self) -> anyhow::Result<Vec<NodeInfo>> {
         let index = (0..NODES).find(|&i| self.is_running(i)).context("no cluster node runs")?;
-        let text: String = command(self.nodes[index].port, redis::cmd("CLUSTER").arg("NODES")).await?;
+        self.nodes_seen_by(index).await
+    }
+
+    /// `CLUSTER NODES` as node `seen_by` sees it (views converge by gossip,
+    /// so right after a failover they may differ).
+    async fn nodes_seen_by(&self, seen_by: usize) -> anyhow::Result<Vec<NodeInfo>> {
+        let text: String = command(self.nodes[seen_by].port, redis::cmd("CLUSTER").arg("NODES")).await?;
         let mut out = Vec::new();
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             let fields: Vec<&str> = line.split_whitespace().collect();
@@ -276,7 +282,19 @@ impl RedisCluster {
                 return false;
             }
         }
-        let Ok(nodes) = self.nodes().await else { return false };
+        // Every running node sees the same roles and slots: a node whose view
+        // still has the old master would name it (CI flake: the old master of
+        // a failed-over slot was taken for the master of another one).
+        let mut views = Vec::new();
+        let running: Vec<usize> = (0..NODES).filter(|&i| self.is_running(i)).collect();
+        for i in running {
+            let Ok(view) = self.nodes_seen_by(i).await else { return false };
+            views.push(view);
+        }
+        let Some(nodes) = views.first() else { return false };
+        if views.iter().any(|view| view != nodes) {
+            return false;
+        }
         let served: u32 = nodes
             .iter()
             .filter(|n| n.master && !n.failed)
