@@ -273,6 +273,11 @@ impl RedisCluster {
     }
 
     async fn settled(&mut self) -> bool {
+        // Every running node is ok and sees the same roles and slots: a node
+        // whose view still has the old master would name it (CI flake: the
+        // old master of a failed-over slot was taken for the master of
+        // another one).
+        let mut nodes: Option<Vec<NodeInfo>> = None;
         for i in 0..NODES {
             if !self.is_running(i) {
                 continue;
@@ -281,20 +286,14 @@ impl RedisCluster {
             if !info.is_ok_and(|info| info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")) {
                 return false;
             }
-        }
-        // Every running node sees the same roles and slots: a node whose view
-        // still has the old master would name it (CI flake: the old master of
-        // a failed-over slot was taken for the master of another one).
-        let mut views = Vec::new();
-        let running: Vec<usize> = (0..NODES).filter(|&i| self.is_running(i)).collect();
-        for i in running {
             let Ok(view) = self.nodes_seen_by(i).await else { return false };
-            views.push(view);
+            match &nodes {
+                Some(first) if *first != view => return false,
+                Some(_) => {}
+                None => nodes = Some(view),
+            }
         }
-        let Some(nodes) = views.first() else { return false };
-        if views.iter().any(|view| view != nodes) {
-            return false;
-        }
+        let Some(nodes) = nodes else { return false };
         let served: u32 = nodes
             .iter()
             .filter(|n| n.master && !n.failed)
