@@ -52,8 +52,13 @@ use ordo_proto::v1::{
     stateful_worker_server::{StatefulWorker, StatefulWorkerServer},
 };
 use ordo_registry::Follower;
-use ordo_runtime::{Shutdown, server::GrpcServer, telemetry};
-use result_sink::ResultSink;
+use ordo_runtime::{
+    Shutdown,
+    readiness::{Dependency, Readiness},
+    server::GrpcServer,
+    telemetry,
+};
+use result_sink::{ResultSink, StoreResults};
 use tokio::{
     net::TcpListener,
     sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch},
@@ -102,7 +107,8 @@ impl Worker {
     /// at most `--drain-timeout`) and returns. Fails at once for invalid
     /// flags or operation names; never because Redis (the registry) is
     /// unreachable: the worker then serves its built-in operations until it
-    /// can read the registry.
+    /// can read the registry. With `--store-results redis` its health is
+    /// NOT_SERVING while Redis does not answer.
     pub async fn run(self, args: WorkerArgs, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
         args.validate().map_err(anyhow::Error::msg)?;
         self.operations.check().map_err(anyhow::Error::msg)?;
@@ -193,9 +199,26 @@ impl Worker {
                 hard_stop.cancel();
             }
         });
+        // Storing results itself, the worker cannot finish work while Redis
+        // is down (the results wait, retried, in its batcher): its health
+        // says so. Delivering to reassemblers, it needs Redis only for the
+        // registry, which it can do without.
+        let (readiness, _watcher) = match args.store_results {
+            StoreResults::Redis => {
+                let (readiness, watcher) = Readiness::watch(
+                    vec![Dependency::redis(ordo_runtime::redis_conn::connect(&args.redis_url)?)],
+                    shutdown.clone(),
+                );
+                (readiness, Some(watcher))
+            }
+            StoreResults::Reassembler => (Readiness::always(), None),
+        };
         let service = WorkerService { inner };
-        let served =
-            GrpcServer::new().with_service(StatefulWorkerServer::new(service)).serve(listener, shutdown, drain).await;
+        let served = GrpcServer::new()
+            .with_readiness(readiness)
+            .with_service(StatefulWorkerServer::new(service))
+            .serve(listener, shutdown, drain)
+            .await;
         tasks.close();
         tasks.wait().await;
         deadline.abort();

@@ -383,10 +383,21 @@ async fn health_answers_at_once_while_redis_is_down_at_start() {
             push_gateway.addr.clone(),
         ],
     );
-    for service in [&reassembler, &push_gateway, &harmonizer] {
+    // A worker that stores its results needs Redis; one that delivers them
+    // to reassemblers needs it only for the registry, and serves without.
+    let storing_worker = Bare::start(
+        "stateful-worker",
+        &["--redis-url".into(), url.clone(), "--store-results".into(), "redis".into()],
+    );
+    let delivering_worker = Bare::start(
+        "stateful-worker",
+        &["--redis-url".into(), url.clone(), "--reassemblers".into(), format!("127.0.0.1:{}", free_port())],
+    );
+    for service in [&reassembler, &push_gateway, &harmonizer, &storing_worker] {
         // Answered (not hanging) and honest: Redis is down.
         wait_health(&service.addr, ServingStatus::NotServing, HEALTH_NOTICES).await;
     }
+    wait_health(&delivering_worker.addr, ServingStatus::Serving, HEALTH_NOTICES).await;
     assert_eq!(healthz(&sse).await, Some(503), "/healthz while Redis is down");
     // A call made meanwhile is refused promptly, not left hanging.
     let mut client = PushGatewayClient::connect(format!("http://{}", push_gateway.addr)).await.expect("connects");
@@ -407,7 +418,7 @@ async fn health_answers_at_once_while_redis_is_down_at_start() {
     assert_eq!(answer.err().map(|s| s.code()), Some(tonic::Code::Unavailable));
 
     redis.restart().await.expect("redis starts");
-    for service in [&reassembler, &push_gateway, &harmonizer] {
+    for service in [&reassembler, &push_gateway, &harmonizer, &storing_worker, &delivering_worker] {
         wait_health(&service.addr, ServingStatus::Serving, HEALTH_NOTICES).await;
     }
     assert_eq!(healthz(&sse).await, Some(200), "/healthz once Redis is up");
