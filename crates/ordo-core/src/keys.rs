@@ -14,11 +14,19 @@
 //!   field `r` = encoded `EventResult` (with `position` set);
 //! - `ordo:{s}:claims` — hash: in-flight claims of harmonizers ([`claims`]).
 //!
-//! Every release is also published as an encoded `ReleasedBatch`, for live
-//! tailing, on the stream's slot channel [`released_channel`] (SPUBLISH,
-//! sharded pub/sub), on a single node and on a Redis Cluster alike: a reader
-//! subscribes only the slots it follows, and on a cluster the channel is in
-//! the slot of the script call that publishes it.
+//! Every release is also published, for live tailing, on a release channel
+//! [`released_channel`] (SPUBLISH, sharded pub/sub), on a single node and on a
+//! Redis Cluster alike: a reader subscribes only the channels of the streams
+//! it follows. A stream's channel is that of its [`release_channel_slot`]: on
+//! a cluster its own slot (the channel is then in the slot of the script call
+//! that publishes it), on a single node the first slot of its group of
+//! [`SINGLE_NODE_SLOTS_PER_CHANNEL`], so that one script call, whose streams
+//! spread over many slots, publishes a few messages rather than one per
+//! stream. A message is an encoded `ReleasedBatches`: the batch of every
+//! stream of that call and channel (one script call publishes once per
+//! channel). A reader also takes a bare `ReleasedBatch` (what versions before
+//! `ReleasedBatches` published): the two are told apart by the first byte
+//! (`ordo_proto::v1::ReleasedBatches::decode_message`).
 //!
 //! Across streams, [`DEAD_LETTERS`] is a stream of every stored FAILED and
 //! GAP result's dead letter (written by the same script, atomically with the
@@ -57,6 +65,25 @@ pub const RELEASED_CHANNEL: &str = "ordo:released";
 
 /// The dead-letter log (a Redis stream, single node), see the module docs.
 pub const DEAD_LETTERS: &str = "ordo:dlq";
+
+/// On a single node, the slots that share one release channel: 64 channels
+/// in all. Fewer channels mean fewer messages per script call (a call of
+/// 256 streams publishes about 63 messages here, 256 with a channel per
+/// slot); more mean less traffic for a reader following a few streams.
+pub const SINGLE_NODE_SLOTS_PER_CHANNEL: u16 = 256;
+
+/// How many consecutive slots share a release channel: 1 on a Redis
+/// Cluster (a channel must be in the slot of the call that publishes it),
+/// [`SINGLE_NODE_SLOTS_PER_CHANNEL`] on a single node.
+pub const fn release_channel_stride(cluster: bool) -> u16 {
+    if cluster { 1 } else { SINGLE_NODE_SLOTS_PER_CHANNEL }
+}
+
+/// The slot whose [`released_channel`] carries the releases of the streams
+/// in `slot`, with `stride` from [`release_channel_stride`].
+pub const fn release_channel_slot(slot: u16, stride: u16) -> u16 {
+    if stride <= 1 { slot } else { slot - slot % stride }
+}
 
 /// Hash slots of a Redis Cluster.
 pub const SLOTS: u16 = 16384;
@@ -241,5 +268,20 @@ mod tests {
             assert_eq!(key_slot(released_channel(slot).as_bytes()), slot);
             assert_eq!(key_slot(dead_letters(slot).as_bytes()), slot);
         }
+    }
+
+    #[test]
+    fn release_channels_are_per_slot_on_a_cluster_and_grouped_on_a_single_node() {
+        let cluster = release_channel_stride(true);
+        let single = release_channel_stride(false);
+        let mut grouped = std::collections::BTreeSet::new();
+        for slot in 0..SLOTS {
+            assert_eq!(release_channel_slot(slot, cluster), slot);
+            let first = release_channel_slot(slot, single);
+            assert!(first <= slot && slot - first < SINGLE_NODE_SLOTS_PER_CHANNEL, "slot {slot}: {first}");
+            assert_eq!(first % SINGLE_NODE_SLOTS_PER_CHANNEL, 0);
+            grouped.insert(first);
+        }
+        assert_eq!(grouped.len(), usize::from(SLOTS / SINGLE_NODE_SLOTS_PER_CHANNEL));
     }
 }

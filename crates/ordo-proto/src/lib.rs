@@ -89,6 +89,25 @@ impl v1::DeadLetter {
     }
 }
 
+impl v1::ReleasedBatches {
+    /// First byte of an encoded `ReleasedBatches` (field 15,
+    /// length-delimited); a bare `ReleasedBatch` starts with `0x0a`.
+    pub const TAG: u8 = 15 << 3 | 2;
+
+    /// The batches of one release-channel message: an encoded
+    /// `ReleasedBatches` (what the release script publishes), or a bare
+    /// `ReleasedBatch` (what versions before it published), told apart by
+    /// the first byte. An empty payload holds no batch.
+    pub fn decode_message(payload: &[u8]) -> Result<Vec<v1::ReleasedBatch>, prost::DecodeError> {
+        use prost::Message as _;
+        match payload.first() {
+            None => Ok(Vec::new()),
+            Some(&Self::TAG) => Ok(Self::decode(payload)?.batches),
+            Some(_) => Ok(vec![v1::ReleasedBatch::decode(payload)?]),
+        }
+    }
+}
+
 /// Nanoseconds since the Unix epoch (0 if the clock is before it).
 pub fn unix_nanos() -> u64 {
     std::time::SystemTime::now()

@@ -288,10 +288,10 @@ impl Local {
         slot_hold: Duration,
     ) -> anyhow::Result<Self> {
         crate::metrics::describe_tail();
-        let hub = Hub::with_slot_hold(LOCAL_BUFFER, slot_hold);
+        let source = crate::hub::Source::new(redis_url)?;
+        let hub = Hub::for_source(LOCAL_BUFFER, slot_hold, &source);
         let stop = Shutdown::new();
-        let tail =
-            ordo_runtime::task::Owned::spawn(hub.clone().listen(crate::hub::Source::new(redis_url)?, stop.clone()));
+        let tail = ordo_runtime::task::Owned::spawn(hub.clone().listen(source, stop.clone()));
         let guard = stop.clone().drop_guard();
         Ok(Self { hub, log: Log::new(conn, None), stop, _tail: Arc::new((tail, guard)) })
     }

@@ -2,9 +2,13 @@
 //! slots whose streams somebody follows, fanned out in memory to the
 //! subscribers of each stream.
 //!
-//! The reassembler SPUBLISHes every stream's releases to its slot's channel
+//! The release script SPUBLISHes every stream's releases to its slot's channel
 //! `ordo:released:{<tag>}` ([`keys::released_channel`]), on one node and on a
-//! Redis Cluster alike. The hub keeps, per slot, the followed streams in it:
+//! Redis Cluster alike; on one node a channel carries a group of
+//! [`keys::SINGLE_NODE_SLOTS_PER_CHANNEL`] slots (named by its first), and
+//! "slot" below means that first slot. A message holds the batches of every
+//! stream of one script call on that channel (`ReleasedBatches`), fanned out
+//! under one lock. The hub keeps, per slot, the followed streams in it:
 //! the first [`Subscription`] of a stream in a slot makes the slot wanted,
 //! the last one leaving makes it unwanted, and one task ([`Hub::listen`])
 //! SSUBSCRIBEs / SUNSUBSCRIBEs the channels to match, on one RESP3
@@ -46,8 +50,7 @@ use ordo_core::{
     hash::{Map, Set},
     keys,
 };
-use ordo_proto::v1::ReleasedBatch;
-use prost::Message;
+use ordo_proto::v1::{ReleasedBatch, ReleasedBatches};
 use redis::{
     PushInfo, PushKind, Value,
     cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo},
@@ -150,6 +153,10 @@ impl Signal {
 /// What the hub wants from Redis and what Redis confirmed, per slot. Pure
 /// bookkeeping (no I/O), so the reference counting is unit-tested alone.
 struct Slots {
+    /// Consecutive slots per release channel ([`keys::release_channel_stride`]):
+    /// every "slot" here is the first slot of a channel's group, the one
+    /// that names the channel ([`keys::release_channel_slot`]).
+    stride: u16,
     /// Followed streams per slot (only slots with some).
     streams: HashMap<u16, Set<String>>,
     /// Live firehoses: while there is one, every slot is wanted.
@@ -185,6 +192,7 @@ impl Default for Slots {
     fn default() -> Self {
         let slots = usize::from(keys::SLOTS);
         Self {
+            stride: keys::release_channel_stride(true),
             streams: HashMap::new(),
             firehoses: 0,
             requested: vec![false; slots],
@@ -207,13 +215,28 @@ enum Change {
 }
 
 impl Slots {
+    /// The (channel) slot of `stream`'s releases.
+    fn slot_of(&self, stream: &str) -> u16 {
+        keys::release_channel_slot(keys::stream_slot(stream), self.stride)
+    }
+
+    /// Every channel slot: what a firehose wants.
+    fn every(&self) -> impl Iterator<Item = u16> + use<> {
+        (0..keys::SLOTS).step_by(usize::from(self.stride.max(1)))
+    }
+
+    /// How many channels there are.
+    fn channels(&self) -> usize {
+        usize::from(keys::SLOTS).div_ceil(usize::from(self.stride.max(1)))
+    }
+
     fn wanted(&self, slot: u16) -> bool {
         self.firehoses > 0 || self.streams.contains_key(&slot)
     }
 
     /// A stream got its first subscriber.
     fn follow(&mut self, stream: &str) {
-        let slot = keys::stream_slot(stream);
+        let slot = self.slot_of(stream);
         self.idle.remove(&slot);
         let streams = self.streams.entry(slot).or_default();
         if streams.is_empty() && self.firehoses == 0 {
@@ -224,7 +247,7 @@ impl Slots {
 
     /// A stream lost its last subscriber.
     fn unfollow(&mut self, stream: &str) {
-        let slot = keys::stream_slot(stream);
+        let slot = self.slot_of(stream);
         let Some(streams) = self.streams.get_mut(&slot) else { return };
         streams.remove(stream);
         if streams.is_empty() {
@@ -242,14 +265,14 @@ impl Slots {
     fn add_firehose(&mut self) {
         self.firehoses += 1;
         if self.firehoses == 1 {
-            self.dirty.extend(0..keys::SLOTS);
+            self.dirty.extend(self.every());
         }
     }
 
     fn remove_firehose(&mut self) {
         self.firehoses = self.firehoses.saturating_sub(1);
         if self.firehoses == 0 {
-            self.dirty.extend(0..keys::SLOTS);
+            self.dirty.extend(self.every());
         }
     }
 
@@ -322,7 +345,7 @@ impl Slots {
         if !self.live[i] {
             self.live[i] = true;
             self.live_count += 1;
-            return self.live_count == usize::from(keys::SLOTS);
+            return self.live_count == self.channels();
         }
         false
     }
@@ -368,7 +391,7 @@ impl Slots {
         self.unconfirmed.clear();
         self.idle.clear();
         if self.firehoses > 0 {
-            self.dirty.extend(0..keys::SLOTS);
+            self.dirty.extend(self.every());
         } else {
             self.dirty.extend(self.streams.keys().copied());
         }
@@ -502,6 +525,11 @@ impl Source {
         }
         Ok(Self { url: url.to_owned() })
     }
+
+    /// Consecutive slots per release channel there.
+    fn stride(&self) -> u16 {
+        keys::release_channel_stride(ordo_runtime::redis_conn::is_cluster_url(&self.url))
+    }
 }
 
 /// The listener's connection: SSUBSCRIBE / SUNSUBSCRIBE one channel per
@@ -542,15 +570,26 @@ impl PubSub {
 
 impl Hub {
     /// A hub whose slots are unsubscribed as soon as nobody follows them.
+    /// With a channel per slot (a cluster's layout).
     pub fn new(buffer: usize) -> Arc<Self> {
-        Self::with_slot_hold(buffer, Duration::ZERO)
+        Self::with_slot_hold(buffer, Duration::ZERO, keys::release_channel_stride(true))
     }
 
-    /// A hub that keeps a slot subscribed for `hold` after its last
-    /// followed stream left (`--hub-slot-hold`).
-    pub fn with_slot_hold(buffer: usize, hold: Duration) -> Arc<Self> {
+    /// A hub for `source`'s release channels that keeps a slot subscribed
+    /// for `hold` after its last followed stream left (`--hub-slot-hold`).
+    pub fn for_source(buffer: usize, hold: Duration, source: &Source) -> Arc<Self> {
+        Self::with_slot_hold(buffer, hold, source.stride())
+    }
+
+    /// A hub whose channels each carry `stride` consecutive slots
+    /// ([`keys::release_channel_stride`]).
+    fn with_slot_hold(buffer: usize, hold: Duration, stride: u16) -> Arc<Self> {
         let hub = Self { buffer: buffer.max(1), ..Default::default() };
-        hub.lock().slots.hold = hold;
+        {
+            let mut state = hub.lock();
+            state.slots.hold = hold;
+            state.slots.stride = stride.max(1);
+        }
         Arc::new(hub)
     }
 
@@ -628,7 +667,7 @@ impl Hub {
         let mut state = self.lock();
         state.firehoses.push(FirehoseEntry { id, tx, signal: signal.clone() });
         state.slots.add_firehose();
-        if state.slots.live_count == usize::from(keys::SLOTS) {
+        if state.slots.live_count == state.slots.channels() {
             // Everything is heard already; what came before is the owner's to scan.
             signal.raise();
         }
@@ -637,23 +676,26 @@ impl Hub {
         Firehose { hub: self.clone(), id, rx, signal }
     }
 
-    fn publish(&self, batch: ReleasedBatch) {
-        batch.results.iter().for_each(crate::metrics::released);
+    /// Fans out the batches of one release message (one lock for all).
+    fn publish(&self, batches: Vec<ReleasedBatch>) {
         let mut state = self.lock();
-        state.firehoses.retain(|firehose| match firehose.tx.try_send(batch.stream_id.clone()) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                firehose.signal.raise();
-                true
-            }
-            // Its owner is gone without dropping it yet; the drop unregisters it.
-            Err(mpsc::error::TrySendError::Closed(_)) => true,
-        });
-        let Some(entries) = state.subscribers.get(&batch.stream_id) else { return };
-        let batch = Arc::new(batch);
-        for entry in entries {
-            if entry.tx.try_send(batch.clone()).is_err() {
-                entry.raise(&batch.stream_id);
+        for batch in batches {
+            batch.results.iter().for_each(crate::metrics::released);
+            state.firehoses.retain(|firehose| match firehose.tx.try_send(batch.stream_id.clone()) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    firehose.signal.raise();
+                    true
+                }
+                // Its owner is gone without dropping it yet; the drop unregisters it.
+                Err(mpsc::error::TrySendError::Closed(_)) => true,
+            });
+            let Some(entries) = state.subscribers.get(&batch.stream_id) else { continue };
+            let batch = Arc::new(batch);
+            for entry in entries {
+                if entry.tx.try_send(batch.clone()).is_err() {
+                    entry.raise(&batch.stream_id);
+                }
             }
         }
     }
@@ -666,9 +708,9 @@ impl Hub {
         match push.kind {
             PushKind::SMessage => {
                 let Some(Value::BulkString(payload)) = push.data.get(1) else { return };
-                match ReleasedBatch::decode(payload.as_slice()) {
-                    Ok(batch) => self.publish(batch),
-                    Err(error) => tracing::warn!(%error, "undecodable released batch"),
+                match ReleasedBatches::decode_message(payload) {
+                    Ok(batches) => self.publish(batches),
+                    Err(error) => tracing::warn!(%error, "undecodable release message"),
                 }
             }
             PushKind::SSubscribe => {
@@ -1057,17 +1099,16 @@ mod tests {
         assert_eq!(group.len(), 2);
         assert_eq!(hub.lock().subscribers.get(&a).map(Vec::len), Some(2), "the group is one subscriber of a");
         let batch = |stream: &str| ReleasedBatch { stream_id: stream.to_owned(), ..Default::default() };
-        hub.publish(batch(&a));
-        hub.publish(batch(&b));
-        hub.publish(batch(&same));
+        hub.publish(vec![batch(&a)]);
+        hub.publish(vec![batch(&b)]);
+        hub.publish(vec![batch(&same)]);
         assert_eq!(group.rx.recv().await.map(|b| b.stream_id.clone()), Some(a.clone()));
         assert_eq!(group.rx.recv().await.map(|b| b.stream_id.clone()), Some(b.clone()));
         assert!(group.rx.try_recv().is_err(), "a stream the group does not follow is not heard");
         assert!(group.lag.take().is_empty());
         // The channel holds 2: the third batch does not fit, and its stream is named.
-        hub.publish(batch(&b));
-        hub.publish(batch(&b));
-        hub.publish(batch(&a));
+        hub.publish(vec![batch(&b), batch(&b)]);
+        hub.publish(vec![batch(&a)]);
         assert_eq!(group.lag.take(), std::slice::from_ref(&a));
         // A confirmed slot names the group's streams in it.
         hub.on_push(confirmation(slot), None);
@@ -1086,5 +1127,88 @@ mod tests {
         assert_eq!(hub.lock().subscribers.get(&a).map(Vec::len), Some(1), "only the subscription is left");
         drop(own);
         assert!(hub.lock().subscribers.is_empty());
+    }
+
+    /// Redis delivering `payload` on a release channel.
+    fn message(payload: Vec<u8>) -> PushInfo {
+        PushInfo {
+            kind: PushKind::SMessage,
+            data: vec![Value::BulkString(keys::released_channel(0).into_bytes()), Value::BulkString(payload)],
+        }
+    }
+
+    #[tokio::test]
+    async fn one_message_fans_out_the_batches_of_every_stream_in_it_and_a_bare_batch_is_still_heard() {
+        use prost::Message as _;
+        let (a, b, _) = streams();
+        let hub = Hub::new(8);
+        let mut group = hub.group(8);
+        group.add(&a);
+        group.add(&b);
+        let batch = |stream: &str, next: u64| ReleasedBatch {
+            stream_id: stream.to_owned(),
+            next_sequence: next,
+            results: vec![ordo_proto::EventResult { stream_id: stream.to_owned(), ..Default::default() }],
+        };
+        let both = ReleasedBatches { batches: vec![batch(&a, 1), batch("nobody-follows", 7), batch(&b, 3)] };
+        let encoded = both.encode_to_vec();
+        assert_eq!(encoded.first(), Some(&ReleasedBatches::TAG));
+        hub.on_push(message(encoded), None);
+        let heard = |b: Option<Arc<ReleasedBatch>>| b.map(|b| (b.stream_id.clone(), b.next_sequence));
+        assert_eq!(heard(group.rx.recv().await), Some((a.clone(), 1)));
+        assert_eq!(heard(group.rx.recv().await), Some((b.clone(), 3)));
+        assert!(group.rx.try_recv().is_err(), "the unfollowed stream's batch goes nowhere");
+        // What versions before `ReleasedBatches` published: one bare batch.
+        hub.on_push(message(batch(&b, 4).encode_to_vec()), None);
+        assert_eq!(heard(group.rx.recv().await), Some((b.clone(), 4)));
+        // Garbage is dropped (with a warning), nothing is delivered.
+        hub.on_push(message(vec![ReleasedBatches::TAG, 0xff]), None);
+        hub.on_push(message(Vec::new()), None);
+        assert!(group.rx.try_recv().is_err());
+        assert!(group.lag.take().is_empty());
+    }
+
+    #[test]
+    fn on_a_single_node_a_channel_carries_a_group_of_slots() {
+        let stride = keys::release_channel_stride(false);
+        let mut slots = Slots { stride, ..Slots::default() };
+        let a = "orders-1".to_owned();
+        let group = keys::release_channel_slot(keys::stream_slot(&a), stride);
+        // Another stream in another slot of the same group, and one in another group.
+        let near = (0..)
+            .map(|i| format!("near-{i}"))
+            .find(|s| {
+                keys::stream_slot(s) != keys::stream_slot(&a)
+                    && keys::release_channel_slot(keys::stream_slot(s), stride) == group
+            })
+            .expect("a stream in the same group");
+        let far = (0..)
+            .map(|i| format!("far-{i}"))
+            .find(|s| keys::release_channel_slot(keys::stream_slot(s), stride) != group)
+            .expect("a stream in another group");
+        let far_group = keys::release_channel_slot(keys::stream_slot(&far), stride);
+        slots.follow(&a);
+        slots.follow(&near);
+        slots.follow(&far);
+        let mut changes = slots.changes();
+        changes.sort_by_key(|c| match c {
+            Change::Subscribe(s) | Change::Unsubscribe(s) => *s,
+        });
+        let mut expected = vec![Change::Subscribe(group), Change::Subscribe(far_group)];
+        expected.sort_by_key(|c| match c {
+            Change::Subscribe(s) | Change::Unsubscribe(s) => *s,
+        });
+        assert_eq!(changes, expected, "one channel for both streams of the group");
+        slots.unfollow(&a);
+        assert_eq!(slots.changes(), [], "the group still has a followed stream");
+        slots.unfollow(&near);
+        assert_eq!(slots.changes(), [Change::Unsubscribe(group)]);
+        // A firehose wants every channel: 64, and hears everything once all are confirmed.
+        slots.add_firehose();
+        let wanted = slots.changes();
+        assert_eq!(wanted.len(), usize::from(keys::SLOTS / stride) - 1, "all channels but the one subscribed");
+        assert!(wanted.iter().all(|c| matches!(c, Change::Subscribe(s) if s % stride == 0)));
+        let complete = (0..keys::SLOTS).step_by(usize::from(stride)).filter(|&slot| slots.confirmed(slot)).count();
+        assert_eq!(complete, 1, "the last channel's confirmation, and only it, completes the set");
     }
 }

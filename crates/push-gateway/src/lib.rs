@@ -209,13 +209,14 @@ pub async fn run_with(
     let conn = ordo_runtime::redis_conn::connect(&config.redis_url)?;
     let (readiness, _watcher) = Readiness::watch(vec![Dependency::redis(conn.clone())], shutdown.clone());
     metrics::describe();
-    let hub = hub::Hub::with_slot_hold(config.subscriber_buffer, config.hub_slot_hold);
+    let source = hub::Source::new(&config.redis_url)?;
+    let hub = hub::Hub::for_source(config.subscriber_buffer, config.hub_slot_hold, &source);
     let log = log::Log::new(conn, config.retention_age);
     let drain = config.common.drain_timeout;
     // Stops everything when shutdown comes, or when the gRPC or SSE server fails.
     let stop = shutdown.child_token();
 
-    let _tail = Owned::spawn(hub.clone().listen(hub::Source::new(&config.redis_url)?, stop.clone()));
+    let _tail = Owned::spawn(hub.clone().listen(source, stop.clone()));
     let amqp = config.amqp().map(|amqp| {
         tracing::info!(exchange = %amqp.exchange, "AMQP publishing on");
         Owned::spawn(amqp::run(amqp, log.clone(), hub.clone(), stop.clone()))

@@ -16,7 +16,8 @@
 --   ARGV[2] (used only when ARGV[2] > 0): meta outlives pend and log as the
 --   stream's dedup tombstone (its `next` keeps refusing resent sequences)
 -- then for each stream: stream_id, channel (the sharded pub/sub channel of
---   the stream's slot, SPUBLISHed to on a single node and on a cluster alike;
+--   the stream's slot, or of its group of slots on a single node; see
+--   ordo-core keys.rs. SPUBLISHed to on a single node and on a cluster alike;
 --   on a cluster every key, the dead-letter log and the channel of one call
 --   are in one slot), mode ('1' ordered, '2' unordered), n,
 --   then n triples: sequence, encoded EventResult, encoded DeadLetter ('' = none).
@@ -25,6 +26,11 @@
 --
 -- Each log entry holds field 'r' (the encoded result) and 't' (release time,
 -- Redis server Unix milliseconds: the push-gateway's age retention reads it).
+--
+-- Each channel gets one message per call, an encoded ReleasedBatches: one
+-- ReleasedBatch (field 15) per stream of the call on that channel that
+-- released something, in the order of the streams. One SPUBLISH per channel,
+-- not per stream: a call carrying many short streams pays for few messages.
 --
 -- A dead letter is appended to the dead-letter log when its result is
 -- accepted (stored), never for a duplicate: the first result wins, so a
@@ -56,14 +62,17 @@ local function varint(n)
 end
 
 -- Appends one released result to a stream's log, and its framed record to
--- `out`, the pieces of the stream's published batch. Appending field 8
+-- `out`, the pieces of its channel's message. Appending field 8
 -- (position, varint) to an encoded message sets it: protobuf keeps the last
 -- value of a repeated scalar field.
 -- A log holds at most `position` entries before this one, so below the
 -- retention there is nothing to trim and no MAXLEN to check.
 -- The frame header and the record stay separate pieces: every string Lua
 -- makes here is hashed over all its bytes, so the record is built once and
--- the batch once (table.concat), not once more per record.
+-- the message once (table.concat), not once more per record.
+-- `outlen` counts the bytes of the records appended for the current stream
+-- (its ReleasedBatch's length, without the header).
+local outlen = 0
 local function release(log, body, position, out)
   local rec = body .. '\64' .. varint(position)
   if position < retention then
@@ -71,8 +80,10 @@ local function release(log, body, position, out)
   else
     redis.call('XADD', log, 'MAXLEN', '~', retention, '0-' .. (position + 1), 'r', rec, 't', now_ms)
   end
-  out[#out + 1] = '\26' .. varint(#rec)
+  local head = '\26' .. varint(#rec)
+  out[#out + 1] = head
   out[#out + 1] = rec
+  outlen = outlen + #head + #rec
 end
 
 -- Meta field 'p' counts the fields of pend (every write of pend is here), so
@@ -83,6 +94,8 @@ end
 -- the expiry is renewed (at most every ttl/16), so a count left stale by
 -- pend expiring before its tombstone is corrected then.
 local flags = {}
+-- channel -> the pieces of its message; channels in the order first used.
+local pubs, channels = {}, {}
 local a = 5
 for k = 2, #KEYS, 3 do
   local meta, pend, log = KEYS[k], KEYS[k + 1], KEYS[k + 2]
@@ -130,8 +143,19 @@ for k = 2, #KEYS, 3 do
       end
     end
   end
-  -- out[1] is the batch's header (stream, next), set once `next` is known.
-  local out = { '' }
+  -- The stream's ReleasedBatch goes into its channel's message: two pieces
+  -- reserved for the frame's tag and length and for the batch's header
+  -- (stream, next), set once `next` is known, then the records.
+  local out = pubs[channel]
+  if not out then
+    out = {}
+    pubs[channel] = out
+    channels[#channels + 1] = channel
+  end
+  local first = #out + 1
+  out[first] = ''
+  out[first + 1] = ''
+  outlen = 0
   local fresh = {}
   for _ = 1, n do
     local seq, body, letter = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2]
@@ -241,8 +265,19 @@ for k = 2, #KEYS, 3 do
       redis.call('PEXPIRE', log, left)
     end
   end
-  if #out > 1 then
-    out[1] = '\10' .. varint(#stream) .. stream .. '\16' .. varint(nxt)
+  if #out > first + 1 then
+    local header = '\10' .. varint(#stream) .. stream .. '\16' .. varint(nxt)
+    out[first + 1] = header
+    out[first] = '\122' .. varint(#header + outlen)
+  else
+    -- Nothing released: drop the reserved pieces (the last two).
+    out[first + 1] = nil
+    out[first] = nil
+  end
+end
+for _, channel in ipairs(channels) do
+  local out = pubs[channel]
+  if #out > 0 then
     redis.call('SPUBLISH', channel, table.concat(out))
   end
 end

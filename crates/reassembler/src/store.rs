@@ -2,8 +2,9 @@
 //! stream's reorder state and of the dead-letter log. This module owns every
 //! write to reorder state and to the dead-letter log.
 //!
-//! Each stream's releases are SPUBLISHed to its slot's sharded channel
-//! ([`keys::released_channel`]), on a single node and on a cluster alike.
+//! Each call's releases are SPUBLISHed to the sharded release channels of
+//! its streams' slots ([`keys::release_channel_slot`]), one message per
+//! channel, on a single node and on a cluster alike.
 //! On a single node a batch is one script call and its dead letters go to
 //! the global log. On a Redis Cluster one script call may touch one hash
 //! slot only, so a batch is split by the slot of its streams and the calls
@@ -176,6 +177,7 @@ impl Store {
             .arg(self.config.dead_letter_retention)
             .arg(self.config.ttl_ms.saturating_add(self.config.tombstone_ms));
         let mut input_order = Vec::with_capacity(members.len());
+        let stride = keys::release_channel_stride(self.conn.is_cluster());
         for stream in &order {
             let members = &groups[stream];
             invocation.key(keys::meta(stream)).key(keys::pending(stream)).key(keys::log(stream));
@@ -183,9 +185,10 @@ impl Store {
                 OrderingMode::Unordered => "2",
                 _ => "1",
             };
-            // Releases go to the stream's slot channel on one node too, so a
-            // push-gateway hears only the slots it follows.
-            let channel = keys::released_channel(keys::stream_slot(stream));
+            // Releases go to a channel of the stream's slot (of its group of
+            // slots on one node), so a push-gateway hears only what it follows;
+            // the script publishes once per channel of the call.
+            let channel = keys::released_channel(keys::release_channel_slot(keys::stream_slot(stream), stride));
             invocation.arg(*stream).arg(channel).arg(mode).arg(members.len());
             for &i in members {
                 invocation.arg(items[i].sequence).arg(items[i].body.as_slice()).arg(items[i].dead_letter.as_slice());

@@ -21,7 +21,7 @@ use std::{
 
 use integration_tests::redis_cluster::RedisCluster;
 use ordo_core::keys;
-use ordo_proto::v1::{DeadLetter, Event, EventResult, OrderingMode, ReleasedBatch};
+use ordo_proto::v1::{DeadLetter, Event, EventResult, OrderingMode, ReleasedBatches};
 use ordo_runtime::redis_conn::RedisConn;
 use proptest::{prelude::*, test_runner::TestCaseError};
 use prost::Message;
@@ -69,7 +69,9 @@ impl Backend {
                 let client = redis::Client::open(format!("{}/?protocol=resp3", redis.url)).expect("url");
                 let config = redis::AsyncConnectionConfig::new().set_push_sender(push_tx);
                 let mut conn = client.get_multiplexed_async_connection_with_config(&config).await.expect("connection");
-                let slots: HashSet<u16> = streams.iter().map(|s| keys::stream_slot(s)).collect();
+                let stride = keys::release_channel_stride(false);
+                let slots: HashSet<u16> =
+                    streams.iter().map(|s| keys::release_channel_slot(keys::stream_slot(s), stride)).collect();
                 for slot in slots {
                     // One channel per command: its one confirmation is the reply.
                     redis::cmd("SSUBSCRIBE")
@@ -288,9 +290,12 @@ fn run(backend: &Backend, arrivals: &[(usize, u64)], cuts: &[usize], modes: &[Or
         }
         let mut published: BTreeMap<String, Vec<EventResult>> = BTreeMap::new();
         while let Ok(Some(payload)) = tokio::time::timeout(Duration::from_millis(100), released.recv()).await {
-            let batch = ReleasedBatch::decode(payload.as_slice()).expect("released batch decodes");
-            if names.contains(&batch.stream_id) {
-                published.entry(batch.stream_id).or_default().extend(batch.results);
+            let batches = ReleasedBatches::decode_message(&payload).expect("a released message decodes");
+            assert!(!batches.is_empty(), "a message holds at least one stream's batch");
+            for batch in batches {
+                if names.contains(&batch.stream_id) {
+                    published.entry(batch.stream_id).or_default().extend(batch.results);
+                }
             }
         }
         let mut out = Vec::new();
