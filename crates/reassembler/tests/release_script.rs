@@ -688,6 +688,73 @@ fn cluster_a_batch_spanning_many_slots_releases_every_stream_once_in_order() {
     });
 }
 
+#[test]
+fn one_call_publishes_one_message_per_channel_holding_every_stream_of_it() {
+    one_message_per_channel(&Backend::single(), false);
+}
+
+#[test]
+fn cluster_one_call_publishes_one_message_per_channel_holding_every_stream_of_it() {
+    one_message_per_channel(&Backend::cluster(), true);
+}
+
+/// One script call over streams that share a release channel (a slot on a
+/// cluster, a group of slots on a single node) publishes a single message
+/// there: a `ReleasedBatches` with each stream's batch, in the call's stream
+/// order, with its `next` and positions; a stream that released nothing
+/// (its result waits for a predecessor) has no batch in it.
+fn one_message_per_channel(backend: &Backend, cluster: bool) {
+    let stride = keys::release_channel_stride(cluster);
+    let case = CASE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // Streams of one channel: on a cluster, of one slot (the same text before
+    // a `}`: one hash tag); on a single node, of any slots of one group.
+    let base = format!("channel-{case}-{}", std::process::id());
+    let name = |i: u32| if cluster { format!("{base}}}-{i}") } else { format!("{base}-{i}") };
+    let channel = keys::release_channel_slot(keys::stream_slot(&name(0)), stride);
+    let names: Vec<String> = (0..10_000)
+        .map(name)
+        .filter(|n| keys::release_channel_slot(keys::stream_slot(n), stride) == channel)
+        .take(4)
+        .collect();
+    assert_eq!(names.len(), 4, "four streams of one channel");
+    if !cluster {
+        let slots: HashSet<u16> = names.iter().map(|n| keys::stream_slot(n)).collect();
+        assert!(slots.len() > 1, "a single node's channel spans slots");
+    }
+    runtime().block_on(async {
+        let mut released = backend.released(&names).await;
+        let store = backend.store(config());
+        // Streams 0, 1 and 3 release 0..2; stream 2 gets only sequence 1 (it waits for 0).
+        let mut items = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            if i == 2 {
+                items.push(item(name, 1, OrderingMode::Ordered));
+            } else {
+                items.push(item(name, 0, OrderingMode::Ordered));
+                items.push(item(name, 1, OrderingMode::Ordered));
+            }
+        }
+        store.apply(&items).await.expect("one script call");
+        let payload = tokio::time::timeout(Duration::from_secs(5), released.recv())
+            .await
+            .expect("a message within 5 s")
+            .expect("the subscriber runs");
+        assert_eq!(payload.first(), Some(&ReleasedBatches::TAG));
+        let batches = ReleasedBatches::decode_message(&payload).expect("decodes");
+        let heard: Vec<(String, u64, Vec<(u64, u64)>)> = batches
+            .into_iter()
+            .map(|b| (b.stream_id, b.next_sequence, b.results.iter().map(|r| (r.sequence, r.position)).collect()))
+            .collect();
+        let expected: Vec<(String, u64, Vec<(u64, u64)>)> =
+            [0, 1, 3].iter().map(|&i| (names[i].clone(), 2, vec![(0, 0), (1, 1)])).collect();
+        assert_eq!(heard, expected);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), released.recv()).await.is_err(),
+            "one message for the whole call"
+        );
+    });
+}
+
 /// Applies `batch` until it is stored, as a sender redelivers an unacked
 /// batch: a failure (a failover in progress) is retried after a pause.
 async fn deliver(store: &Store, batch: &[Item]) {

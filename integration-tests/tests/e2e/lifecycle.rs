@@ -385,10 +385,8 @@ async fn health_answers_at_once_while_redis_is_down_at_start() {
     );
     // A worker that stores its results needs Redis; one that delivers them
     // to reassemblers needs it only for the registry, and serves without.
-    let storing_worker = Bare::start(
-        "stateful-worker",
-        &["--redis-url".into(), url.clone(), "--store-results".into(), "redis".into()],
-    );
+    let storing_worker =
+        Bare::start("stateful-worker", &["--redis-url".into(), url.clone(), "--store-results".into(), "redis".into()]);
     let delivering_worker = Bare::start(
         "stateful-worker",
         &["--redis-url".into(), url.clone(), "--reassemblers".into(), format!("127.0.0.1:{}", free_port())],
