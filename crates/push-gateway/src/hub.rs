@@ -889,6 +889,14 @@ mod tests {
         }
     }
 
+    /// `changes` in slot order.
+    fn by_slot(mut changes: Vec<Change>) -> Vec<Change> {
+        changes.sort_by_key(|c| match c {
+            Change::Subscribe(s) | Change::Unsubscribe(s) => *s,
+        });
+        changes
+    }
+
     /// Slots held 30 s after their last stream left.
     fn held() -> Slots {
         Slots { hold: Duration::from_secs(30), ..Slots::default() }
@@ -909,15 +917,7 @@ mod tests {
         let mut slots = Slots::default();
         slots.follow(&a);
         slots.follow(&b);
-        let mut changes = slots.changes();
-        changes.sort_by_key(|c| match c {
-            Change::Subscribe(s) | Change::Unsubscribe(s) => *s,
-        });
-        let mut expected = vec![Change::Subscribe(slot_a), Change::Subscribe(slot_b)];
-        expected.sort_by_key(|c| match c {
-            Change::Subscribe(s) | Change::Unsubscribe(s) => *s,
-        });
-        assert_eq!(changes, expected);
+        assert_eq!(by_slot(slots.changes()), by_slot(vec![Change::Subscribe(slot_a), Change::Subscribe(slot_b)]));
         slots.follow(&same);
         assert_eq!(slots.changes(), [], "a second stream in a subscribed slot changes nothing");
         slots.unfollow(&a);
@@ -1190,15 +1190,11 @@ mod tests {
         slots.follow(&a);
         slots.follow(&near);
         slots.follow(&far);
-        let mut changes = slots.changes();
-        changes.sort_by_key(|c| match c {
-            Change::Subscribe(s) | Change::Unsubscribe(s) => *s,
-        });
-        let mut expected = vec![Change::Subscribe(group), Change::Subscribe(far_group)];
-        expected.sort_by_key(|c| match c {
-            Change::Subscribe(s) | Change::Unsubscribe(s) => *s,
-        });
-        assert_eq!(changes, expected, "one channel for both streams of the group");
+        assert_eq!(
+            by_slot(slots.changes()),
+            by_slot(vec![Change::Subscribe(group), Change::Subscribe(far_group)]),
+            "one channel for both streams of the group"
+        );
         slots.unfollow(&a);
         assert_eq!(slots.changes(), [], "the group still has a followed stream");
         slots.unfollow(&near);

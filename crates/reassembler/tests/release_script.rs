@@ -698,6 +698,9 @@ fn cluster_one_call_publishes_one_message_per_channel_holding_every_stream_of_it
     one_message_per_channel(&Backend::cluster(), true);
 }
 
+/// A stream's batch as heard: (stream, next, [(sequence, position)]).
+type Heard = (String, u64, Vec<(u64, u64)>);
+
 /// One script call over streams that share a release channel (a slot on a
 /// cluster, a group of slots on a single node) publishes a single message
 /// there: a `ReleasedBatches` with each stream's batch, in the call's stream
@@ -741,12 +744,11 @@ fn one_message_per_channel(backend: &Backend, cluster: bool) {
             .expect("the subscriber runs");
         assert_eq!(payload.first(), Some(&ReleasedBatches::TAG));
         let batches = ReleasedBatches::decode_message(&payload).expect("decodes");
-        let heard: Vec<(String, u64, Vec<(u64, u64)>)> = batches
+        let heard: Vec<Heard> = batches
             .into_iter()
             .map(|b| (b.stream_id, b.next_sequence, b.results.iter().map(|r| (r.sequence, r.position)).collect()))
             .collect();
-        let expected: Vec<(String, u64, Vec<(u64, u64)>)> =
-            [0, 1, 3].iter().map(|&i| (names[i].clone(), 2, vec![(0, 0), (1, 1)])).collect();
+        let expected: Vec<Heard> = [0, 1, 3].iter().map(|&i| (names[i].clone(), 2, vec![(0, 0), (1, 1)])).collect();
         assert_eq!(heard, expected);
         assert!(
             tokio::time::timeout(Duration::from_millis(300), released.recv()).await.is_err(),
