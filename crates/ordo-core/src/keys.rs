@@ -85,6 +85,11 @@ pub const fn release_channel_slot(slot: u16, stride: u16) -> u16 {
     if stride <= 1 { slot } else { slot - slot % stride }
 }
 
+/// The release channel of `stream` on a cluster or on a single node.
+pub fn stream_release_channel(stream: &str, cluster: bool) -> String {
+    released_channel(release_channel_slot(stream_slot(stream), release_channel_stride(cluster)))
+}
+
 /// Hash slots of a Redis Cluster.
 pub const SLOTS: u16 = 16384;
 

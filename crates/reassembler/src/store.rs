@@ -177,7 +177,7 @@ impl Store {
             .arg(self.config.dead_letter_retention)
             .arg(self.config.ttl_ms.saturating_add(self.config.tombstone_ms));
         let mut input_order = Vec::with_capacity(members.len());
-        let stride = keys::release_channel_stride(self.conn.is_cluster());
+        let cluster = self.conn.is_cluster();
         for stream in &order {
             let members = &groups[stream];
             invocation.key(keys::meta(stream)).key(keys::pending(stream)).key(keys::log(stream));
@@ -188,7 +188,7 @@ impl Store {
             // Releases go to a channel of the stream's slot (of its group of
             // slots on one node), so a push-gateway hears only what it follows;
             // the script publishes once per channel of the call.
-            let channel = keys::released_channel(keys::release_channel_slot(keys::stream_slot(stream), stride));
+            let channel = keys::stream_release_channel(stream, cluster);
             invocation.arg(*stream).arg(channel).arg(mode).arg(members.len());
             for &i in members {
                 invocation.arg(items[i].sequence).arg(items[i].body.as_slice()).arg(items[i].dead_letter.as_slice());

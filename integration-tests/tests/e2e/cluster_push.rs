@@ -54,9 +54,16 @@ async fn global_channels(conn: &mut redis::aio::MultiplexedConnection) -> anyhow
 }
 
 /// `n` stream ids (prefixed `prefix`), each in a slot of its own.
+/// `n` stream ids whose releases go to `n` different channels on a single
+/// node, hence also to different slots (a cluster's channels).
 fn streams_in_distinct_slots(prefix: &str, n: usize) -> Vec<String> {
-    let mut slots = BTreeSet::new();
-    (0..).map(|i| format!("{prefix}-{i}")).filter(|s| slots.insert(keys::stream_slot(s))).take(n).collect()
+    let mut channels = BTreeSet::new();
+    (0..).map(|i| format!("{prefix}-{i}")).filter(|s| channels.insert(single_node_channel(s))).take(n).collect()
+}
+
+/// The release channel of `stream` on a single node (a group of slots).
+fn single_node_channel(stream: &str) -> String {
+    keys::stream_release_channel(stream, false)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -79,7 +86,7 @@ async fn single_node_gateway_subscribes_only_the_slots_of_followed_streams() {
     let sse_url = sse::events_url(&cluster.sse_url(), watched, Some("from=0"));
     let sse_stream = sse::open_stream(&sse_url, None).await.expect("the SSE stream opens");
 
-    // Two channels, one per followed slot, each in the slot it serves.
+    // Two channels, one per followed stream's group of slots.
     let two = try_eventually(DEADLINE, || {
         let mut conn = conn.clone();
         async move {
@@ -89,8 +96,8 @@ async fn single_node_gateway_subscribes_only_the_slots_of_followed_streams() {
     })
     .await
     .unwrap_or_else(|e| panic!("the two followed slots are subscribed: {e}"));
-    let expected: BTreeSet<String> = streams.iter().map(|s| keys::released_channel(keys::stream_slot(s))).collect();
-    assert_eq!(two, expected, "the channels are those of the followed streams' slots");
+    let expected: BTreeSet<String> = streams.iter().map(|s| single_node_channel(s)).collect();
+    assert_eq!(two, expected, "the channels are those of the followed streams' groups of slots");
     assert_eq!(global_channels(&mut conn).await.expect("PUBSUB CHANNELS"), Vec::<String>::new(), "no global channel");
 
     // The live tail works on them: results released now reach the subscriber.
@@ -120,7 +127,7 @@ async fn a_slot_is_held_after_its_last_subscriber_leaves_and_serves_the_next_str
     let client = redis::Client::open(cluster.redis_url()).expect("the test redis url");
     let mut conn = client.get_multiplexed_async_connection().await.expect("the test redis");
     let stream = &streams_in_distinct_slots("held", 1)[0];
-    let channel = keys::released_channel(keys::stream_slot(stream));
+    let channel = single_node_channel(stream);
     let grpc = subscribe(&cluster, stream, 0).await.expect("Subscribe opens");
     let subscribed = try_eventually(DEADLINE, || {
         let mut conn = conn.clone();

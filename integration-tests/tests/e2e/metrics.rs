@@ -72,10 +72,10 @@ pub async fn known_workload(cluster: &Cluster, stream: &str) -> Subscribers {
     let mut sse =
         sse::open_stream(&sse::events_url(&cluster.sse_url(), stream, None), None).await.expect("the SSE stream opens");
     // The gateway counts the results it hears live, not those it reads from
-    // the log while its subscription to the stream's slot is not confirmed
+    // the log while its subscription to the stream's channel is not confirmed
     // yet: so the workload starts once Redis has that subscription (on a
     // loaded machine it took longer than the first releases).
-    let channel = ordo_core::keys::released_channel(ordo_core::keys::stream_slot(stream));
+    let channel = ordo_core::keys::stream_release_channel(stream, false);
     let admin = cluster.redis_conn().expect("the cluster's Redis");
     eventually(DEADLINE, || {
         let (channel, mut admin) = (channel.clone(), admin.clone());
