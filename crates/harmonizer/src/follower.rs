@@ -20,7 +20,7 @@ use ordo_core::hash::Map;
 use ordo_proto::v1::{FollowBatch, FollowRequest, StreamCursor, push_gateway_client::PushGatewayClient};
 use ordo_runtime::client::TracedChannel;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::Status;
 
 /// Where released results are followed from (`--follow-releases`). Cheap to clone.
@@ -38,14 +38,14 @@ impl Releases {
     /// add, until `requests` ends or the returned stream is dropped.
     pub async fn follow(
         &self,
-        requests: mpsc::Receiver<FollowRequest>,
+        requests: mpsc::UnboundedReceiver<FollowRequest>,
     ) -> Result<BoxStream<'static, Result<FollowBatch, Status>>, Status> {
         match self {
             Self::Gateway(client) => {
                 let mut client = client.clone();
-                Ok(client.follow(ReceiverStream::new(requests)).await?.into_inner().boxed())
+                Ok(client.follow(UnboundedReceiverStream::new(requests)).await?.into_inner().boxed())
             }
-            Self::Redis(local) => Ok(local.follow(ReceiverStream::new(requests)).boxed()),
+            Self::Redis(local) => Ok(local.follow(UnboundedReceiverStream::new(requests)).boxed()),
         }
     }
 
@@ -204,8 +204,14 @@ async fn run(releases: Releases, mut changes: mpsc::UnboundedReceiver<Change>, b
                 None => return,
             }
         }
-        let (tx, rx) = mpsc::channel(64);
-        let _ = tx.try_send(FollowRequest { add: cursors.all(), remove: Vec::new() });
+        // Unbounded, so that sending a request never waits: a wait here
+        // (requests full) while the other side waits to hand over a batch
+        // (batches full, and this loop not reading them) was a deadlock
+        // that stalled a call for good (`--follow-releases redis` at 32k
+        // streams). What queues is bounded as `changes` is: one change per
+        // stream opened or forgotten, coalesced into few requests.
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(FollowRequest { add: cursors.all(), remove: Vec::new() });
         match releases.follow(rx).await {
             Ok(mut incoming) => {
                 backoff.reset();
@@ -219,14 +225,7 @@ async fn run(releases: Releases, mut changes: mpsc::UnboundedReceiver<Change>, b
                             let requests = coalesce(&mut cursors, std::iter::from_fn(|| {
                                 queued.take().or_else(|| changes.try_recv().ok())
                             }));
-                            let mut sent = true;
-                            for request in requests {
-                                if tx.send(request).await.is_err() {
-                                    sent = false;
-                                    break;
-                                }
-                            }
-                            if !sent {
+                            if requests.into_iter().any(|request| tx.send(request).is_err()) {
                                 break;
                             }
                         }

@@ -96,9 +96,9 @@ pub async fn submit(
     // may write the stream without being allowed to read it. The gateway ends
     // a Follow call when its requests end, so `keep_open` lives until the wait is over.
     let from = if mode == OrderingMode::Ordered { event.sequence } else { meta.released };
-    let (keep_open, requests) = tokio::sync::mpsc::channel(1);
+    let (keep_open, requests) = tokio::sync::mpsc::unbounded_channel();
     let cursor = StreamCursor { stream_id: event.stream_id.clone(), from_sequence: from };
-    let _ = keep_open.try_send(FollowRequest { add: vec![cursor], remove: Vec::new() });
+    let _ = keep_open.send(FollowRequest { add: vec![cursor], remove: Vec::new() });
     let mut batches = shared.releases.follow(requests).await.map_err(|status| {
         tracing::warn!(%status, from = shared.releases.name(), "cannot follow the stream");
         Error::Unavailable(shared.releases.name())
