@@ -58,19 +58,17 @@ impl Lingering {
     /// still settled (one used again meanwhile is not, and settles again later).
     pub fn due(&mut self, now: Instant) -> Vec<String> {
         let mut due = Vec::new();
-        // Each entry is queued again at most once per call: after that its
-        // time is its latest.
-        let mut requeued = 0;
+        // An entry is queued again at most once per call: after that its
+        // time is its latest (nothing settles meanwhile).
         while let Some((stream, at)) = self.order.front() {
             let Some(&latest) = self.since.get(stream) else {
                 self.order.pop_front(); // not lingering any more (cannot happen: one entry per stream)
                 continue;
             };
             let capped = self.since.len() > MAX_LINGERING;
-            if latest != *at && !capped && requeued < self.order.len() {
+            if latest != *at && !capped {
                 if let Some((stream, _)) = self.order.pop_front() {
                     self.order.push_back((stream, latest));
-                    requeued += 1;
                 }
                 continue;
             }

@@ -153,7 +153,7 @@ impl Signal {
 /// What the hub wants from Redis and what Redis confirmed, per slot. Pure
 /// bookkeeping (no I/O), so the reference counting is unit-tested alone.
 struct Slots {
-    /// Consecutive slots per release channel ([`keys::release_channel_stride`]):
+    /// Consecutive slots per release channel ([`keys::release_channel_stride`], at least 1):
     /// every "slot" here is the first slot of a channel's group, the one
     /// that names the channel ([`keys::release_channel_slot`]).
     stride: u16,
@@ -222,12 +222,12 @@ impl Slots {
 
     /// Every channel slot: what a firehose wants.
     fn every(&self) -> impl Iterator<Item = u16> + use<> {
-        (0..keys::SLOTS).step_by(usize::from(self.stride.max(1)))
+        (0..keys::SLOTS).step_by(usize::from(self.stride))
     }
 
     /// How many channels there are.
     fn channels(&self) -> usize {
-        usize::from(keys::SLOTS).div_ceil(usize::from(self.stride.max(1)))
+        usize::from(keys::SLOTS).div_ceil(usize::from(self.stride))
     }
 
     fn wanted(&self, slot: u16) -> bool {
